@@ -1,0 +1,33 @@
+"""python -m convert SRC DST [--dtype float32|bfloat16] [--ema] [--overwrite]"""
+
+import argparse
+import sys
+import time
+
+from lumina_jax.weights.convert import convert_transformer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert Lumina-Next Next-DiT weights (a diffusers transformer or pipeline folder, an original "
+        "Lumina-Next checkpoint folder or file) to lumina-jax's Orbax format.",
+    )
+    parser.add_argument("source", help="folder or checkpoint file with the PyTorch weights")
+    parser.add_argument("destination", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="stored parameter dtype")
+    parser.add_argument("--ema", action="store_true", help="original layout: take consolidated_ema.00-of-01")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert_transformer(args.source, args.destination, dtype=args.dtype, ema=args.ema, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared building blocks: parameters with logical axis names, norms that compute in float32."""
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+def logical_axes(*names: str | None) -> dict:
+    """Parameter metadata naming its axes; `lumina_jax.sharding` maps the names onto a device mesh."""
+    # Eager sharding would need a mesh at construction time; layout is decided later, in one place.
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    kernel_init: Callable = nnx.initializers.xavier_uniform(),
+) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        kernel_metadata=logical_axes(*axes),
+        bias_metadata=logical_axes(axes[1]),
+        rngs=rngs,
+    )
+
+
+def rms_norm(features: int, axis: str, *, eps: float, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """RMSNorm with float32 statistics and output, whatever the compute dtype."""
+    return nnx.RMSNorm(
+        features,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_metadata=logical_axes(axis),
+        rngs=rngs,
+    )
+
+
+def layer_norm(
+    features: int, axis: str | None, *, eps: float, affine: bool, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
+    """LayerNorm with float32 statistics and output; two-pass variance, as PyTorch computes it."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_bias=affine,
+        use_scale=affine,
+        use_fast_variance=False,
+        scale_metadata=logical_axes(axis),
+        bias_metadata=logical_axes(axis),
+        rngs=rngs,
+    )

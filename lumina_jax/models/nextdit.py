@@ -1,0 +1,369 @@
+"""Next-DiT, the Lumina-Next diffusion transformer, in Flax NNX.
+
+Computes what diffusers' `LuminaNextDiT2DModel` and the original `NextDiT` compute, with the same
+array layouts at the boundary: hidden_states [B, C, H, W], timestep [B] in [0, 1] (0 = noise,
+1 = data), caption features [B, L, D] with mask [B, L]; output [B, out_channels, H, W].
+Differences that change no numbers: the shared query is projected once (diffusers does it twice),
+layers are stacked and scanned, and kv heads are never repeated in memory.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumina_jax.models.attention import Backend, dot_product_attention
+from lumina_jax.models.layers import Dtype, layer_norm, linear, logical_axes, rms_norm
+from lumina_jax.models.rope import apply_rope, grid_positions, rope_frequencies
+
+TIMESTEP_FEATURES = 256
+ROPE_MAX_GRID = 384  # the released RoPE table: 384 x 384 tokens, 6144 px per side at patch 2, VAE 8
+_DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+@dataclasses.dataclass(frozen=True)
+class NextDiTConfig:
+    """Architecture, with the field names and defaults of diffusers' transformer config.json."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 2304
+    num_layers: int = 32
+    num_attention_heads: int = 32
+    num_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    learn_sigma: bool = True
+    qk_norm: bool = True
+    cross_attention_dim: int = 2048
+    scaling_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.head_dim % 4:
+            raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_kv_heads {self.kv_heads}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "NextDiTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields - set(_DIFFUSERS_BOOKKEEPING))
+        if unknown:
+            raise ValueError(f"unknown Next-DiT config fields {unknown}; known: {sorted(fields)}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_class_name": "LuminaNextDiT2DModel", **dataclasses.asdict(self)}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the timestep + caption conditioning vector."""
+        return min(self.hidden_size, 1024)
+
+    @property
+    def ffn_dim(self) -> int:
+        inner = int(8 * self.hidden_size / 3)
+        if self.ffn_dim_multiplier is not None:
+            inner = int(self.ffn_dim_multiplier * inner)
+        return self.multiple_of * -(-inner // self.multiple_of)
+
+    @property
+    def base_sequence_length(self) -> int:
+        """Image tokens at the training resolution: the base of proportional attention."""
+        return (self.sample_size * 8 // 16) ** 2
+
+
+# The released 2B model (Lumina-Next-SFT and Lumina-Next-T2I), named as the original code names it.
+PRESETS = {"NextDiT_2B_GQA_patch2": NextDiTConfig(num_layers=24, num_kv_heads=8)}
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """[B, C, H, W] -> [B, (H/p)(W/p), C*p*p]; tokens row-major, features ordered (c, ph, pw)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
+    """[B, T, p*p*C] with features ordered (ph, pw, c) -> [B, C, H, W]."""
+    b, _, features = tokens.shape
+    c = features // (patch * patch)
+    x = tokens.reshape(b, height // patch, width // patch, patch, patch, c)
+    return x.transpose(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+
+
+def timestep_features(t: jax.Array, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of t [B] (not scaled by 1000): [cos | sin], float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def check_grid(rows: int, cols: int, patch: int) -> None:
+    if rows > ROPE_MAX_GRID or cols > ROPE_MAX_GRID:
+        raise ValueError(
+            f"a {rows}x{cols} token grid exceeds the RoPE table of {ROPE_MAX_GRID}x{ROPE_MAX_GRID} positions "
+            f"(latents at most {ROPE_MAX_GRID * patch} per side, images {ROPE_MAX_GRID * patch * 8} px)"
+        )
+
+
+class Attention(nnx.Module):
+    """Self-attention over image tokens plus tanh-gated cross-attention to the caption.
+
+    One normed, rotated query serves both branches; caption keys carry no RoPE.
+    """
+
+    def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
+        d, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=1e-5, affine=True, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.backend = backend
+        self.to_q = linear(d, heads, ("embed", "heads"), **dense)
+        self.to_k = linear(d, kv, ("embed", "kv_heads"), **dense)
+        self.to_v = linear(d, kv, ("embed", "kv_heads"), **dense)
+        self.to_k_caption = linear(cfg.cross_attention_dim, kv, ("caption_embed", "kv_heads"), **dense)
+        self.to_v_caption = linear(cfg.cross_attention_dim, kv, ("caption_embed", "kv_heads"), **dense)
+        self.to_out = linear(heads, d, ("heads", "embed"), **dense)
+        self.q_norm = layer_norm(heads, "heads", **norm) if cfg.qk_norm else None
+        self.k_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
+        self.k_caption_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
+        # Zero-initialised as in the original: training starts with the caption branch closed.
+        self.gate = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype), **logical_axes("q_heads"))
+
+    def _heads(self, x: jax.Array, norm: nnx.LayerNorm | None, num_heads: int, dtype) -> jax.Array:
+        if norm is not None:
+            x = norm(x)
+        return x.reshape(*x.shape[:2], num_heads, self.head_dim).astype(dtype)
+
+    def __call__(self, x, caption, caption_mask, token_mask, cos, sin, self_scale):
+        dtype = self.to_q.dtype
+        q = apply_rope(self._heads(self.to_q(x), self.q_norm, self.num_heads, jnp.float32), cos, sin)
+        k = apply_rope(self._heads(self.to_k(x), self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
+        v = self._heads(self.to_v(x), None, self.num_kv_heads, dtype)
+        q, k = q.astype(dtype), k.astype(dtype)
+        ck = self._heads(self.to_k_caption(caption), self.k_caption_norm, self.num_kv_heads, dtype)
+        cv = self._heads(self.to_v_caption(caption), None, self.num_kv_heads, dtype)
+
+        attend = dict(backend=self.backend)
+        image = dot_product_attention(q, k, v, scale=self_scale, kv_mask=token_mask, **attend)
+        text = dot_product_attention(q, ck, cv, scale=self.head_dim**-0.5, kv_mask=caption_mask, **attend)
+        gate = jnp.tanh(self.gate[...].astype(jnp.float32))[:, None]
+        mixed = image.astype(jnp.float32) + gate * text.astype(jnp.float32)
+        return self.to_out(mixed.reshape(*x.shape[:2], -1))
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: down(silu(gate x) * up x), no biases."""
+
+    def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs):
+        dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = linear(cfg.hidden_size, cfg.ffn_dim, ("embed", "mlp"), **dense)
+        self.up = linear(cfg.hidden_size, cfg.ffn_dim, ("embed", "mlp"), **dense)
+        self.down = linear(cfg.ffn_dim, cfg.hidden_size, ("mlp", "embed"), **dense)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class NextDiTBlock(nnx.Module):
+    """Sandwich-normed attention and FFN, each scaled by (1 + scale) and gated by tanh(gate)."""
+
+    def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
+        norm = dict(eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.modulation = linear(
+            cfg.cond_dim, 4 * cfg.hidden_size, ("cond", "embed"), use_bias=True, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=nnx.initializers.zeros, rngs=rngs,
+        )  # fmt: skip
+        self.attention_norm1 = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.attention_norm2 = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.ffn_norm1 = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.ffn_norm2 = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.caption_norm = rms_norm(cfg.cross_attention_dim, "caption_embed", **norm)
+        self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+        self.feed_forward = FeedForward(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cond, caption, caption_mask, token_mask, cos, sin, self_scale):
+        modulation = self.modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
+        scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
+        h = self.attention(
+            self.attention_norm1(x) * (1 + scale_msa),
+            self.caption_norm(caption),
+            caption_mask, token_mask, cos, sin, self_scale,
+        )  # fmt: skip
+        x = x + jnp.tanh(gate_msa) * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + jnp.tanh(gate_mlp) * self.ffn_norm2(h)
+
+
+class NextDiT(nnx.Module):
+    """Next-DiT. `dtype` is the compute dtype, `param_dtype` the storage dtype; with bfloat16
+    compute, norms, RoPE, softmax statistics and the residual stream stay float32."""
+
+    def __init__(
+        self,
+        config: NextDiTConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        scan_layers: bool = True,
+        remat: bool = False,
+        attention_backend: Backend | None = None,
+        rngs: nnx.Rngs,
+    ):
+        cfg = self.config = config
+        self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
+        dense = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        zeros, small = nnx.initializers.zeros, nnx.initializers.normal(0.02)
+        patch_features = cfg.patch_size**2 * cfg.in_channels
+
+        self.patch_embedder = linear(patch_features, cfg.hidden_size, ("patch", "embed"), **dense)
+        self.pad_token = nnx.Param(small(rngs.params(), (cfg.hidden_size,), param_dtype), **logical_axes("embed"))
+        self.time_linear_1 = linear(TIMESTEP_FEATURES, cfg.cond_dim, (None, "cond"), kernel_init=small, **dense)
+        self.time_linear_2 = linear(cfg.cond_dim, cfg.cond_dim, ("cond", "cond"), kernel_init=small, **dense)
+        self.caption_pool_norm = layer_norm(
+            cfg.cross_attention_dim, "caption_embed", eps=1e-5, affine=True, param_dtype=param_dtype, rngs=rngs
+        )
+        self.caption_proj = linear(cfg.cross_attention_dim, cfg.cond_dim, ("caption_embed", "cond"), kernel_init=zeros, **dense)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs):
+            return NextDiTBlock(cfg, dtype=dtype, param_dtype=param_dtype, backend=attention_backend, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.final_norm = layer_norm(cfg.hidden_size, None, eps=1e-6, affine=False, param_dtype=param_dtype, rngs=rngs)
+        self.final_modulation = linear(cfg.cond_dim, cfg.hidden_size, ("cond", "embed"), kernel_init=zeros, **dense)
+        self.final_linear = linear(
+            cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, ("embed", "patch"), kernel_init=zeros, **dense
+        )
+
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        encoder_mask: jax.Array,
+        *,
+        linear_factor: float | jax.Array = 1.0,
+        ntk_factor: float | jax.Array = 1.0,
+        base_sequence_length: int | None = None,
+    ) -> jax.Array:
+        """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
+
+        base_sequence_length turns on proportional attention (diffusers passes
+        `config.base_sequence_length`); the RoPE factors may be traced values.
+        """
+        cfg, p = self.config, self.config.patch_size
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"hidden_states must be [batch, {cfg.in_channels}, height, width], got {hidden_states.shape}"
+            )
+        _, _, height, width = hidden_states.shape
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+        check_grid(height // p, width // p, p)
+        positions = jnp.asarray(grid_positions(height // p, width // p))[None]
+        out = self.forward_tokens(
+            self.patch_embedder(patchify(hidden_states, p)),
+            positions,
+            None,
+            timestep,
+            encoder_hidden_states,
+            encoder_mask,
+            linear_factor=linear_factor,
+            ntk_factor=ntk_factor,
+            base_sequence_length=base_sequence_length,
+        )
+        return unpatchify(out, height, width, p)
+
+    def forward_tokens(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array | None,
+        timestep: jax.Array,
+        caption: jax.Array,
+        caption_mask: jax.Array,
+        *,
+        linear_factor: float | jax.Array = 1.0,
+        ntk_factor: float | jax.Array = 1.0,
+        base_sequence_length: int | None = None,
+    ) -> jax.Array:
+        """The transformer on embedded patch tokens [B, T, hidden] at grid positions [B or 1, T, 2].
+
+        token_mask [B, T] marks real tokens in a batch of images of different sizes: the others
+        become the learned pad token and are never attended to. Returns [B, T, p*p*out_channels].
+        """
+        cfg = self.config
+        batch, num_tokens, _ = tokens.shape
+        if caption.ndim != 3 or caption.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be [batch, length, {cfg.cross_attention_dim}], got {caption.shape}"
+            )
+        for name, array in (("timestep", timestep), ("encoder_hidden_states", caption), ("encoder_mask", caption_mask)):
+            if array.shape[0] != batch:
+                raise ValueError(f"{name} has batch size {array.shape[0]}, hidden_states has {batch}")
+        if caption_mask.shape != caption.shape[:2]:
+            raise ValueError(f"encoder_mask shape {caption_mask.shape} does not match the caption {caption.shape[:2]}")
+
+        x = tokens.astype(jnp.float32)
+        if token_mask is not None:
+            x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
+        cos, sin = rope_frequencies(positions, cfg.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
+        self_scale = cfg.head_dim**-0.5
+        if base_sequence_length is not None:
+            self_scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))
+
+        cond = self._conditioning(timestep, caption, caption_mask)
+        caption = caption.astype(self.dtype)
+        caption_mask = caption_mask.astype(bool)
+        x = self._run_layers(x, cond, caption, caption_mask, token_mask, cos, sin, self_scale)
+
+        scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
+        return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
+
+    def _conditioning(self, timestep, caption, caption_mask) -> jax.Array:
+        """Timestep embedding plus the projected masked mean of the caption: [B, cond_dim]."""
+        t = self.time_linear_2(jax.nn.silu(self.time_linear_1(timestep_features(timestep))))
+        weights = caption_mask.astype(jnp.float32)[..., None]
+        pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
+        return t + self.caption_proj(self.caption_pool_norm(pooled))
+
+    def _run_layers(self, x, *args) -> jax.Array:
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, params):
+            return nnx.merge(graphdef, params)(x, *args), None
+
+        if self.remat:
+            block = jax.checkpoint(block, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            return jax.lax.scan(block, x, stacked)[0]
+        for i in range(self.config.num_layers):
+            x, _ = block(x, jax.tree.map(lambda a: a[i], stacked))
+        return x

@@ -1,0 +1,52 @@
+"""Rotary position embedding with real cos/sin tables, for any number of position axes.
+
+Lumina-Next rotates adjacent pairs (x[2k], x[2k+1]) of each head. With n axes, pair
+p = j * n + a turns by positions[a] * omega_j: the axes interleave, as the released weights expect.
+omega_j = 1 / (theta * ntk_factor) ** (2j / (head_dim / n)) / linear_factor.
+Everything is float32; no complex numbers, which TPUs handle poorly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROPE_THETA = 10000.0
+
+
+def grid_positions(height: int, width: int) -> np.ndarray:
+    """(row, column) of each token of a row-major height x width grid: [height * width, 2]."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
+
+
+def rope_frequencies(
+    positions: jax.Array,
+    head_dim: int,
+    *,
+    linear_factor: float | jax.Array = 1.0,
+    ntk_factor: float | jax.Array = 1.0,
+    theta: float = ROPE_THETA,
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotation angles, each positions.shape[:-1] + (head_dim // 2,).
+
+    positions: [..., n_axes]. The factors may be traced values, so one compiled program can
+    switch between linear and NTK scaling per step.
+    """
+    n_axes = positions.shape[-1]
+    if head_dim % (2 * n_axes):
+        raise ValueError(f"RoPE over {n_axes} axes needs head_dim divisible by {2 * n_axes}, got {head_dim}")
+    axis_dim = head_dim // n_axes
+    exponents = jnp.arange(0, axis_dim, 2, dtype=jnp.float32) / axis_dim
+    omega = 1.0 / (jnp.asarray(theta * ntk_factor, jnp.float32) ** exponents) / linear_factor
+    angles = positions.astype(jnp.float32)[..., :, None] * omega  # [..., n_axes, axis_dim / 2]
+    angles = jnp.swapaxes(angles, -1, -2).reshape(*positions.shape[:-1], head_dim // 2)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, head_dim] by cos/sin [B or 1, T, head_dim // 2]; float32 inside."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)

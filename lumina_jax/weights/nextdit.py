@@ -1,0 +1,281 @@
+"""Finding, checking and importing Next-DiT weights in every layout users bring.
+
+Layouts: a diffusers transformer folder (config.json, one or sharded safetensors), a diffusers
+pipeline folder (its transformer/), an original Lumina-Next checkpoint (consolidated[_ema]
+.00-of-01.safetensors or .pth, with model_args.pth), a single checkpoint file, or a folder
+written by `python -m convert`. Tensors stream one at a time into preallocated arrays, so the
+import holds one copy of the weights.
+"""
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
+from lumina_jax.weights import orbax_io
+from lumina_jax.weights.nextdit_keys import UnknownKeyError, diffusers_key_to_target, original_key_to_diffusers
+from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_folder
+from lumina_jax.weights.torch_pickle import load_pth
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class LazyTensor(Protocol):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def load(self) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class NextDiTCheckpoint:
+    """Weights found on disk, not yet read."""
+
+    path: Path  # what to name in messages
+    config: NextDiTConfig
+    layout: str  # "diffusers", "original" or "converted"
+    tensors: Mapping[str, LazyTensor] | None = None  # None for converted folders (Orbax)
+
+
+def resolve_dtype(dtype: str | Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".pth", ".pt", ".bin"):
+        state = load_pth(path)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
+        return state
+    raise ValueError(f"{path}: unknown checkpoint file type {path.suffix!r}; expected .safetensors or .pth")
+
+
+def _layout_of(path: Path, tensors: Mapping[str, LazyTensor]) -> str:
+    if "patch_embedder.proj.weight" in tensors:
+        return "diffusers"
+    if "x_embedder.weight" in tensors:
+        return "original"
+    raise ValueError(
+        f"{path}: not a Next-DiT checkpoint (neither 'patch_embedder.proj.weight' of diffusers nor "
+        f"'x_embedder.weight' of the original; first keys: {sorted(tensors)[:5]})"
+    )
+
+
+def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextDiTConfig:
+    """Read the architecture off the tensor shapes of an original checkpoint (latents have 4 channels)."""
+    try:
+        hidden, patch_features = tensors["x_embedder.weight"].shape
+        heads = tensors["layers.0.attention.gate"].shape[0]
+        kv_width = tensors["layers.0.attention.wk.weight"].shape[0]
+        caption_dim = tensors["cap_embedder.0.weight"].shape[0]
+        ffn_dim = tensors["layers.0.feed_forward.w1.weight"].shape[0]
+        final_features = tensors["final_layer.linear.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"{path}: original Next-DiT checkpoint without {e.args[0]!r}") from None
+    in_channels = 4
+    patch = math.isqrt(patch_features // in_channels)
+    layers = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"layers\.(\d+)\.", k)))
+    head_dim = hidden // heads
+    base = dict(
+        patch_size=patch, in_channels=in_channels, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
+        num_kv_heads=kv_width // head_dim, cross_attention_dim=caption_dim,
+        learn_sigma=final_features == 2 * patch_features, qk_norm="layers.0.attention.q_norm.weight" in tensors,
+    )  # fmt: skip
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        config = NextDiTConfig(multiple_of=multiple_of, **base)
+        if config.ffn_dim == ffn_dim:
+            return config
+    raise ValueError(f"{path}: feed-forward width {ffn_dim} matches no multiple_of for hidden size {hidden}")
+
+
+def _original_config(folder: Path, tensors: Mapping[str, LazyTensor], checkpoint: Path) -> NextDiTConfig:
+    """The named preset of model_args.pth when there is one, else the shapes; sample size from its image_size."""
+    config = config_from_original(tensors, checkpoint)
+    args_path = folder / "model_args.pth"
+    if args_path.exists():
+        args = load_pth(args_path)
+        if getattr(args, "model", None) in PRESETS:
+            config = PRESETS[args.model]
+        if getattr(args, "image_size", None):
+            config = dataclasses.replace(config, sample_size=int(args.image_size) // 8)
+    return config
+
+
+def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint:
+    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():
+        tensors = _read_tensor_file(path)
+        layout = _layout_of(path, tensors)
+        if layout == "original":
+            return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), layout, tensors)
+        config_path = path.parent / "config.json"
+        if not config_path.exists():
+            raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
+        return NextDiTCheckpoint(path, _read_config(config_path), layout, tensors)
+
+    if (path / "model_index.json").exists():
+        if not (path / "transformer").is_dir():
+            raise ValueError(f"{path}: a diffusers pipeline folder without transformer/")
+        return find_checkpoint(path / "transformer", ema=ema)
+    if orbax_io.is_converted(path):
+        return NextDiTCheckpoint(path, _read_config(path / "config.json"), "converted")
+    stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
+    for suffix in (".safetensors", ".pth"):
+        if (path / f"{stem}{suffix}").exists():
+            checkpoint = path / f"{stem}{suffix}"
+            tensors = _read_tensor_file(checkpoint)
+            return NextDiTCheckpoint(checkpoint, _original_config(path, tensors, checkpoint), "original", tensors)
+    if (path / "config.json").exists():
+        stem = "diffusion_pytorch_model"
+        if not any((path / f"{stem}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
+            raise ValueError(f"{path}: config.json but no {stem}.safetensors (or its index) beside it")
+        return NextDiTCheckpoint(path, _read_config(path / "config.json"), "diffusers", read_safetensors_folder(path, stem))
+    raise ValueError(
+        f"{path}: no Next-DiT weights found. Expected a diffusers transformer or pipeline folder, an original "
+        f"Lumina-Next folder with {stem}.safetensors or .pth, a checkpoint file, or a folder from `python -m convert`"
+    )
+
+
+def _read_config(path: Path) -> NextDiTConfig:
+    try:
+        return NextDiTConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a Next-DiT config: {e}") from None
+
+
+def _abstract_params(config: NextDiTConfig, param_dtype) -> dict:
+    model = nnx.eval_shape(lambda: NextDiT(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _report(problems: dict[str, list[str]], path: Path) -> None:
+    lines = [f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+             for title, items in problems.items() if items]  # fmt: skip
+    if lines:
+        raise ValueError(f"{path}: weights do not match the Next-DiT config:\n  " + "\n  ".join(lines))
+
+
+def import_params(
+    checkpoint: NextDiTCheckpoint, param_dtype=jnp.float32, *, progress: bool = True
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
+
+    Every key is checked (unknown, missing, mis-shaped) before any tensor is read.
+    """
+    config, layers = checkpoint.config, checkpoint.config.num_layers
+    shapes = {path: leaf.shape for path, leaf in flatten(_abstract_params(config, param_dtype)).items()}
+    plan, unknown, mis_shaped = [], [], []
+    for key, tensor in checkpoint.tensors.items():
+        try:
+            name = original_key_to_diffusers(key) if checkpoint.layout == "original" else key
+            target = diffusers_key_to_target(name)
+        except UnknownKeyError:
+            unknown.append(key)
+            continue
+        if target.path not in shapes or (target.layer is not None and target.layer >= layers):
+            unknown.append(key)
+            continue
+        expected = shapes[target.path][1:] if target.layer is not None else shapes[target.path]
+        source = tuple(tensor.shape[::-1]) if target.transpose else tuple(tensor.shape)
+        if source != expected:
+            mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {expected[::-1] if target.transpose else expected})")
+        plan.append((key, tensor, target))
+    covered = {(t.path, t.layer) for _, _, t in plan}
+    missing = [
+        ".".join(path) + ("" if layer is None else f" (layer {layer})")
+        for path in shapes
+        for layer in ([None] if path[0] != "layers" else range(layers))
+        if (path, layer) not in covered
+    ]
+    _report({"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped},
+            checkpoint.path)  # fmt: skip
+
+    np_dtype = np.dtype(param_dtype)
+    arrays = {path: np.empty(shape, np_dtype) for path, shape in shapes.items()}
+    written: dict[tuple, str] = {}
+    for key, tensor, target in tqdm(plan, desc=f"reading {checkpoint.path.name}", disable=not progress, unit="tensor"):
+        value = tensor.load()
+        value = (value.T if target.transpose else value).astype(np_dtype)
+        destination = arrays[target.path] if target.layer is None else arrays[target.path][target.layer]
+        slot = (target.path, target.layer)
+        if slot in written:  # diffusers' second copy of the shared query projection or its norm
+            if not np.array_equal(destination, value):
+                raise ValueError(
+                    f"{checkpoint.path}: {key} differs from {written[slot]}; Next-DiT shares one query "
+                    "between self- and cross-attention, so the two copies must be equal"
+                )
+            continue
+        destination[...] = value
+        written[slot] = key
+    return arrays
+
+
+def load_transformer(
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    ema: bool = False,
+    scan_layers: bool = True,
+    remat: bool = False,
+    attention_backend: str | None = None,
+    progress: bool = True,
+) -> NextDiT:
+    """A Next-DiT with weights from any supported layout; `dtype` is the compute dtype and, unless
+    `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an original checkpoint."""
+    compute = resolve_dtype(dtype)
+    storage = resolve_dtype(param_dtype or dtype)
+    checkpoint = find_checkpoint(path, ema=ema)
+    abstract = nnx.eval_shape(
+        lambda: NextDiT(checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, remat=remat,
+                        attention_backend=attention_backend, rngs=nnx.Rngs(0))  # fmt: skip
+    )
+    graphdef, state = nnx.split(abstract)
+    if checkpoint.layout == "converted":
+        params = orbax_io.restore_params(checkpoint.path, nnx.state(abstract, nnx.Param).to_pure_dict())
+    else:
+        arrays = import_params(checkpoint, storage, progress=progress)
+        # One parameter at a time to the device, so host and device never hold two full copies.
+        params = unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

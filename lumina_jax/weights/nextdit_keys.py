@@ -1,0 +1,134 @@
+"""Where each tensor of a released Next-DiT checkpoint goes in our `NextDiT`.
+
+Two pure functions: original Lumina-Next key -> diffusers key, and diffusers key -> parameter
+target. Unknown keys raise `UnknownKeyError`; the caller collects them and fails with the list.
+"""
+
+import dataclasses
+import re
+
+
+class UnknownKeyError(KeyError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: tuple[str, ...]  # parameter path in NextDiT's state
+    layer: int | None = None  # index on the stacked layer axis, for per-layer tensors
+    transpose: bool = False  # torch Linear weights are [out, in], our kernels [in, out]
+
+
+def _linear(name: str) -> dict[str, tuple[tuple[str, ...], bool]]:
+    path = tuple(name.split("."))
+    return {"weight": (path + ("kernel",), True), "bias": (path + ("bias",), False)}
+
+
+def _norm(name: str) -> dict[str, tuple[tuple[str, ...], bool]]:
+    path = tuple(name.split("."))
+    return {"weight": (path + ("scale",), False), "bias": (path + ("bias",), False)}
+
+
+# diffusers module -> {tensor name: (our parameter path, transpose)}. diffusers stores the shared query
+# projection and its norm twice (attn1 and attn2): both copies map to one parameter.
+_TOP = {
+    "patch_embedder.proj": _linear("patch_embedder"),
+    "time_caption_embed.timestep_embedder.linear_1": _linear("time_linear_1"),
+    "time_caption_embed.timestep_embedder.linear_2": _linear("time_linear_2"),
+    "time_caption_embed.caption_embedder.0": _norm("caption_pool_norm"),
+    "time_caption_embed.caption_embedder.1": _linear("caption_proj"),
+    "norm_out.linear_1": _linear("final_modulation"),
+    "norm_out.linear_2": _linear("final_linear"),
+}
+_LAYER = {
+    "attn1.to_q": _linear("attention.to_q"),
+    "attn2.to_q": _linear("attention.to_q"),
+    "attn1.norm_q": _norm("attention.q_norm"),
+    "attn2.norm_q": _norm("attention.q_norm"),
+    "attn1.to_k": _linear("attention.to_k"),
+    "attn1.to_v": _linear("attention.to_v"),
+    "attn1.norm_k": _norm("attention.k_norm"),
+    "attn2.to_k": _linear("attention.to_k_caption"),
+    "attn2.to_v": _linear("attention.to_v_caption"),
+    "attn2.norm_k": _norm("attention.k_caption_norm"),
+    "attn2.to_out.0": _linear("attention.to_out"),
+    "feed_forward.linear_1": _linear("feed_forward.gate"),
+    "feed_forward.linear_2": _linear("feed_forward.down"),
+    "feed_forward.linear_3": _linear("feed_forward.up"),
+    "norm1.linear": _linear("modulation"),
+    "norm1.norm": _norm("attention_norm1"),
+    "norm2": _norm("attention_norm2"),
+    "ffn_norm1": _norm("ffn_norm1"),
+    "ffn_norm2": _norm("ffn_norm2"),
+    "norm1_context": _norm("caption_norm"),
+}
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def diffusers_key_to_target(key: str) -> Target:
+    """Map a diffusers `LuminaNextDiT2DModel` state-dict key to our parameter."""
+    if key == "pad_token":
+        return Target(("pad_token",))
+    if match := _LAYER_KEY.fullmatch(key):
+        layer, rest = int(match[1]), match[2]
+        if rest == "gate":
+            return Target(("layers", "attention", "gate"), layer)
+        module, _, leaf = rest.rpartition(".")
+        if module in _LAYER and leaf in _LAYER[module]:
+            path, transpose = _LAYER[module][leaf]
+            return Target(("layers",) + path, layer, transpose)
+    else:
+        module, _, leaf = key.rpartition(".")
+        if module in _TOP and leaf in _TOP[module]:
+            path, transpose = _TOP[module][leaf]
+            return Target(path, None, transpose)
+    raise UnknownKeyError(key)
+
+
+_ORIGINAL_TOP = {
+    "x_embedder": "patch_embedder.proj",
+    "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+    "cap_embedder.0": "time_caption_embed.caption_embedder.0",
+    "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+    "final_layer.adaLN_modulation.1": "norm_out.linear_1",
+    "final_layer.linear": "norm_out.linear_2",
+}
+_ORIGINAL_LAYER = {
+    "attention.wq": "attn1.to_q",
+    "attention.q_norm": "attn1.norm_q",
+    "attention.wk": "attn1.to_k",
+    "attention.wv": "attn1.to_v",
+    "attention.k_norm": "attn1.norm_k",
+    "attention.wk_y": "attn2.to_k",
+    "attention.wv_y": "attn2.to_v",
+    "attention.ky_norm": "attn2.norm_k",
+    "attention.wo": "attn2.to_out.0",
+    "attention_y_norm": "norm1_context",
+    "feed_forward.w1": "feed_forward.linear_1",
+    "feed_forward.w2": "feed_forward.linear_2",
+    "feed_forward.w3": "feed_forward.linear_3",
+    "adaLN_modulation.1": "norm1.linear",
+    "attention_norm1": "norm1.norm",
+    "attention_norm2": "norm2",
+    "ffn_norm1": "ffn_norm1",
+    "ffn_norm2": "ffn_norm2",
+}
+
+
+def original_key_to_diffusers(key: str) -> str:
+    """Map an original Lumina-Next (`NextDiT`) key to its diffusers name."""
+    if key == "pad_token":
+        return key
+    if match := _LAYER_KEY.fullmatch(key):
+        layer, rest = match[1], match[2]
+        if rest == "attention.gate":
+            return f"layers.{layer}.gate"
+        module, _, leaf = rest.rpartition(".")
+        if module in _ORIGINAL_LAYER:
+            return f"layers.{layer}.{_ORIGINAL_LAYER[module]}.{leaf}"
+    else:
+        module, _, leaf = key.rpartition(".")
+        if module in _ORIGINAL_TOP:
+            return f"{_ORIGINAL_TOP[module]}.{leaf}"
+    raise UnknownKeyError(key)

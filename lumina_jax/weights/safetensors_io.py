@@ -1,0 +1,89 @@
+"""Streaming reads of safetensors files, single or sharded with an index.
+
+A small reader of our own rather than `safetensors.safe_open(framework="numpy")`, which cannot
+return bfloat16 tensors: the header is parsed once and each tensor is a memory-mapped view, read
+only when loaded. A truncated or corrupt file is an error that names it.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class SafetensorsTensor:
+    """One tensor of a safetensors file, not yet read."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, start: int, end: int):
+        self.path, self.shape, self.dtype, self._start, self._end = path, shape, dtype, start, end
+
+    def load(self) -> np.ndarray:
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._start, shape=(self._end - self._start,))
+        return np.asarray(data.view(self.dtype).reshape(self.shape))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, SafetensorsTensor]:
+    """The tensors of one file, by name, without reading their data."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise ValueError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for {name!r}: {info}") from None
+        if end - begin != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"{path}: tensor {name!r} {shape} {info['dtype']} does not fit its {end - begin} bytes")
+        if data_start + end > size:
+            raise ValueError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size} bytes"
+            )
+        tensors[name] = SafetensorsTensor(path, shape, dtype, data_start + begin, data_start + end)
+    return tensors
+
+
+def read_safetensors_folder(folder: Path, stem: str) -> dict[str, SafetensorsTensor]:
+    """`stem.safetensors`, or the shards listed by `stem.safetensors.index.json`."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if not index.exists():
+        return read_safetensors(folder / f"{stem}.safetensors")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).exists():
+            raise FileNotFoundError(f"{index} lists shard {shard}, which is missing from {folder}")
+        tensors.update(read_safetensors(folder / shard))
+    listed, found = set(weight_map), set(tensors)
+    if listed != found:
+        raise ValueError(
+            f"{index} does not match its shards: listed but absent {sorted(listed - found)[:10]}, "
+            f"present but unlisted {sorted(found - listed)[:10]}"
+        )
+    return tensors
