@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lumina_jax.models.attention import Backend, dot_product_attention
@@ -105,6 +106,23 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def patchify_padded(images: list[jax.Array], patch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2], mask [B, T].
+
+    Shorter sequences are padded at the end; pad tokens sit at their image's last position, as in
+    the original trainer. The model swaps their embeddings for the learned pad token.
+    """
+    patches = [patchify(image[None], patch)[0] for image in images]
+    grids = [grid_positions(image.shape[1] // patch, image.shape[2] // patch) for image in images]
+    length = max(len(p) for p in patches)
+    pad = [length - len(p) for p in patches]
+    return (
+        jnp.stack([jnp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),
+        jnp.stack([jnp.asarray(np.concatenate([g, np.repeat(g[-1:], n, axis=0)])) for g, n in zip(grids, pad)]),
+        jnp.stack([jnp.arange(length) < len(p) for p in patches]),
+    )
 
 
 def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
