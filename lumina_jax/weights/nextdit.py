@@ -165,7 +165,7 @@ def _read_config(path: Path) -> NextDiTConfig:
 
 def _abstract_params(config: NextDiTConfig, param_dtype) -> dict:
     model = nnx.eval_shape(lambda: NextDiT(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -272,7 +272,7 @@ def load_transformer(
     )
     graphdef, state = nnx.split(abstract)
     if checkpoint.layout == "converted":
-        params = orbax_io.restore_params(checkpoint.path, nnx.state(abstract, nnx.Param).to_pure_dict())
+        params = orbax_io.restore_params(checkpoint.path, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     else:
         arrays = import_params(checkpoint, storage, progress=progress)
         # One parameter at a time to the device, so host and device never hold two full copies.
