@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -23,8 +22,14 @@ from tqdm.auto import tqdm
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import orbax_io
-from lumina_jax.weights.nextdit_keys import UnknownKeyError, diffusers_key_to_target, original_key_to_diffusers
-from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_folder
+from lumina_jax.weights.nextdit_keys import (
+    Target,
+    UnknownKeyError,
+    diffusers_key_to_target,
+    diffusers_keys,
+    original_key_to_diffusers,
+)
+from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_folder, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -118,20 +123,23 @@ def _original_config(folder: Path, tensors: Mapping[str, LazyTensor], checkpoint
     return config
 
 
+def _from_file(path: Path) -> NextDiTCheckpoint:
+    """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it)."""
+    tensors = _read_tensor_file(path)
+    if _layout_of(path, tensors) == "original":
+        return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), "original", tensors)
+    if not (path.parent / "config.json").exists():
+        raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
+    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), "diffusers", tensors)
+
+
 def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint:
     """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_file():
-        tensors = _read_tensor_file(path)
-        layout = _layout_of(path, tensors)
-        if layout == "original":
-            return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), layout, tensors)
-        config_path = path.parent / "config.json"
-        if not config_path.exists():
-            raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
-        return NextDiTCheckpoint(path, _read_config(config_path), layout, tensors)
+        return _from_file(path)
 
     if (path / "model_index.json").exists():
         if not (path / "transformer").is_dir():
@@ -142,9 +150,7 @@ def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint
     stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
     for suffix in (".safetensors", ".pth"):
         if (path / f"{stem}{suffix}").exists():
-            checkpoint = path / f"{stem}{suffix}"
-            tensors = _read_tensor_file(checkpoint)
-            return NextDiTCheckpoint(checkpoint, _original_config(path, tensors, checkpoint), "original", tensors)
+            return _from_file(path / f"{stem}{suffix}")
     if (path / "config.json").exists():
         stem = "diffusion_pytorch_model"
         if not any((path / f"{stem}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
@@ -161,11 +167,6 @@ def _read_config(path: Path) -> NextDiTConfig:
         return NextDiTConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a Next-DiT config: {e}") from None
-
-
-def _abstract_params(config: NextDiTConfig, param_dtype) -> dict:
-    model = nnx.eval_shape(lambda: NextDiT(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -195,15 +196,19 @@ def _report(problems: dict[str, list[str]], path: Path) -> None:
         raise ValueError(f"{path}: weights do not match the Next-DiT config:\n  " + "\n  ".join(lines))
 
 
-def import_params(
-    checkpoint: NextDiTCheckpoint, param_dtype=jnp.float32, *, progress: bool = True
-) -> dict[tuple[str, ...], np.ndarray]:
-    """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
+def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter's path and shape, computed abstractly (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: NextDiT(config, rngs=nnx.Rngs(0)))
+    return {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
-    Every key is checked (unknown, missing, mis-shaped) before any tensor is read.
+
+def plan_import(checkpoint: NextDiTCheckpoint) -> list[tuple[str, LazyTensor, Target]]:
+    """Match every tensor of the checkpoint to its parameter, from names and shapes alone.
+
+    Unknown keys, parameters no key provides and shape mismatches fail together, listed.
     """
     config, layers = checkpoint.config, checkpoint.config.num_layers
-    shapes = {path: leaf.shape for path, leaf in flatten(_abstract_params(config, param_dtype)).items()}
+    shapes = parameter_shapes(config)
     plan, unknown, mis_shaped = [], [], []
     for key, tensor in checkpoint.tensors.items():
         try:
@@ -216,9 +221,9 @@ def import_params(
             unknown.append(key)
             continue
         expected = shapes[target.path][1:] if target.layer is not None else shapes[target.path]
-        source = tuple(tensor.shape[::-1]) if target.transpose else tuple(tensor.shape)
-        if source != expected:
-            mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {expected[::-1] if target.transpose else expected})")
+        expected = expected[::-1] if target.transpose else expected
+        if tuple(tensor.shape) != tuple(expected):
+            mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected)})")
         plan.append((key, tensor, target))
     covered = {(t.path, t.layer) for _, _, t in plan}
     missing = [
@@ -229,9 +234,20 @@ def import_params(
     ]
     _report({"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped},
             checkpoint.path)  # fmt: skip
+    return plan
 
+
+def import_params(
+    checkpoint: NextDiTCheckpoint, param_dtype=jnp.float32, *, progress: bool = True
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
+
+    Every key is checked before any tensor is read; then one tensor at a time is read, cast and
+    written into its preallocated parameter.
+    """
+    plan = plan_import(checkpoint)
     np_dtype = np.dtype(param_dtype)
-    arrays = {path: np.empty(shape, np_dtype) for path, shape in shapes.items()}
+    arrays = {path: np.empty(shape, np_dtype) for path, shape in parameter_shapes(checkpoint.config).items()}
     written: dict[tuple, str] = {}
     for key, tensor, target in tqdm(plan, desc=f"reading {checkpoint.path.name}", disable=not progress, unit="tensor"):
         value = tensor.load()
@@ -279,3 +295,24 @@ def load_transformer(
         params = unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
+    """Our parameters under diffusers' names and layouts; the shared query is written twice, as diffusers stores it."""
+    params = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = {}
+    for key in diffusers_keys(model.config.num_layers):
+        target = diffusers_key_to_target(key)
+        if target.path in params:
+            value = np.asarray(params[target.path])
+            value = value if target.layer is None else value[target.layer]
+            state[key] = np.ascontiguousarray(value.T if target.transpose else value)
+    return state
+
+
+def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a diffusers transformer folder that `LuminaNextDiT2DModel.from_pretrained` loads."""
+    with orbax_io.atomic_folder(folder, overwrite=overwrite) as partial:
+        orbax_io.write_config(partial, model.config.to_dict())
+        write_safetensors(partial / "diffusion_pytorch_model.safetensors", diffusers_state_dict(model))
+    return Path(folder)

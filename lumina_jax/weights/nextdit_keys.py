@@ -132,3 +132,10 @@ def original_key_to_diffusers(key: str) -> str:
         if module in _ORIGINAL_TOP:
             return f"{_ORIGINAL_TOP[module]}.{leaf}"
     raise UnknownKeyError(key)
+
+
+def diffusers_keys(num_layers: int) -> list[str]:
+    """Every key a diffusers Next-DiT with qk_norm has, for writing that layout back out."""
+    top = [f"{module}.{leaf}" for module, leaves in _TOP.items() for leaf in leaves]
+    per_layer = ["gate"] + [f"{module}.{leaf}" for module, leaves in _LAYER.items() for leaf in leaves]
+    return ["pad_token"] + top + [f"layers.{i}.{key}" for i in range(num_layers) for key in per_layer]

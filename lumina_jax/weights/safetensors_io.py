@@ -87,3 +87,18 @@ def read_safetensors_folder(folder: Path, stem: str) -> dict[str, SafetensorsTen
             f"present but unlisted {sorted(found - listed)[:10]}"
         )
     return tensors
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write tensors (bfloat16 included) in the safetensors format, header first, then the data."""
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
