@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert_transformer(args.source, args.destination, dtype=args.dtype, ema=args.ema, overwrite=args.overwrite)
+        out = convert_transformer(
+            args.source, args.destination, dtype=args.dtype, ema=args.ema, overwrite=args.overwrite
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from lumina_jax import PRESETS
+from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
 from lumina_jax.weights.nextdit import NextDiTCheckpoint, config_from_original, plan_import
 from lumina_jax.weights.nextdit_keys import (
-    Target,
-    UnknownKeyError,
     diffusers_key_to_target,
     diffusers_keys,
     original_key_to_diffusers,
@@ -35,9 +34,18 @@ def released(name: str) -> dict[str, ShapeOnly]:
 
 
 def test_examples():
-    assert diffusers_key_to_target("layers.3.attn1.to_q.weight") == Target(("layers", "attention", "to_q", "kernel"), 3, True)
-    assert diffusers_key_to_target("layers.3.attn2.to_q.weight") == Target(("layers", "attention", "to_q", "kernel"), 3, True)
-    assert diffusers_key_to_target("layers.0.attn2.to_k.weight").path == ("layers", "attention", "to_k_caption", "kernel")
+    assert diffusers_key_to_target("layers.3.attn1.to_q.weight") == Target(
+        ("layers", "attention", "to_q", "kernel"), 3, LINEAR
+    )
+    assert diffusers_key_to_target("layers.3.attn2.to_q.weight") == Target(
+        ("layers", "attention", "to_q", "kernel"), 3, LINEAR
+    )
+    assert diffusers_key_to_target("layers.0.attn2.to_k.weight").path == (
+        "layers",
+        "attention",
+        "to_k_caption",
+        "kernel",
+    )
     assert diffusers_key_to_target("layers.5.gate") == Target(("layers", "attention", "gate"), 5)
     assert diffusers_key_to_target("norm_out.linear_2.bias") == Target(("final_linear", "bias"))
     assert diffusers_key_to_target("layers.1.norm1.norm.weight") == Target(("layers", "attention_norm1", "scale"), 1)
@@ -47,7 +55,9 @@ def test_examples():
     assert original_key_to_diffusers("final_layer.adaLN_modulation.1.weight") == "norm_out.linear_1.weight"
 
 
-@pytest.mark.parametrize("key", ["layers.0.attn3.to_q.weight", "transformer.pad_token", "layers.x.gate", "norm_out.weight"])
+@pytest.mark.parametrize(
+    "key", ["layers.0.attn3.to_q.weight", "transformer.pad_token", "layers.x.gate", "norm_out.weight"]
+)
 def test_unknown_keys_raise(key):
     with pytest.raises(UnknownKeyError):
         diffusers_key_to_target(key)
@@ -56,7 +66,9 @@ def test_unknown_keys_raise(key):
 
 
 def test_released_diffusers_keys_cover_every_parameter():
-    checkpoint = NextDiTCheckpoint(Path("Lumina-Next-SFT-diffusers"), RELEASED, "diffusers", released("keys_diffusers_transformer_2b.json"))
+    checkpoint = NextDiTCheckpoint(
+        Path("Lumina-Next-SFT-diffusers"), RELEASED, "diffusers", released("keys_diffusers_transformer_2b.json")
+    )
     plan = plan_import(checkpoint)
     assert len(plan) == 639
     assert {key for key, _, _ in plan} <= set(diffusers_keys(RELEASED.num_layers))

@@ -64,4 +64,6 @@ def test_unrolled_and_rematerialised_layers_match_scan(saved_transformer):
     scanned = load_transformer(folder, progress=False)(*args)
     for options in (dict(scan_layers=False), dict(remat=True)):
         other = load_transformer(folder, progress=False, **options)(*args)
-        np.testing.assert_allclose(np.asarray(other), np.asarray(scanned), rtol=0, atol=1e-5 * float(np.abs(scanned).max()))
+        np.testing.assert_allclose(
+            np.asarray(other), np.asarray(scanned), rtol=0, atol=1e-5 * float(np.abs(scanned).max())
+        )

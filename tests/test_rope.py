@@ -22,7 +22,9 @@ def test_rotation_matches_complex_multiplication():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 12, 3, 16)).astype(np.float32)
     reference = get_2d_rotary_pos_embed_lumina(16, 3, 4, linear_factor=1.2, ntk_factor=1.0).reshape(12, 8)
-    expected = torch.view_as_real(torch.view_as_complex(torch.from_numpy(x).reshape(2, 12, 3, 8, 2)) * reference[None, :, None])
+    expected = torch.view_as_real(
+        torch.view_as_complex(torch.from_numpy(x).reshape(2, 12, 3, 8, 2)) * reference[None, :, None]
+    )
     cos, sin = rope_frequencies(jnp.asarray(grid_positions(3, 4))[None], 16, linear_factor=1.2)
     ours = apply_rope(jnp.asarray(x), cos, sin)
     np.testing.assert_allclose(np.asarray(ours), expected.reshape(x.shape).numpy(), atol=1e-5)

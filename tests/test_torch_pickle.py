@@ -18,10 +18,18 @@ from lumina_jax.weights.torch_pickle import LazyTensor, UnsafeCheckpointError, l
 FIXTURES = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"
 
 NP_DTYPES = {
-    torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
-    torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
-    torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
-    torch.uint16: np.uint16, torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: ml_dtypes.bfloat16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+    torch.uint16: np.uint16,
+    torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn,
 }
 
 
@@ -89,8 +97,11 @@ def test_round_trip_matches_torch_load(tmp_path):
         "expanded": torch.randn(3, 1).expand(3, 4),  # stride 0
         "shared_a": shared[:10],  # two tensors on one storage
         "shared_b": shared[5:].view(3, 5),
-        "nested": {"list": [torch.ones(2), 3, "x"], "tuple": (torch.zeros(1), None),
-                   "od": collections.OrderedDict(w=torch.randn(2, 2), b=torch.randn(2))},
+        "nested": {
+            "list": [torch.ones(2), 3, "x"],
+            "tuple": (torch.zeros(1), None),
+            "od": collections.OrderedDict(w=torch.randn(2, 2), b=torch.randn(2)),
+        },
         "args": argparse.Namespace(model="NextDiT_2B", image_size=1024, lr=1e-4, qk_norm=True),
     }
     path = saved(tmp_path, obj)
@@ -109,7 +120,7 @@ def test_load_pth_reads_no_tensor_data_and_load_reads_only_its_own(tmp_path):
     raw = path.read_bytes()
     start = raw.index(a.numpy().tobytes())
     patched = -a.numpy()
-    path.write_bytes(raw[:start] + patched.tobytes() + raw[start + patched.nbytes:])
+    path.write_bytes(raw[:start] + patched.tobytes() + raw[start + patched.nbytes :])
     np.testing.assert_array_equal(lazy["a"].load(), patched)
     np.testing.assert_array_equal(lazy["b"].load(), b.numpy())
 
@@ -146,10 +157,13 @@ class EvalCall(SystemCall):
         return builtins.eval, (f"open({str(self.marker)!r}, 'w')",)
 
 
-@pytest.mark.parametrize("payload, global_name", [
-    (SystemCall, rf"'{os.system.__module__}\.system'"),
-    (EvalCall, r"'__builtin__\.eval'"),  # torch.save's pickle protocol 2 writes Python 2 names
-])
+@pytest.mark.parametrize(
+    "payload, global_name",
+    [
+        (SystemCall, rf"'{os.system.__module__}\.system'"),
+        (EvalCall, r"'__builtin__\.eval'"),  # torch.save's pickle protocol 2 writes Python 2 names
+    ],
+)
 def test_malicious_pickle_is_refused(tmp_path, payload, global_name):
     marker = tmp_path / "pwned"
     path = saved(tmp_path, {"w": torch.ones(2), "evil": payload(marker)})
@@ -186,8 +200,7 @@ def test_truncated_and_random_files(tmp_path):
 
 def test_short_member_is_reported(tmp_path):
     path = saved(tmp_path, {"w": torch.randn(96)})  # data/0 holds 384 bytes
-    bad = rezip(path, tmp_path / "short.pth",
-                lambda name, data: data[:100] if name.endswith("data/0") else data)
+    bad = rezip(path, tmp_path / "short.pth", lambda name, data: data[:100] if name.endswith("data/0") else data)
     with pytest.raises(ValueError, match="truncated: member ckpt/data/0 has 100 of 384 bytes"):
         load_pth(bad)
 
@@ -204,8 +217,7 @@ def test_file_cut_after_load_pth(tmp_path):
 
 def test_compressed_member_is_refused(tmp_path):
     path = saved(tmp_path, {"w": torch.zeros(96)})
-    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp_path / "deflated.pth", "w",
-                                                       zipfile.ZIP_DEFLATED) as zout:
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info))
     with pytest.raises(ValueError, match="compressed"):
@@ -214,8 +226,7 @@ def test_compressed_member_is_refused(tmp_path):
 
 def test_big_endian_is_refused(tmp_path):
     path = saved(tmp_path, {"w": torch.randn(3)})
-    bad = rezip(path, tmp_path / "big.pth",
-                lambda name, data: b"big" if name.endswith("/byteorder") else data)
+    bad = rezip(path, tmp_path / "big.pth", lambda name, data: b"big" if name.endswith("/byteorder") else data)
     with pytest.raises(ValueError, match="only little-endian"):
         load_pth(bad)
 

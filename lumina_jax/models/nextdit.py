@@ -266,7 +266,9 @@ class NextDiT(nnx.Module):
         self.caption_pool_norm = layer_norm(
             cfg.cross_attention_dim, "caption_embed", eps=1e-5, affine=True, param_dtype=param_dtype, rngs=rngs
         )
-        self.caption_proj = linear(cfg.cross_attention_dim, cfg.cond_dim, ("caption_embed", "cond"), kernel_init=zeros, **dense)
+        self.caption_proj = linear(
+            cfg.cross_attention_dim, cfg.cond_dim, ("caption_embed", "cond"), kernel_init=zeros, **dense
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from lumina_jax.weights import orbax_io
-from lumina_jax.weights.nextdit import find_checkpoint, import_params, resolve_dtype, unflatten
+from lumina_jax.weights.importer import unflatten
+from lumina_jax.weights.nextdit import find_checkpoint, import_params, resolve_dtype
 
 
 def convert_transformer(

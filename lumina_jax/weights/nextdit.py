@@ -13,18 +13,16 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
-from lumina_jax.weights import orbax_io
+from lumina_jax.weights import importer, orbax_io
+from lumina_jax.weights.importer import LazyTensor, unflatten
 from lumina_jax.weights.nextdit_keys import (
-    Target,
-    UnknownKeyError,
     diffusers_key_to_target,
     diffusers_keys,
     original_key_to_diffusers,
@@ -33,13 +31,6 @@ from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class LazyTensor(Protocol):
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def load(self) -> np.ndarray: ...
 
 
 @dataclasses.dataclass
@@ -155,7 +146,9 @@ def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint
         stem = "diffusion_pytorch_model"
         if not any((path / f"{stem}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
             raise ValueError(f"{path}: config.json but no {stem}.safetensors (or its index) beside it")
-        return NextDiTCheckpoint(path, _read_config(path / "config.json"), "diffusers", read_safetensors_folder(path, stem))
+        return NextDiTCheckpoint(
+            path, _read_config(path / "config.json"), "diffusers", read_safetensors_folder(path, stem)
+        )
     raise ValueError(
         f"{path}: no Next-DiT weights found. Expected a diffusers transformer or pipeline folder, an original "
         f"Lumina-Next folder with {stem}.safetensors or .pth, a checkpoint file, or a folder from `python -m convert`"
@@ -169,72 +162,20 @@ def _read_config(path: Path) -> NextDiTConfig:
         raise ValueError(f"{path}: not a Next-DiT config: {e}") from None
 
 
-def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _report(problems: dict[str, list[str]], path: Path) -> None:
-    lines = [f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-             for title, items in problems.items() if items]  # fmt: skip
-    if lines:
-        raise ValueError(f"{path}: weights do not match the Next-DiT config:\n  " + "\n  ".join(lines))
+def _to_target(layout: str):
+    if layout == "original":
+        return lambda key: diffusers_key_to_target(original_key_to_diffusers(key))
+    return diffusers_key_to_target
 
 
 def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Every parameter's path and shape, computed abstractly (nothing is allocated)."""
-    model = nnx.eval_shape(lambda: NextDiT(config, rngs=nnx.Rngs(0)))
-    return {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return importer.parameter_shapes(lambda: NextDiT(config, rngs=nnx.Rngs(0)))
 
 
-def plan_import(checkpoint: NextDiTCheckpoint) -> list[tuple[str, LazyTensor, Target]]:
-    """Match every tensor of the checkpoint to its parameter, from names and shapes alone.
-
-    Unknown keys, parameters no key provides and shape mismatches fail together, listed.
-    """
-    config, layers = checkpoint.config, checkpoint.config.num_layers
-    shapes = parameter_shapes(config)
-    plan, unknown, mis_shaped = [], [], []
-    for key, tensor in checkpoint.tensors.items():
-        try:
-            name = original_key_to_diffusers(key) if checkpoint.layout == "original" else key
-            target = diffusers_key_to_target(name)
-        except UnknownKeyError:
-            unknown.append(key)
-            continue
-        if target.path not in shapes or (target.layer is not None and target.layer >= layers):
-            unknown.append(key)
-            continue
-        expected = shapes[target.path][1:] if target.layer is not None else shapes[target.path]
-        expected = expected[::-1] if target.transpose else expected
-        if tuple(tensor.shape) != tuple(expected):
-            mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {tuple(expected)})")
-        plan.append((key, tensor, target))
-    covered = {(t.path, t.layer) for _, _, t in plan}
-    missing = [
-        ".".join(path) + ("" if layer is None else f" (layer {layer})")
-        for path in shapes
-        for layer in ([None] if path[0] != "layers" else range(layers))
-        if (path, layer) not in covered
-    ]
-    _report({"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped},
-            checkpoint.path)  # fmt: skip
-    return plan
+def plan_import(checkpoint: NextDiTCheckpoint) -> importer.Plan:
+    """Match every tensor of the checkpoint to its parameter, from names and shapes alone."""
+    shapes = parameter_shapes(checkpoint.config)
+    return importer.plan_import(checkpoint.tensors, _to_target(checkpoint.layout), shapes, checkpoint.path, "Next-DiT")
 
 
 def import_params(
@@ -242,28 +183,12 @@ def import_params(
 ) -> dict[tuple[str, ...], np.ndarray]:
     """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
 
-    Every key is checked before any tensor is read; then one tensor at a time is read, cast and
-    written into its preallocated parameter.
+    Every key is checked before any tensor is read. diffusers' two copies of the shared query
+    (attn1 and attn2) must be equal: Next-DiT has one query for both attention branches.
     """
     plan = plan_import(checkpoint)
-    np_dtype = np.dtype(param_dtype)
-    arrays = {path: np.empty(shape, np_dtype) for path, shape in parameter_shapes(checkpoint.config).items()}
-    written: dict[tuple, str] = {}
-    for key, tensor, target in tqdm(plan, desc=f"reading {checkpoint.path.name}", disable=not progress, unit="tensor"):
-        value = tensor.load()
-        value = (value.T if target.transpose else value).astype(np_dtype)
-        destination = arrays[target.path] if target.layer is None else arrays[target.path][target.layer]
-        slot = (target.path, target.layer)
-        if slot in written:  # diffusers' second copy of the shared query projection or its norm
-            if not np.array_equal(destination, value):
-                raise ValueError(
-                    f"{checkpoint.path}: {key} differs from {written[slot]}; Next-DiT shares one query "
-                    "between self- and cross-attention, so the two copies must be equal"
-                )
-            continue
-        destination[...] = value
-        written[slot] = key
-    return arrays
+    shapes = parameter_shapes(checkpoint.config)
+    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
 
 
 def load_transformer(
@@ -279,12 +204,32 @@ def load_transformer(
 ) -> NextDiT:
     """A Next-DiT with weights from any supported layout; `dtype` is the compute dtype and, unless
     `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an original checkpoint."""
-    compute = resolve_dtype(dtype)
-    storage = resolve_dtype(param_dtype or dtype)
-    checkpoint = find_checkpoint(path, ema=ema)
+    options = dict(scan_layers=scan_layers, remat=remat, attention_backend=attention_backend, progress=progress)
+    return build_model(find_checkpoint(path, ema=ema), dtype, param_dtype=param_dtype, **options)
+
+
+def build_model(
+    checkpoint: NextDiTCheckpoint,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    scan_layers: bool = True,
+    remat: bool = False,
+    attention_backend: str | None = None,
+    progress: bool = True,
+) -> NextDiT:
+    """The model of a found checkpoint, its parameters read into place (see `load_transformer`)."""
+    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
     abstract = nnx.eval_shape(
-        lambda: NextDiT(checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, remat=remat,
-                        attention_backend=attention_backend, rngs=nnx.Rngs(0))  # fmt: skip
+        lambda: NextDiT(
+            checkpoint.config,
+            dtype=compute,
+            param_dtype=storage,
+            scan_layers=scan_layers,
+            remat=remat,
+            attention_backend=attention_backend,
+            rngs=nnx.Rngs(0),
+        )  # fmt: skip
     )
     graphdef, state = nnx.split(abstract)
     if checkpoint.layout == "converted":
@@ -299,15 +244,8 @@ def load_transformer(
 
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
     """Our parameters under diffusers' names and layouts; the shared query is written twice, as diffusers stores it."""
-    params = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    state = {}
-    for key in diffusers_keys(model.config.num_layers):
-        target = diffusers_key_to_target(key)
-        if target.path in params:
-            value = np.asarray(params[target.path])
-            value = value if target.layer is None else value[target.layer]
-            state[key] = np.ascontiguousarray(value.T if target.transpose else value)
-    return state
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return importer.export_state_dict(params, diffusers_keys(model.config.num_layers), diffusers_key_to_target)
 
 
 def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:

@@ -1,35 +1,25 @@
 """Where each tensor of a released Next-DiT checkpoint goes in our `NextDiT`.
 
 Two pure functions: original Lumina-Next key -> diffusers key, and diffusers key -> parameter
-target. Unknown keys raise `UnknownKeyError`; the caller collects them and fails with the list.
+target. Unknown keys raise `UnknownKeyError`; the importer collects them and fails with the list.
 """
 
-import dataclasses
 import re
 
-
-class UnknownKeyError(KeyError):
-    pass
+from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    path: tuple[str, ...]  # parameter path in NextDiT's state
-    layer: int | None = None  # index on the stacked layer axis, for per-layer tensors
-    transpose: bool = False  # torch Linear weights are [out, in], our kernels [in, out]
-
-
-def _linear(name: str) -> dict[str, tuple[tuple[str, ...], bool]]:
+def _linear(name: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]:
     path = tuple(name.split("."))
-    return {"weight": (path + ("kernel",), True), "bias": (path + ("bias",), False)}
+    return {"weight": (path + ("kernel",), LINEAR), "bias": (path + ("bias",), None)}
 
 
-def _norm(name: str) -> dict[str, tuple[tuple[str, ...], bool]]:
+def _norm(name: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]:
     path = tuple(name.split("."))
-    return {"weight": (path + ("scale",), False), "bias": (path + ("bias",), False)}
+    return {"weight": (path + ("scale",), None), "bias": (path + ("bias",), None)}
 
 
-# diffusers module -> {tensor name: (our parameter path, transpose)}. diffusers stores the shared query
+# diffusers module -> {tensor name: (our parameter path, axis permutation)}. diffusers stores the shared query
 # projection and its norm twice (attn1 and attn2): both copies map to one parameter.
 _TOP = {
     "patch_embedder.proj": _linear("patch_embedder"),
@@ -75,13 +65,13 @@ def diffusers_key_to_target(key: str) -> Target:
             return Target(("layers", "attention", "gate"), layer)
         module, _, leaf = rest.rpartition(".")
         if module in _LAYER and leaf in _LAYER[module]:
-            path, transpose = _LAYER[module][leaf]
-            return Target(("layers",) + path, layer, transpose)
+            path, permute = _LAYER[module][leaf]
+            return Target(("layers",) + path, layer, permute)
     else:
         module, _, leaf = key.rpartition(".")
         if module in _TOP and leaf in _TOP[module]:
-            path, transpose = _TOP[module][leaf]
-            return Target(path, None, transpose)
+            path, permute = _TOP[module][leaf]
+            return Target(path, None, permute)
     raise UnknownKeyError(key)
 
 

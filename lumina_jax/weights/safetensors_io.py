@@ -40,7 +40,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, SafetensorsTensor]:
             raise ValueError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > size - 8:
-            raise ValueError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes, file {size})")
+            raise ValueError(
+                f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes, file {size})"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -94,7 +96,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     names = {np.dtype(v): k for k, v in _DTYPES.items()}
     header, offset = {}, 0
     for name, array in tensors.items():
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": names[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes

@@ -69,17 +69,18 @@ class LazyTensor:
             f.seek(s.header_offset)
             head = f.read(_LOCAL_HEADER.size)
             if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
-                raise ValueError(f"{s.path}: corrupt: no zip header for member {s.name} "
-                                 "(was the file changed after load_pth?)")
+                raise ValueError(
+                    f"{s.path}: corrupt: no zip header for member {s.name} (was the file changed after load_pth?)"
+                )
             _, name_len, extra_len = _LOCAL_HEADER.unpack(head)
             f.seek(s.header_offset + len(head) + name_len + extra_len + self.offset * itemsize)
             got = f.readinto(buf)
         if got < len(buf):
-            raise ValueError(f"{s.path}: truncated: member {s.name} has "
-                             f"{self.offset * itemsize + got} of {s.nbytes} bytes")
+            raise ValueError(
+                f"{s.path}: truncated: member {s.name} has {self.offset * itemsize + got} of {s.nbytes} bytes"
+            )
         flat = np.frombuffer(buf, self.dtype)
-        view = np.lib.stride_tricks.as_strided(
-            flat, self.shape, [st * itemsize for st in self.stride])
+        view = np.lib.stride_tricks.as_strided(flat, self.shape, [st * itemsize for st in self.stride])
         # Non-contiguous views (transposes, expands) get their own compact copy.
         return view if view.flags.c_contiguous else view.copy()
 
@@ -91,13 +92,11 @@ def _tensor(storage, offset, shape, stride, dtype, metadata):
     if metadata:  # conjugate / negative bits, never set on real-valued tensors
         raise ValueError(f"unsupported tensor metadata {metadata!r}")
     shape, stride = tuple(shape), tuple(stride)
-    if len(shape) != len(stride) or not all(
-            type(v) is int and v >= 0 for v in (offset, *shape, *stride)):
+    if len(shape) != len(stride) or not all(type(v) is int and v >= 0 for v in (offset, *shape, *stride)):
         raise ValueError(f"bad tensor geometry: offset {offset}, shape {shape}, stride {stride}")
     tensor = LazyTensor(shape, dtype, storage, offset, stride)
     if (offset + tensor._span()) * dtype.itemsize > storage.nbytes:
-        raise ValueError(f"tensor of shape {shape} overruns member {storage.name} "
-                         f"({storage.nbytes} bytes)")
+        raise ValueError(f"tensor of shape {shape} overruns member {storage.name} ({storage.nbytes} bytes)")
     return tensor
 
 
@@ -106,8 +105,7 @@ def _rebuild_tensor_v2(storage, offset, shape, stride, requires_grad, hooks, met
     return _tensor(storage, offset, shape, stride, getattr(storage, "dtype", None), metadata)
 
 
-def _rebuild_tensor_v3(storage, offset, shape, stride, requires_grad, hooks, dtype,
-                       metadata=None):
+def _rebuild_tensor_v3(storage, offset, shape, stride, requires_grad, hooks, dtype, metadata=None):
     return _tensor(storage, offset, shape, stride, dtype, metadata)
 
 
@@ -117,16 +115,25 @@ def _rebuild_parameter(data, requires_grad, hooks):
 
 # Legacy storage classes, each standing for its element type.
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 # Dtypes newer than the legacy storage classes: torch.save writes these tensors as bytes (an
 # UntypedStorage) plus a ``torch.<dtype>`` global, rebuilt by _rebuild_tensor_v3.
 _TORCH_DTYPES = {
-    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
 }
 # Everything the unpickler may name. None of these is callable except the stand-ins above,
 # OrderedDict and Namespace (whose constructors only store what they are given).
@@ -154,13 +161,18 @@ class _Unpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"{self._path}: refusing to load global '{module}.{name}': a plain checkpoint "
                 "holds only tensors, dicts, lists and argparse.Namespace, and unpickling "
-                "anything else could run code from the file") from None
+                "anything else could run code from the file"
+            ) from None
 
     def persistent_load(self, pid):
         # torch.save writes ('storage', storage type, key, location, number of elements).
         typename, dtype, key, _location, numel = pid
-        if (typename != "storage" or not isinstance(dtype, np.dtype)
-                or not isinstance(key, str) or type(numel) is not int):
+        if (
+            typename != "storage"
+            or not isinstance(dtype, np.dtype)
+            or not isinstance(key, str)
+            or type(numel) is not int
+        ):
             raise ValueError(f"unknown persistent id {pid!r}")
         if key not in self._storages:
             name = f"{self._archive}/data/{key}"
@@ -170,12 +182,13 @@ class _Unpickler(pickle.Unpickler):
                 raise ValueError(f"missing member {name}") from None
             nbytes = numel * dtype.itemsize
             if info.file_size < nbytes:
-                raise ValueError(
-                    f"truncated: member {name} has {info.file_size} of {nbytes} bytes")
+                raise ValueError(f"truncated: member {name} has {info.file_size} of {nbytes} bytes")
             # load() reads the raw bytes straight from the file, which needs them uncompressed.
             if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"member {name} is compressed; torch.save never compresses "
-                                 "storages, so re-save the checkpoint with torch.save")
+                raise ValueError(
+                    f"member {name} is compressed; torch.save never compresses "
+                    "storages, so re-save the checkpoint with torch.save"
+                )
             self._storages[key] = _Storage(self._path, name, info.header_offset, nbytes, dtype)
         return self._storages[key]
 
@@ -200,7 +213,8 @@ def load_pth(path) -> object:
             raise ValueError(
                 f"{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; "
                 "re-save it with a current torch, where you trust the file: "
-                "torch.save(torch.load(path, weights_only=True), new_path)") from None
+                "torch.save(torch.load(path, weights_only=True), new_path)"
+            ) from None
         if head.startswith(b"PK"):
             raise ValueError(f"{path}: truncated or corrupt zip ({e})") from None
         raise ValueError(f"{path}: not a PyTorch zip checkpoint ({e})") from None
@@ -215,8 +229,10 @@ def load_pth(path) -> object:
             order_name = f"{archive}/byteorder"
             byteorder = zf.read(order_name).decode() if order_name in names else "little"
             if byteorder != "little":
-                raise ValueError(f"byteorder is {byteorder!r}; only little-endian checkpoints "
-                                 "are supported (re-save it on a little-endian machine)")
+                raise ValueError(
+                    f"byteorder is {byteorder!r}; only little-endian checkpoints "
+                    "are supported (re-save it on a little-endian machine)"
+                )
             return _Unpickler(zf.read(pickles[0]), zf, path, archive).load()
         except UnsafeCheckpointError:
             raise

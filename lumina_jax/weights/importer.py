@@ -1,0 +1,149 @@
+"""Strict, streaming import of PyTorch state dicts into our parameter trees, for every model.
+
+A model's key map is a pure function from a checkpoint key to a `Target`. Planning checks every key
+and shape from the checkpoint's index alone, and fails with the full list of unknown keys, missing
+parameters and shape mismatches; reading then streams one tensor at a time into preallocated
+arrays. Stacked layers live under a top-level "layers" entry, indexed by `Target.layer`.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+LINEAR = (1, 0)  # torch Linear [out, in] -> our kernel [in, out]
+CONV = (2, 3, 1, 0)  # torch Conv2d [out, in, kh, kw] -> our kernel [kh, kw, in, out]
+
+
+class UnknownKeyError(KeyError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: tuple[str, ...]  # parameter path in our model's state
+    layer: int | None = None  # index on the stacked layer axis, for per-layer tensors
+    permute: tuple[int, ...] | None = None  # axes of the torch tensor, in our order
+
+
+class LazyTensor(Protocol):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def load(self) -> np.ndarray: ...
+
+
+Plan = list[tuple[str, LazyTensor, Target]]
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def parameter_shapes(make_model: Callable[[], nnx.Module]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter's path and shape, computed abstractly (nothing is allocated)."""
+    model = nnx.eval_shape(make_model)
+    return {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+
+
+def _source_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
+    """The torch shape that lands as `shape` after the target's permutation."""
+    if target.permute is None:
+        return tuple(shape)
+    return tuple(shape[target.permute.index(axis)] for axis in range(len(shape)))
+
+
+def plan_import(
+    tensors: Mapping[str, LazyTensor],
+    to_target: Callable[[str], Target],
+    shapes: dict[tuple[str, ...], tuple[int, ...]],
+    source: Path,
+    model_name: str,
+) -> Plan:
+    """Match every tensor to its parameter from names and shapes alone; fail listing every problem."""
+    plan, unknown, mis_shaped = [], [], []
+    for key, tensor in tensors.items():
+        try:
+            target = to_target(key)
+        except UnknownKeyError:
+            unknown.append(key)
+            continue
+        shape = shapes.get(target.path)
+        if shape is None or (target.layer is not None and not 0 <= target.layer < shape[0]):
+            unknown.append(key)
+            continue
+        expected = _source_shape(shape[1:] if target.layer is not None else shape, target)
+        if tuple(tensor.shape) != expected:
+            mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {expected})")
+        plan.append((key, tensor, target))
+    covered = {(t.path, t.layer) for _, _, t in plan}
+    missing = [
+        ".".join(path) + ("" if layer is None else f" (layer {layer})")
+        for path, shape in shapes.items()
+        for layer in (range(shape[0]) if path[0] == "layers" else [None])
+        if (path, layer) not in covered
+    ]
+    problems = {"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped}
+    lines = [f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+             for title, items in problems.items() if items]  # fmt: skip
+    if lines:
+        raise ValueError(f"{source}: weights do not match the {model_name} config:\n  " + "\n  ".join(lines))
+    return plan
+
+
+def read_params(
+    plan: Plan, shapes: dict[tuple[str, ...], tuple[int, ...]], dtype, source: Path, *, progress: bool = True
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Stream the planned tensors, one at a time, cast to `dtype`, into preallocated arrays by path.
+
+    Two keys filling one parameter (diffusers stores Next-DiT's shared query twice) must agree.
+    """
+    dtype = np.dtype(dtype)
+    arrays = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+    written: dict[tuple, str] = {}
+    for key, tensor, target in tqdm(plan, desc=f"reading {source.name}", disable=not progress, unit="tensor"):
+        value = tensor.load()
+        value = (value if target.permute is None else value.transpose(target.permute)).astype(dtype)
+        destination = arrays[target.path] if target.layer is None else arrays[target.path][target.layer]
+        slot = (target.path, target.layer)
+        if slot in written:
+            if not np.array_equal(destination, value):
+                raise ValueError(f"{source}: {key} differs from {written[slot]}, which fills the same parameter")
+            continue
+        destination[...] = value
+        written[slot] = key
+    return arrays
+
+
+def export_state_dict(params: dict, keys: list[str], to_target: Callable[[str], Target]) -> dict[str, np.ndarray]:
+    """The inverse of an import: each key's tensor in the PyTorch layout, for keys whose parameter exists."""
+    flat = flatten(params)
+    state = {}
+    for key in keys:
+        target = to_target(key)
+        if target.path in flat:
+            value = np.asarray(flat[target.path])
+            value = value if target.layer is None else value[target.layer]
+            value = value if target.permute is None else value.transpose(np.argsort(target.permute))
+            state[key] = np.ascontiguousarray(value)
+    return state
