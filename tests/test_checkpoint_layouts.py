@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from lumina_jax import load_transformer
 from lumina_jax.models.nextdit import patchify_padded, unpatchify
+from lumina_jax.models.rope import rope_frequencies
 from lumina_jax.weights.nextdit import find_checkpoint, save_diffusers
 from lumina_jax.weights.nextdit_keys import original_key_to_diffusers
 from lumina_jax.weights.torch_pickle import UnsafeCheckpointError
@@ -55,8 +56,9 @@ def test_original_cfg_with_resolution_scaling_and_proportional_attention(origina
 
 def forward_images(model, images, t=IO["a_t"], caption=IO["a_cap"], mask=IO["a_cap_mask"]):
     patches, positions, token_mask = patchify_padded(images, 2)
+    rope = rope_frequencies(positions, model.config.head_dim)
     return model.forward_tokens(
-        model.patch_embedder(patches), positions, token_mask, jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask)
+        model.patch_embedder(patches), rope, token_mask, jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask)
     )
 
 

@@ -292,11 +292,13 @@ class NextDiT(nnx.Module):
         linear_factor: float | jax.Array = 1.0,
         ntk_factor: float | jax.Array = 1.0,
         base_sequence_length: int | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
 
         base_sequence_length turns on proportional attention (diffusers passes
-        `config.base_sequence_length`); the RoPE factors may be traced values.
+        `config.base_sequence_length`). The RoPE factors may be traced values; a sampler may instead
+        pass `rope`, tables from `image_rope` computed once for all steps.
         """
         cfg, p = self.config, self.config.patch_size
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
@@ -304,37 +306,48 @@ class NextDiT(nnx.Module):
                 f"hidden_states must be [batch, {cfg.in_channels}, height, width], got {hidden_states.shape}"
             )
         _, _, height, width = hidden_states.shape
-        if height % p or width % p:
-            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
-        check_grid(height // p, width // p, p)
-        positions = jnp.asarray(grid_positions(height // p, width // p))[None]
+        self._check_latent_size(height, width)
+        if rope is None:
+            rope = self.image_rope(height, width, linear_factor=linear_factor, ntk_factor=ntk_factor)
         out = self.forward_tokens(
             self.patch_embedder(patchify(hidden_states, p)),
-            positions,
+            rope,
             None,
             timestep,
             encoder_hidden_states,
             encoder_mask,
-            linear_factor=linear_factor,
-            ntk_factor=ntk_factor,
             base_sequence_length=base_sequence_length,
         )
         return unpatchify(out, height, width, p)
 
+    def _check_latent_size(self, height: int, width: int) -> None:
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+        check_grid(height // p, width // p, p)
+
+    def image_rope(
+        self, height: int, width: int, *, linear_factor: float | jax.Array = 1.0, ntk_factor: float | jax.Array = 1.0
+    ) -> tuple[jax.Array, jax.Array]:
+        """RoPE cos/sin tables [1, tokens, head_dim / 2] for latents of height x width."""
+        self._check_latent_size(height, width)
+        p = self.config.patch_size
+        positions = jnp.asarray(grid_positions(height // p, width // p))[None]
+        return rope_frequencies(positions, self.config.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
+
     def forward_tokens(
         self,
         tokens: jax.Array,
-        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         token_mask: jax.Array | None,
         timestep: jax.Array,
         caption: jax.Array,
         caption_mask: jax.Array,
         *,
-        linear_factor: float | jax.Array = 1.0,
-        ntk_factor: float | jax.Array = 1.0,
         base_sequence_length: int | None = None,
     ) -> jax.Array:
-        """The transformer on embedded patch tokens [B, T, hidden] at grid positions [B or 1, T, 2].
+        """The transformer on embedded patch tokens [B, T, hidden] with RoPE tables [B or 1, T, head_dim / 2]
+        (`rope_frequencies` of the tokens' grid positions).
 
         token_mask [B, T] marks real tokens in a batch of images of different sizes: the others
         become the learned pad token and are never attended to. Returns [B, T, p*p*out_channels].
@@ -354,7 +367,7 @@ class NextDiT(nnx.Module):
         x = tokens.astype(jnp.float32)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
-        cos, sin = rope_frequencies(positions, cfg.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
+        cos, sin = rope
         self_scale = cfg.head_dim**-0.5
         if base_sequence_length is not None:
             self_scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from lumina_jax.weights import orbax_io
-from lumina_jax.weights.importer import unflatten
+from lumina_jax.weights.importer import to_device
 from lumina_jax.weights.nextdit import find_checkpoint, import_params, resolve_dtype
 
 
@@ -20,8 +20,9 @@ def convert_transformer(
     checkpoint = find_checkpoint(source, ema=ema)
     if checkpoint.layout == "converted":
         raise ValueError(f"{source} is already in our format; load it with load_transformer")
-    arrays = import_params(checkpoint, resolve_dtype(dtype), progress=progress)
+    # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
+    params = to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
     with orbax_io.atomic_folder(destination, overwrite=overwrite) as folder:
         orbax_io.write_config(folder, checkpoint.config.to_dict())
-        orbax_io.save_params(folder, unflatten(arrays))
+        orbax_io.save_params(folder, params)
     return Path(destination)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -133,6 +134,12 @@ def read_params(
         destination[...] = value
         written[slot] = key
     return arrays
+
+
+def to_device(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
+    """Move host arrays to the default device one at a time, emptying `arrays`, so that host and
+    device never hold two full copies; returns the nested parameter dict."""
+    return unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
 
 
 def export_state_dict(params: dict, keys: list[str], to_target: Callable[[str], Target]) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import LazyTensor, unflatten
+from lumina_jax.weights.importer import LazyTensor
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -235,9 +235,7 @@ def build_model(
     if checkpoint.layout == "converted":
         params = orbax_io.restore_params(checkpoint.path, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     else:
-        arrays = import_params(checkpoint, storage, progress=progress)
-        # One parameter at a time to the device, so host and device never hold two full copies.
-        params = unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
+        params = importer.to_device(import_params(checkpoint, storage, progress=progress))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
