@@ -6,6 +6,7 @@ conversion never leaves a folder that later loads as if whole.
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -13,10 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+
+
+def _in_flight_gb(tree: dict) -> int:
+    """Orbax stages arrays in host memory while writing and reading; bounding what is in flight
+    (to the largest array, at least 1 GB) keeps a 2B-parameter save near one copy of the weights,
+    where unbounded it peaked at two."""
+    largest = max(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+    return max(1, math.ceil(largest / 1e9))
 
 
 def is_converted(folder: Path) -> bool:
@@ -47,9 +57,11 @@ def write_config(folder: Path, config: dict) -> None:
 
 
 def save_params(folder: Path, params: dict) -> None:
-    """Save a nested dict of arrays (numpy or jax) as folder/params."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((folder / PARAMS_DIR).absolute(), params)
+    """Save a nested dict of arrays as folder/params (give device arrays: Orbax copies numpy ones)."""
+    limit = _in_flight_gb(params)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit, save_device_host_concurrent_gb=limit)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save((folder / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
 
 
 def restore_params(folder: Path, abstract: dict) -> dict:
@@ -63,5 +75,6 @@ def restore_params(folder: Path, abstract: dict) -> dict:
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or device),
         abstract,
     )
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore((folder / PARAMS_DIR).absolute(), target)
+    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_in_flight_gb(abstract))
+    with ocp.Checkpointer(handler) as checkpointer:
+        return checkpointer.restore((folder / PARAMS_DIR).absolute(), args=ocp.args.StandardRestore(target))
