@@ -83,10 +83,11 @@ def diffusers_step(reference, device, torch_dtype, x, t, caption, mask, base):
 
 
 def ours_step(model, x, t, caption, mask, base):
-    forward = nnx.jit(lambda m, *a: m(*a, base_sequence_length=base))
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda params, *a: nnx.merge(graphdef, params)(*a, base_sequence_length=base))
     args = [jnp.asarray(a) for a in (x, t, caption, mask)]
     args[0], args[2] = args[0].astype(model.dtype), args[2].astype(model.dtype)
-    return lambda: forward(model, *args).block_until_ready()
+    return lambda: forward(params, *args).block_until_ready()
 
 
 def timed(fn) -> float:

@@ -10,6 +10,7 @@ recompiles; programs are cached per shape and option.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -102,11 +103,13 @@ def resolution_scale(model: NextDiT, height: int, width: int) -> float:
     return math.sqrt(height * width) / model.config.sample_size
 
 
-@nnx.jit(static_argnames=("solver", "guided_channels", "base_sequence_length", "scale"))
+# jax.jit over the model's split state: nnx.jit walks the module graph on every call.
+@functools.partial(jax.jit, static_argnames=("graphdef", "solver", "guided_channels", "base_sequence_length", "scale"))
 def _integrate(
-    model, latents, caption, caption_mask, guidance_scale, times, steps, scaling_watershed,
+    graphdef, params, latents, caption, caption_mask, guidance_scale, times, steps, scaling_watershed,
     *, solver, guided_channels, base_sequence_length, scale,
 ):  # fmt: skip
+    model = nnx.merge(graphdef, params)
     batch, channels, height, width = latents.shape
     guided = guided_channels > 0
     linear_rope = model.image_rope(height, width, linear_factor=scale, ntk_factor=1.0)
@@ -163,8 +166,9 @@ def sample(
             f"{latents.shape[0]} latents, got {caption.shape[0]} embeddings and {caption_mask.shape[0]} masks"
         )
     _, channels, height, width = latents.shape
+    graphdef, params = nnx.split(model)
     return _integrate(
-        model, latents, caption, caption_mask, jnp.float32(guidance_scale),
+        graphdef, params, latents, caption, caption_mask, jnp.float32(guidance_scale),
         jnp.asarray(schedule.times), jnp.asarray(schedule.steps), jnp.float32(scaling_watershed),
         solver=solver,
         guided_channels=(channels if cfg_all_channels else GUIDED_CHANNELS) if guided else 0,

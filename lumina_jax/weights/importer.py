@@ -124,14 +124,14 @@ def read_params(
     written: dict[tuple, str] = {}
     for key, tensor, target in tqdm(plan, desc=f"reading {source.name}", disable=not progress, unit="tensor"):
         value = tensor.load()
-        value = (value if target.permute is None else value.transpose(target.permute)).astype(dtype)
+        value = value if target.permute is None else value.transpose(target.permute)
         destination = arrays[target.path] if target.layer is None else arrays[target.path][target.layer]
         slot = (target.path, target.layer)
         if slot in written:
-            if not np.array_equal(destination, value):
+            if not np.array_equal(destination, value.astype(dtype)):
                 raise ValueError(f"{source}: {key} differs from {written[slot]}, which fills the same parameter")
             continue
-        destination[...] = value
+        np.copyto(destination, value, casting="unsafe")  # one pass: permute and cast into place
         written[slot] = key
     return arrays
 

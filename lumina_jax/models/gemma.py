@@ -1,0 +1,265 @@
+"""The Gemma text encoder of Lumina-Next, in Flax NNX.
+
+Computes what Lumina's pipeline takes from `transformers.GemmaModel`: `hidden_states[-2]`, the output
+of decoder layer num_hidden_layers - 2, before the final norm. So only the first num_hidden_layers - 1
+layers run; the last layer and the final norm are still parameters, so a released checkpoint imports
+strictly and exports whole. Inputs are the tokenizer's right-padded input_ids and attention_mask;
+positions are 0..L-1 whatever the padding, as transformers numbers them.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumina_jax.models.layers import Dtype, linear, logical_axes
+
+# Keys of transformers' config.json that do not change the encoder's output.
+_TRANSFORMERS_BOOKKEEPING = (
+    "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+    "bos_token_id", "eos_token_id", "initializer_range", "use_cache", "tie_word_embeddings", "attention_dropout",
+    "_attn_implementation", "_attn_implementation_autoset", "output_hidden_states", "return_dict",
+)  # fmt: skip
+# transformers >= 4.39 reads the legacy "gelu" of the first Gemma releases as the tanh approximation.
+_TANH_GELU_NAMES = {"gelu", "gelu_pytorch_tanh"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """Architecture, with the field names and defaults of transformers' Gemma config.json (gemma-7b's).
+
+    max_position_embeddings and pad_token_id change no numbers (positions beyond the former are
+    rotated all the same, as in transformers); they are kept so a converted folder says what it holds.
+    """
+
+    vocab_size: int = 256000
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 256
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hidden_act: str = "gelu_pytorch_tanh"
+    hidden_activation: str | None = None
+    attention_bias: bool = False
+    pad_token_id: int | None = 0
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be at least 1, got {self.num_hidden_layers}")
+        if self.hidden_act not in _TANH_GELU_NAMES or self.hidden_activation not in (None, "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"only the tanh-approximated GELU of Gemma is supported (hidden_act 'gelu' or 'gelu_pytorch_tanh', "
+                f"hidden_activation null or 'gelu_pytorch_tanh'); got hidden_act {self.hidden_act!r}, "
+                f"hidden_activation {self.hidden_activation!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GemmaConfig":
+        """Read transformers' config.json: bookkeeping keys are ignored, anything that would change
+        the math in a way we do not reproduce is refused."""
+        values = dict(values)
+        model_type = values.get("model_type", "gemma")
+        if model_type != "gemma":
+            raise ValueError(f"model_type {model_type!r} is not supported; this encoder is Gemma ('gemma')")
+        if (scaling := values.pop("rope_scaling", None)) is not None:
+            raise ValueError(f"rope_scaling {scaling!r} is not supported; only default RoPE")
+        if values.pop("use_bidirectional_attention", None):
+            raise ValueError("use_bidirectional_attention is not supported; Gemma attention here is causal")
+        if (rope := values.pop("rope_parameters", None)) is not None:
+            # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...} instead of rope_theta
+            if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+                raise ValueError(f"rope_parameters {rope!r} are not supported; only default RoPE")
+            if "rope_theta" in values and "rope_theta" in rope and values["rope_theta"] != rope["rope_theta"]:
+                raise ValueError(f"rope_theta {values['rope_theta']} contradicts rope_parameters {rope!r}")
+            values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields - set(_TRANSFORMERS_BOOKKEEPING))
+        if unknown:
+            raise ValueError(f"unknown Gemma config fields {unknown}; known: {sorted(fields)}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architectures": ["GemmaModel"], "model_type": "gemma", **dataclasses.asdict(self)}
+
+
+GEMMA_2B = GemmaConfig(
+    vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+    num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+)  # fmt: skip
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [length, head_dim] for positions 0..length-1, each frequency repeated over both halves."""
+    inv_freq = 1.0 / (jnp.float32(theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, L, heads, head_dim] by cos/sin [L, head_dim], pairing dimension i with i + head_dim/2
+    (not adjacent pairs, as Next-DiT does); float32 inside."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class GemmaRMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32; the weight is stored as an offset from 1."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: Dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((features,), param_dtype), **logical_axes("embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return normed * (1.0 + self.weight[...].astype(jnp.float32))
+
+
+class GemmaAttention(nnx.Module):
+    """Causal grouped-query self-attention with rotate-half RoPE, scale head_dim**-0.5."""
+
+    def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        d, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        dense = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = linear(d, heads, ("embed", "heads"), **dense)
+        self.k_proj = linear(d, kv, ("embed", "kv_heads"), **dense)
+        self.v_proj = linear(d, kv, ("embed", "kv_heads"), **dense)
+        self.o_proj = linear(heads, d, ("heads", "embed"), **dense)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B, L, hidden]; mask [B, 1, L, L], True where query i may attend to key j."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotate_half_rope(q, cos, sin), apply_rotate_half_rope(k, cos, sin)
+        # XLA's implementation takes any boolean mask; the encoder runs once per prompt, so no fused kernel.
+        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask, implementation="xla")
+        # A query with no key to attend to (an all-padding row, or left padding) gets zeros, as
+        # transformers' default SDPA attention gives it; XLA would average every value instead.
+        attends = jnp.any(mask, axis=-1)[:, 0, :, None, None]
+        out = jnp.where(attends, out, jnp.zeros((), out.dtype))
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+class GemmaMLP(nnx.Module):
+    """down(gelu_tanh(gate x) * up x), no biases."""
+
+    def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **dense)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **dense)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **dense)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP, each added to the float32 residual stream."""
+
+    def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = GemmaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, **norm)
+        self.mlp = GemmaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, mask, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin).astype(jnp.float32)
+        return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
+
+
+class GemmaEncoder(nnx.Module):
+    """Gemma as Lumina-Next's text encoder: token ids -> the features of hidden_states[-2].
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype; with bfloat16 compute, norms,
+    RoPE, softmax statistics and the residual stream stay float32. Parameters are named as in
+    transformers' GemmaModel; the layers are stacked under `layers`.
+    """
+
+    def __init__(
+        self,
+        config: GemmaConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        cfg = self.config = config
+        self.dtype, self.scan_layers = dtype, scan_layers
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_metadata=logical_axes("vocab", "embed"), rngs=rngs,
+        )  # fmt: skip
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs):
+            return GemmaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    @property
+    def num_layers_run(self) -> int:
+        """hidden_states[-2] is the output of the second-to-last layer: the last one never runs."""
+        return self.config.num_hidden_layers - 1
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids [B, L] integers and attention_mask [B, L] (1 = token, 0 = padding) ->
+        hidden_states[-2] of transformers' GemmaModel, [B, L, hidden_size] float32, padded positions included."""
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integers [batch, length], got {input_ids.dtype} {input_ids.shape}")
+        if attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be [batch, length], got shape {attention_mask.shape}")
+        if attention_mask.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"attention_mask has batch size {attention_mask.shape[0]}, input_ids has {input_ids.shape[0]}"
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+
+        cfg, length = self.config, input_ids.shape[1]
+        # transformers casts the normaliser sqrt(hidden_size) to the embedding's dtype before multiplying.
+        normalizer = jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        x = (self.embed_tokens(input_ids) * normalizer).astype(jnp.float32)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
+        return self._run_layers(x, mask, cos, sin)
+
+    def _run_layers(self, x, *args) -> jax.Array:
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, index):
+            # Index the stack in place rather than slicing off the unused last layer, which would copy the rest.
+            params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked)
+            return nnx.merge(graphdef, params)(x, *args), None
+
+        if self.scan_layers:
+            return jax.lax.scan(layer, x, jnp.arange(self.num_layers_run))[0]
+        for i in range(self.num_layers_run):
+            x, _ = layer(x, i)
+        return x

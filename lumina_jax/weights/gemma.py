@@ -1,0 +1,163 @@
+"""Finding, checking and importing the Gemma text encoder's weights.
+
+Layouts: a transformers folder (config.json with model.safetensors, or shards listed by
+model.safetensors.index.json), a diffusers pipeline folder (its text_encoder/), or a folder written by
+`convert_text_encoder`. Keys are GemmaModel's, or GemmaForCausalLM's under `model.`; the released
+Lumina-Next text encoders carry no `lm_head.weight` (the causal LM ties it to the embedding), so it
+is refused like any other unknown key.
+"""
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
+from lumina_jax.weights import importer, orbax_io
+from lumina_jax.weights.importer import LINEAR, LazyTensor, Target, UnknownKeyError, unflatten
+from lumina_jax.weights.nextdit import resolve_dtype
+from lumina_jax.weights.safetensors_io import read_safetensors_folder
+
+_STEM = "model"
+_CAUSAL_LM_PREFIX = "model."
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.weight)")
+_LAYER_NORM_KEY = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight")
+_LINEAR_LEAF = {"weight": ("kernel", LINEAR), "bias": ("bias", None)}
+
+
+def gemma_key_to_target(key: str) -> Target:
+    """Map a transformers GemmaModel (or GemmaForCausalLM, `model.`-prefixed) key to our parameter."""
+    key = key.removeprefix(_CAUSAL_LM_PREFIX)
+    if key == "embed_tokens.weight":
+        return Target(("embed_tokens", "embedding"))
+    if key == "norm.weight":
+        return Target(("norm", "weight"))
+    if match := _LAYER_KEY.fullmatch(key):
+        *module, leaf = match[2].split(".")
+        name, permute = _LINEAR_LEAF[leaf]
+        return Target(("layers", *module, name), int(match[1]), permute)
+    if match := _LAYER_NORM_KEY.fullmatch(key):
+        return Target(("layers", match[2], "weight"), int(match[1]))
+    raise UnknownKeyError(key)
+
+
+def gemma_keys(config: GemmaConfig) -> list[str]:
+    """Every key of a transformers GemmaModel with this config, for writing that layout back out."""
+    projections = [f"self_attn.{p}_proj" for p in "qkvo"]
+    leaves = ["weight", "bias"] if config.attention_bias else ["weight"]
+    per_layer = [f"{p}.{leaf}" for p in projections for leaf in leaves]
+    per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    layers = [f"layers.{i}.{key}" for i in range(config.num_hidden_layers) for key in per_layer]
+    return ["embed_tokens.weight", *layers, "norm.weight"]
+
+
+@dataclasses.dataclass
+class TextEncoderCheckpoint:
+    """Gemma weights found on disk, not yet read."""
+
+    path: Path  # what to name in messages
+    config: GemmaConfig
+    tensors: Mapping[str, LazyTensor] | None  # None for converted folders (Orbax)
+
+
+def _read_config(path: Path) -> GemmaConfig:
+    try:
+        return GemmaConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a supported Gemma config: {e}") from None
+
+
+def find_text_encoder(path: str | Path) -> TextEncoderCheckpoint:
+    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path}: expected a folder (transformers text encoder, diffusers pipeline or converted)")
+    if (path / "model_index.json").exists():
+        if not (path / "text_encoder").is_dir():
+            raise ValueError(f"{path}: a diffusers pipeline folder without text_encoder/")
+        return find_text_encoder(path / "text_encoder")
+    if orbax_io.is_converted(path):
+        return TextEncoderCheckpoint(path, _read_config(path / orbax_io.CONFIG_FILE), None)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"{path}: no Gemma text encoder found. Expected a transformers folder (config.json and "
+            f"{_STEM}.safetensors), a diffusers pipeline folder with text_encoder/, "
+            "or a folder from convert_text_encoder"
+        )
+    if not any((path / f"{_STEM}{suffix}").exists() for suffix in (".safetensors", ".safetensors.index.json")):
+        raise ValueError(
+            f"{path}: config.json but no {_STEM}.safetensors (or {_STEM}.safetensors.index.json) beside it"
+        )
+    return TextEncoderCheckpoint(path, _read_config(path / "config.json"), read_safetensors_folder(path, _STEM))
+
+
+def parameter_shapes(config: GemmaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return importer.parameter_shapes(lambda: GemmaEncoder(config, rngs=nnx.Rngs(0)))
+
+
+def import_params(checkpoint: TextEncoderCheckpoint, param_dtype, *, progress: bool = True) -> dict:
+    """Check every key and shape, then stream the tensors into numpy arrays by parameter path."""
+    shapes = parameter_shapes(checkpoint.config)
+    plan = importer.plan_import(checkpoint.tensors, gemma_key_to_target, shapes, checkpoint.path, "Gemma")
+    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
+
+
+def load_text_encoder(
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    scan_layers: bool = True,
+    progress: bool = True,
+) -> GemmaEncoder:
+    """The Gemma encoder of a transformers, diffusers pipeline or converted folder; `dtype` is the compute
+    dtype and, unless `param_dtype` says otherwise, the parameter dtype."""
+    checkpoint = find_text_encoder(path)
+    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
+    abstract = nnx.eval_shape(
+        lambda: GemmaEncoder(
+            checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, rngs=nnx.Rngs(0)
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    if checkpoint.tensors is None:
+        params = orbax_io.restore_params(checkpoint.path, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    else:
+        arrays = import_params(checkpoint, storage, progress=progress)
+        # One parameter at a time to the device, so host and device never hold two full copies.
+        params = unflatten({p: jnp.asarray(arrays.pop(p)) for p in list(arrays)})
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def convert_text_encoder(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a transformers or diffusers pipeline Gemma text encoder to our Orbax folder; returns it."""
+    checkpoint = find_text_encoder(source)
+    if checkpoint.tensors is None:
+        raise ValueError(f"{source} is already in our format; load it with load_text_encoder")
+    arrays = import_params(checkpoint, resolve_dtype(dtype), progress=progress)
+    with orbax_io.atomic_folder(destination, overwrite=overwrite) as folder:
+        orbax_io.write_config(folder, checkpoint.config.to_dict())
+        orbax_io.save_params(folder, unflatten(arrays))
+    return Path(destination)
+
+
+def transformers_state_dict(encoder: GemmaEncoder) -> dict[str, np.ndarray]:
+    """Every parameter, the unused last layer and final norm included, under GemmaModel's names and layouts."""
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    return importer.export_state_dict(params, gemma_keys(encoder.config), gemma_key_to_target)
