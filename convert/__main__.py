@@ -10,13 +10,14 @@ from lumina_jax.weights.convert import convert_transformer
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Convert Lumina-Next Next-DiT weights (a diffusers transformer or pipeline folder, an original "
-        "Lumina-Next checkpoint folder or file) to lumina-jax's Orbax format.",
+        description="Convert Lumina-Next weights to lumina-jax's Orbax format: a whole diffusers pipeline folder, or "
+        "Next-DiT weights alone (a diffusers transformer folder, an original Lumina-Next checkpoint folder or file).",
     )
     parser.add_argument("source", help="folder or checkpoint file with the PyTorch weights")
     parser.add_argument("destination", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="stored parameter dtype")
     parser.add_argument("--ema", action="store_true", help="original layout: take consolidated_ema.00-of-01")
+    parser.add_argument("--transformer-only", action="store_true", help="from a pipeline folder, convert Next-DiT only")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -1,6 +1,18 @@
 """lumina-jax: Lumina-Next text-to-image in JAX and Flax NNX."""
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
+from lumina_jax.pipeline import LuminaPipeline, LuminaPipelineOutput
+from lumina_jax.weights.gemma import load_text_encoder
 from lumina_jax.weights.nextdit import load_transformer
+from lumina_jax.weights.vae import load_vae
 
-__all__ = ["PRESETS", "NextDiT", "NextDiTConfig", "load_transformer"]
+__all__ = [
+    "PRESETS",
+    "LuminaPipeline",
+    "LuminaPipelineOutput",
+    "NextDiT",
+    "NextDiTConfig",
+    "load_text_encoder",
+    "load_transformer",
+    "load_vae",
+]

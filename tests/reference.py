@@ -1,9 +1,31 @@
 """PyTorch references for the parity tests: diffusers modules with every parameter randomised."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
-from diffusers import LuminaNextDiT2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import GemmaConfig, GemmaModel, PreTrainedTokenizerFast
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class ShapeOnly:
+    """A tensor known only by its shape, as a checkpoint's index gives it."""
+
+    def __init__(self, shape):
+        self.shape, self.dtype = tuple(shape), np.dtype(np.float32)
+
+    def load(self):
+        raise AssertionError("planning must not read tensor data")
+
+
+def released(name: str) -> dict[str, ShapeOnly]:
+    """The key and shape list of a released checkpoint (tests/fixtures/keys_*.json)."""
+    return {k: ShapeOnly(v) for k, v in json.loads((FIXTURES / name).read_text()).items()}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -67,3 +89,33 @@ def inputs(seed: int, batch: int, height: int, width: int, caption_len: int, cap
     caption = rng.standard_normal((batch, caption_len, caption_dim), dtype=np.float32)
     mask = (np.arange(caption_len)[None] < np.asarray(valid)[:, None]).astype(np.int64)
     return x, t, caption, mask
+
+
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on the spot (no model hub); like Gemma's it pads on the right and
+    starts every text with <bos>, so the empty negative prompt still has one token to attend to."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [text.lower() for text in corpus]
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>"]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
+
+
+def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> LuminaPipeline:
+    """A diffusers LuminaPipeline of tiny random components, saved to `folder` in the released layout."""
+    transformer = random_transformer(seed=11, sample_size=16, hidden_size=64, num_layers=2, num_attention_heads=4,
+                                     num_kv_heads=2, multiple_of=16, cross_attention_dim=caption_dim)  # fmt: skip
+    with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
+        transformer.norm_out.linear_2.weight.mul_(0.1)
+    gemma = GemmaConfig(vocab_size=64, hidden_size=caption_dim, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    text_encoder = randomize_(GemmaModel(gemma).eval(), seed=12)
+    vae = randomize_(AutoencoderKL(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                   latent_channels=4, scaling_factor=0.13025).eval(), seed=13)  # fmt: skip
+    pipeline = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                              text_encoder=text_encoder, tokenizer=build_tokenizer(corpus))  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.save_pretrained(folder)
+    return pipeline

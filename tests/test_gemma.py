@@ -14,9 +14,8 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from reference import randomize_, relative_error
+from reference import ShapeOnly, randomize_, relative_error, released
 from safetensors.numpy import load_file, save_file
-from test_nextdit_keys import ShapeOnly, released
 from transformers.initialization import no_init_weights
 
 from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig

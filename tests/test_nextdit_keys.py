@@ -1,10 +1,9 @@
 """The pure key maps, checked against the key and shape lists of the released 2B checkpoints."""
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from reference import ShapeOnly, released
 
 from lumina_jax import PRESETS
 from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
@@ -15,22 +14,7 @@ from lumina_jax.weights.nextdit_keys import (
     original_key_to_diffusers,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RELEASED = PRESETS["NextDiT_2B_GQA_patch2"]
-
-
-class ShapeOnly:
-    """A tensor known only by its shape, as the checkpoint index gives it."""
-
-    def __init__(self, shape):
-        self.shape, self.dtype = tuple(shape), np.dtype(np.float32)
-
-    def load(self):
-        raise AssertionError("planning must not read tensor data")
-
-
-def released(name: str) -> dict[str, ShapeOnly]:
-    return {k: ShapeOnly(v) for k, v in json.loads((FIXTURES / name).read_text()).items()}
 
 
 def test_examples():

@@ -13,14 +13,12 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
 from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import LINEAR, LazyTensor, Target, UnknownKeyError, unflatten
-from lumina_jax.weights.nextdit import resolve_dtype
+from lumina_jax.weights.importer import LINEAR, LazyTensor, Target, UnknownKeyError, resolve_dtype
 from lumina_jax.weights.safetensors_io import read_safetensors_folder
 
 _STEM = "model"
@@ -127,15 +125,8 @@ def load_text_encoder(
             checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, rngs=nnx.Rngs(0)
         )
     )
-    graphdef, state = nnx.split(abstract)
-    if checkpoint.tensors is None:
-        params = orbax_io.restore_params(checkpoint.path, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    else:
-        arrays = import_params(checkpoint, storage, progress=progress)
-        # One parameter at a time to the device, so host and device never hold two full copies.
-        params = unflatten({p: jnp.asarray(arrays.pop(p)) for p in list(arrays)})
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    converted = checkpoint.path if checkpoint.tensors is None else None
+    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
 
 
 def convert_text_encoder(
@@ -150,11 +141,8 @@ def convert_text_encoder(
     checkpoint = find_text_encoder(source)
     if checkpoint.tensors is None:
         raise ValueError(f"{source} is already in our format; load it with load_text_encoder")
-    arrays = import_params(checkpoint, resolve_dtype(dtype), progress=progress)
-    with orbax_io.atomic_folder(destination, overwrite=overwrite) as folder:
-        orbax_io.write_config(folder, checkpoint.config.to_dict())
-        orbax_io.save_params(folder, unflatten(arrays))
-    return Path(destination)
+    params = importer.to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
+    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
 
 
 def transformers_state_dict(encoder: GemmaEncoder) -> dict[str, np.ndarray]:

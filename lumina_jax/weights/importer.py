@@ -16,6 +16,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lumina_jax.weights import orbax_io
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LINEAR = (1, 0)  # torch Linear [out, in] -> our kernel [in, out]
 CONV = (2, 3, 1, 0)  # torch Conv2d [out, in, kh, kw] -> our kernel [kh, kw, in, out]
 
@@ -39,6 +42,14 @@ class LazyTensor(Protocol):
 
 
 Plan = list[tuple[str, LazyTensor, Target]]
+
+
+def resolve_dtype(dtype: str | Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
 
 
 def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -140,6 +151,20 @@ def to_device(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
     """Move host arrays to the default device one at a time, emptying `arrays`, so that host and
     device never hold two full copies; returns the nested parameter dict."""
     return unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
+
+
+def materialize(
+    abstract: nnx.Module, converted: Path | None, read_arrays: Callable[[], dict[tuple[str, ...], np.ndarray]]
+) -> nnx.Module:
+    """Fill an abstract module (`nnx.eval_shape`): from our Orbax folder `converted`, or else by
+    streaming a checkpoint through `read_arrays`."""
+    graphdef, state = nnx.split(abstract)
+    if converted is not None:
+        params = orbax_io.restore_params(converted, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    else:
+        params = to_device(read_arrays())
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def export_state_dict(params: dict, keys: list[str], to_target: Callable[[str], Target]) -> dict[str, np.ndarray]:

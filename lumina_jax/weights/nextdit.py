@@ -13,7 +13,6 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +20,7 @@ from flax import nnx
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import LazyTensor
+from lumina_jax.weights.importer import LazyTensor, resolve_dtype
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -29,8 +28,6 @@ from lumina_jax.weights.nextdit_keys import (
 )
 from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_folder, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -41,14 +38,6 @@ class NextDiTCheckpoint:
     config: NextDiTConfig
     layout: str  # "diffusers", "original" or "converted"
     tensors: Mapping[str, LazyTensor] | None = None  # None for converted folders (Orbax)
-
-
-def resolve_dtype(dtype: str | Any) -> Any:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype)
 
 
 def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
@@ -231,13 +220,8 @@ def build_model(
             rngs=nnx.Rngs(0),
         )  # fmt: skip
     )
-    graphdef, state = nnx.split(abstract)
-    if checkpoint.layout == "converted":
-        params = orbax_io.restore_params(checkpoint.path, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    else:
-        params = importer.to_device(import_params(checkpoint, storage, progress=progress))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    converted = checkpoint.path if checkpoint.layout == "converted" else None
+    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
 
 
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:

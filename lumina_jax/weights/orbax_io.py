@@ -52,6 +52,14 @@ def atomic_folder(destination: str | os.PathLike, *, overwrite: bool = False) ->
             shutil.rmtree(partial)
 
 
+def write_converted(destination: str | os.PathLike, config: dict, params: dict, *, overwrite: bool = False) -> Path:
+    """Write config.json and the Orbax params of one model as `destination`, atomically."""
+    with atomic_folder(destination, overwrite=overwrite) as folder:
+        write_config(folder, config)
+        save_params(folder, params)
+    return Path(destination)
+
+
 def write_config(folder: Path, config: dict) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 

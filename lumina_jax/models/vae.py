@@ -1,0 +1,346 @@
+"""diffusers' `AutoencoderKL` (the SDXL VAE that Lumina-Next uses) in Flax NNX.
+
+Arrays at the boundary use diffusers' NCHW layout: images [B, 3, H, W] in [-1, 1], latents
+[B, 4, H/8, W/8]. Inside, everything runs NHWC, the layout XLA's convolutions are fastest in.
+Parameters are named as diffusers names its modules, with single-entry lists folded
+(`downsamplers.0` -> `downsample`, `attentions.0` -> `attention`, `to_out.0` -> `to_out`).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumina_jax.models.attention import dot_product_attention
+from lumina_jax.models.layers import Dtype, linear, logical_axes
+from lumina_jax.models.nextdit import _DIFFUSERS_BOOKKEEPING
+
+DOWN_BLOCK = "DownEncoderBlock2D"
+UP_BLOCK = "UpDecoderBlock2D"
+ACTIVATIONS = ("silu", "swish")  # diffusers' two names for x * sigmoid(x)
+EPS = 1e-6  # every group norm of diffusers' VAE Encoder and Decoder
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this
+# Most queries per attention chunk: the float32 logits of a chunk take at most ATTENTION_QUERY_CHUNK x tokens x 4
+# bytes per image (512 MiB at 1024 px, 2 GiB at 2048 px).
+ATTENTION_QUERY_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderKLConfig:
+    """Architecture, with the field names and defaults of diffusers' AutoencoderKL config.json."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = (DOWN_BLOCK,)
+    up_block_types: tuple[str, ...] = (UP_BLOCK,)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, ...] = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        # JSON gives lists; tuples keep the config hashable, as a static part of the model must be.
+        for name in ("down_block_types", "up_block_types", "block_out_channels", "sample_size"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("latents_mean", "latents_std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = []
+        if set(self.down_block_types) != {DOWN_BLOCK}:
+            problems.append(f"down_block_types {list(self.down_block_types)} (only {DOWN_BLOCK} is supported)")
+        if set(self.up_block_types) != {UP_BLOCK}:
+            problems.append(f"up_block_types {list(self.up_block_types)} (only {UP_BLOCK} is supported)")
+        blocks = len(self.block_out_channels)
+        if not len(self.down_block_types) == len(self.up_block_types) == blocks:
+            problems.append(
+                f"{len(self.down_block_types)} down blocks, {len(self.up_block_types)} up blocks and "
+                f"{blocks} block_out_channels (they must be as many)"
+            )
+        if self.act_fn not in ACTIVATIONS:
+            problems.append(f"act_fn {self.act_fn!r} (supported: {', '.join(ACTIVATIONS)})")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            problems.append(
+                f"block_out_channels {list(self.block_out_channels)} not all divisible by "
+                f"norm_num_groups {self.norm_num_groups}"
+            )
+        if self.layers_per_block < 1:
+            problems.append(f"layers_per_block {self.layers_per_block} (at least 1)")
+        if problems:
+            raise ValueError("unsupported AutoencoderKL config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AutoencoderKLConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields - set(_DIFFUSERS_BOOKKEEPING))
+        if unknown:
+            raise ValueError(f"unknown AutoencoderKL config fields {unknown}; known: {sorted(fields)}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self)}
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+SDXL_VAE = AutoencoderKLConfig(
+    down_block_types=(DOWN_BLOCK,) * 4,
+    up_block_types=(UP_BLOCK,) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+
+
+def conv(
+    in_features: int, out_features: int, kernel: int, *, stride: int = 1, dtype: Dtype, param_dtype: Dtype, rngs
+) -> nnx.Conv:
+    """PyTorch's Conv2d(kernel, padding=kernel // 2) on NHWC; strided ones unpadded (Downsample pads asymmetrically)."""
+    pad = kernel // 2 if stride == 1 else 0
+    return nnx.Conv(
+        in_features,
+        out_features,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=logical_axes(None, None, "vae_in", "vae_out"),
+        bias_metadata=logical_axes("vae_out"),
+        rngs=rngs,
+    )
+
+
+def group_norm(features: int, groups: int, *, param_dtype: Dtype, rngs) -> nnx.GroupNorm:
+    """GroupNorm over NHWC with float32 statistics and output; two-pass variance, as PyTorch computes it."""
+    return nnx.GroupNorm(
+        features,
+        num_groups=groups,
+        epsilon=EPS,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_metadata=logical_axes("vae_channels"),
+        bias_metadata=logical_axes("vae_channels"),
+        rngs=rngs,
+    )
+
+
+class ResnetBlock(nnx.Module):
+    """diffusers' ResnetBlock2D without a time embedding: x + conv2(act(norm2(conv1(act(norm1(x))))))."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = group_norm(in_features, groups, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = conv(in_features, out_features, 3, **layer)
+        self.norm2 = group_norm(out_features, groups, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = conv(out_features, out_features, 3, **layer)
+        self.conv_shortcut = conv(in_features, out_features, 1, **layer) if in_features != out_features else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut.astype(jnp.float32) + h.astype(jnp.float32)
+
+
+class Downsample(nnx.Module):
+    """diffusers' Downsample2D with padding=0: pad one zero row and column at the end, then a stride-2 conv."""
+
+    def __init__(self, features: int, *, dtype, param_dtype, rngs):
+        self.conv = conv(features, features, 3, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+
+
+class Upsample(nnx.Module):
+    """diffusers' Upsample2D: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, features: int, *, dtype, param_dtype, rngs):
+        self.conv = conv(features, features, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class SpatialSelfAttention(nnx.Module):
+    """The mid block's single-head attention over all pixels, with a residual connection."""
+
+    def __init__(self, features: int, groups: int, *, dtype, param_dtype, rngs):
+        dense = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.group_norm = group_norm(features, groups, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = linear(features, features, ("vae_in", "vae_out"), **dense)
+        self.to_k = linear(features, features, ("vae_in", "vae_out"), **dense)
+        self.to_v = linear(features, features, ("vae_in", "vae_out"), **dense)
+        self.to_out = linear(features, features, ("vae_in", "vae_out"), **dense)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, features = x.shape
+        tokens = height * width
+        h = self.group_norm(x).reshape(batch, tokens, 1, features)
+        query, key, value = self.to_q(h), self.to_k(h), self.to_v(h)
+
+        def attend(queries):  # [B, chunk, 1, C]
+            return dot_product_attention(queries, key, value, scale=features**-0.5, backend="xla")
+
+        # Heads of 512 features are beyond cuDNN's fused attention, and XLA's holds all logits at
+        # once: attend in equal chunks of queries (exact, as each query's softmax is its own).
+        chunks = -(-tokens // ATTENTION_QUERY_CHUNK)
+        size = -(-tokens // chunks)
+        query = jnp.pad(query, ((0, 0), (0, chunks * size - tokens), (0, 0), (0, 0)))
+        query = jnp.moveaxis(query.reshape(batch, chunks, size, 1, features), 1, 0)
+        out = jnp.moveaxis(jax.lax.map(attend, query), 0, 1).reshape(batch, chunks * size, features)[:, :tokens]
+        out = self.to_out(out.reshape(batch, height, width, features))
+        return x.astype(jnp.float32) + out.astype(jnp.float32)
+
+
+class MidBlock(nnx.Module):
+    """diffusers' UNetMidBlock2D as the VAE builds it: resnet, attention (optional), resnet."""
+
+    def __init__(self, features: int, groups: int, add_attention: bool, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock(features, features, groups, **layer) for _ in range(2)])
+        self.attention = SpatialSelfAttention(features, groups, **layer) if add_attention else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.resnets[0](x)
+        if self.attention is not None:
+            x = self.attention(x)
+        return self.resnets[1](x)
+
+
+class DownBlock(nnx.Module):
+    """DownEncoderBlock2D: resnets, then a downsample except in the last block."""
+
+    def __init__(self, in_features, out_features, layers, groups, add_downsample, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        widths = [in_features] + [out_features] * layers
+        self.resnets = nnx.List([ResnetBlock(i, o, groups, **layer) for i, o in zip(widths, widths[1:])])
+        self.downsample = Downsample(out_features, **layer) if add_downsample else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class UpBlock(nnx.Module):
+    """UpDecoderBlock2D: resnets, then an upsample except in the last block."""
+
+    def __init__(self, in_features, out_features, layers, groups, add_upsample, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        widths = [in_features] + [out_features] * layers
+        self.resnets = nnx.List([ResnetBlock(i, o, groups, **layer) for i, o in zip(widths, widths[1:])])
+        self.upsample = Upsample(out_features, **layer) if add_upsample else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Encoder(nnx.Module):
+    """Images [B, H, W, in] -> posterior parameters [B, H/f, W/f, 2 * latent] (before quant_conv)."""
+
+    def __init__(self, cfg: AutoencoderKLConfig, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        widths, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = conv(cfg.in_channels, widths[0], 3, **layer)
+        self.down_blocks = nnx.List(
+            [
+                DownBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block, groups, i < len(widths) - 1, **layer)
+                for i, w in enumerate(widths)
+            ]
+        )
+        self.mid_block = MidBlock(widths[-1], groups, cfg.mid_block_add_attention, **layer)
+        self.conv_norm_out = group_norm(widths[-1], groups, param_dtype=param_dtype, rngs=rngs)
+        self.conv_out = conv(widths[-1], 2 * cfg.latent_channels, 3, **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nnx.Module):
+    """Latents [B, h, w, latent] (after post_quant_conv) -> images [B, h*f, w*f, out]."""
+
+    def __init__(self, cfg: AutoencoderKLConfig, *, dtype, param_dtype, rngs):
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        widths, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
+        self.conv_in = conv(cfg.latent_channels, widths[0], 3, **layer)
+        self.mid_block = MidBlock(widths[0], groups, cfg.mid_block_add_attention, **layer)
+        self.up_blocks = nnx.List(
+            [
+                UpBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block + 1, groups, i < len(widths) - 1, **layer)
+                for i, w in enumerate(widths)
+            ]
+        )
+        self.conv_norm_out = group_norm(widths[-1], groups, param_dtype=param_dtype, rngs=rngs)
+        self.conv_out = conv(widths[-1], cfg.out_channels, 3, **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.mid_block(self.conv_in(x))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nnx.Module):
+    """The KL autoencoder. `dtype` is the compute dtype, `param_dtype` the storage dtype; with
+    bfloat16 compute, group norms and the residual stream stay float32. Outputs are float32."""
+
+    def __init__(
+        self, config: AutoencoderKLConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs
+    ):
+        cfg = self.config = config
+        layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        latent = cfg.latent_channels
+        self.encoder = Encoder(cfg, **layer)
+        self.decoder = Decoder(cfg, **layer)
+        self.quant_conv = conv(2 * latent, 2 * latent, 1, **layer) if cfg.use_quant_conv else None
+        self.post_quant_conv = conv(latent, latent, 1, **layer) if cfg.use_post_quant_conv else None
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images [B, in_channels, H, W] in [-1, 1] -> the posterior's (mean, logvar), each
+        [B, latent_channels, H/f, W/f] (f = 8 for the SDXL VAE); logvar clamped to [-30, 20] as diffusers does."""
+        cfg, f = self.config, self.config.downsample_factor
+        if images.ndim != 4 or images.shape[1] != cfg.in_channels:
+            raise ValueError(f"images must be [batch, {cfg.in_channels}, height, width], got {images.shape}")
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"image size {images.shape[2]}x{images.shape[3]} is not divisible by {f}")
+        moments = self.encoder(jnp.transpose(images, (0, 2, 3, 1)))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        moments = jnp.transpose(moments.astype(jnp.float32), (0, 3, 1, 2))
+        mean, logvar = jnp.split(moments, 2, axis=1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """Latents [B, latent_channels, h, w], already divided by the scaling factor -> images
+        [B, out_channels, h*f, w*f], nominally in [-1, 1] (not clipped)."""
+        cfg = self.config
+        if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
+            raise ValueError(f"latents must be [batch, {cfg.latent_channels}, height, width], got {latents.shape}")
+        x = jnp.transpose(latents, (0, 2, 3, 1))
+        if self.post_quant_conv is not None:
+            x = self.post_quant_conv(x)
+        return jnp.transpose(self.decoder(x).astype(jnp.float32), (0, 3, 1, 2))

@@ -1,0 +1,225 @@
+"""Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API.
+
+Arguments shared with diffusers' `LuminaPipeline.__call__` mean the same; `latents` and
+`output_type="latent"` use its [B, 4, H/8, W/8] layout, so the same noise gives the same image.
+Unlike diffusers, prompt masks stay aligned with their embeddings when num_images_per_prompt > 1.
+Captions are padded to a few length buckets (padding is masked, so results do not change) and
+guidance scale, seed and prompt are traced values: a new prompt or seed reuses the compiled programs.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from transformers import AutoTokenizer
+
+from lumina_jax import sampling
+from lumina_jax.models.gemma import GemmaEncoder
+from lumina_jax.models.nextdit import ROPE_MAX_GRID, NextDiT
+from lumina_jax.models.vae import AutoencoderKL
+from lumina_jax.weights.gemma import load_text_encoder
+from lumina_jax.weights.nextdit import load_transformer
+from lumina_jax.weights.vae import find_vae, load_vae
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 256  # tokens; diffusers ignores its own max_sequence_length argument
+CAPTION_BUCKETS = (32, 64, 128, 256)
+VAE_SCALE = 8
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+
+
+@dataclasses.dataclass
+class LuminaPipelineOutput:
+    images: list[Image.Image] | np.ndarray  # PIL images, [B, H, W, 3] floats in [0, 1], or latents
+
+
+def _caption_bucket(length: int) -> int:
+    return next(b for b in CAPTION_BUCKETS if b >= length)
+
+
+def _preprocess(texts: list[str], clean_caption: bool) -> list[str]:
+    # diffusers cleans captions only when beautifulsoup4 and ftfy are installed; lumina-jax depends
+    # on neither, so this is diffusers' behaviour without them, whatever clean_caption says.
+    return [t.lower().strip() for t in texts]
+
+
+# jax.jit over split modules: nnx.jit would walk the module graph on every call.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef, params, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, params, latents: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).decode(latents)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+class LuminaPipeline:
+    def __init__(self, transformer: NextDiT, text_encoder: GemmaEncoder, vae: AutoencoderKL, tokenizer, *,
+                 scheduler_shift: float = 1.0):  # fmt: skip
+        self.transformer, self.text_encoder, self.vae, self.tokenizer = transformer, text_encoder, vae, tokenizer
+        self._text_encoder_split, self._vae_split = nnx.split(text_encoder), nnx.split(vae)
+        self.scheduler_shift = scheduler_shift
+        self.default_sample_size = transformer.config.sample_size * VAE_SCALE
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "bfloat16", *, progress: bool = True) -> "LuminaPipeline":
+        """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load).
+
+        The VAE runs in float32 when its config asks for it (force_upcast, as the SDXL VAE does).
+        """
+        path = Path(path)
+        missing = [name for name in COMPONENTS if not (path / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path}: not a Lumina pipeline folder, missing {', '.join(m + '/' for m in missing)} "
+                f"(expected {', '.join(c + '/' for c in COMPONENTS)})"
+            )
+        transformer = load_transformer(path / "transformer", dtype, progress=progress)
+        text_encoder = load_text_encoder(path / "text_encoder", dtype, progress=progress)
+        vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
+        vae = load_vae(path / "vae", vae_dtype, progress=progress)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
+        return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=shift)
+
+    def _tokenize(self, texts: list[str], length: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned);
+        negative prompts padded or cut to the prompts' `length`."""
+        if length is None:
+            tokens = self.tokenizer(texts, pad_to_multiple_of=8, max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                    padding=True, return_tensors="np")  # fmt: skip
+            full = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
+            if full.shape[-1] > tokens.input_ids.shape[-1]:
+                removed = self.tokenizer.batch_decode(full[:, MAX_SEQUENCE_LENGTH - 1 : -1])
+                logger.warning(f"Gemma reads at most {MAX_SEQUENCE_LENGTH} tokens; this part was truncated: {removed}")
+        else:
+            tokens = self.tokenizer(
+                texts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
+            )
+        return tokens.input_ids, tokens.attention_mask
+
+    def _encode(self, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[jax.Array, jax.Array]:
+        pad = bucket - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id or 0)
+        mask = np.pad(mask, ((0, 0), (0, pad)))
+        return _encode_text(*self._text_encoder_split, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
+
+    def encode_prompt(
+        self, prompt: list[str], negative_prompt: list[str] | None, *, clean_caption: bool = True
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
+        ids, mask = self._tokenize(_preprocess(prompt, clean_caption), None)
+        bucket = _caption_bucket(ids.shape[1])
+        embeds, mask_out = self._encode(ids, mask, bucket)
+        if negative_prompt is None:
+            return embeds, mask_out, None, None
+        neg_ids, neg_mask = self._tokenize(negative_prompt, ids.shape[1])  # diffusers does not clean these
+        return (embeds, mask_out, *self._encode(neg_ids, neg_mask, bucket))
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        latents: np.ndarray | jax.Array | None = None,
+        prompt_embeds: jax.Array | None = None,
+        prompt_attention_mask: jax.Array | None = None,
+        negative_prompt_embeds: jax.Array | None = None,
+        negative_prompt_attention_mask: jax.Array | None = None,
+        output_type: Literal["pil", "np", "latent"] = "pil",
+        clean_caption: bool = True,
+        scaling_watershed: float = 1.0,
+        proportional_attn: bool = True,
+        solver: sampling.Solver = "euler",
+        schedule: str = "diffusers",
+        sigmas: list[float] | None = None,
+        cfg_all_channels: bool = False,
+    ) -> LuminaPipelineOutput:
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
+        guided = guidance_scale > 1.0
+
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = None
+            if guided:
+                negatives = negative_prompt if negative_prompt is not None else ""
+                negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+                if len(negatives) != len(prompts):
+                    raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts, negatives, clean_caption=clean_caption)
+        else:
+            embeds, mask = jnp.asarray(prompt_embeds), jnp.asarray(prompt_attention_mask)
+            neg_embeds, neg_mask = negative_prompt_embeds, negative_prompt_attention_mask
+            if guided and (neg_embeds is None or neg_mask is None):
+                raise ValueError("with prompt_embeds and guidance_scale > 1, pass negative_prompt_embeds and its mask")
+
+        # each prompt's images side by side: prompt 0 x n, prompt 1 x n, ... (embeddings and masks alike)
+        def per_image(a):
+            return None if a is None else jnp.repeat(jnp.asarray(a), num_images_per_prompt, axis=0)
+
+        embeds, mask, neg_embeds, neg_mask = map(per_image, (embeds, mask, neg_embeds, neg_mask))
+        batch = embeds.shape[0]
+        caption = jnp.concatenate([embeds, neg_embeds]) if guided else embeds
+        caption_mask = jnp.concatenate([mask, neg_mask]) if guided else mask
+
+        shape = (batch, self.transformer.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
+        if latents is None:
+            latents = _noise(jnp.uint32(seed), shape)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+        schedule_ = sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift, sigmas=sigmas)
+        latents = sampling.sample(
+            self.transformer, jnp.asarray(latents), caption, caption_mask, schedule_,
+            guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
+            proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+        )  # fmt: skip
+        if output_type == "latent":
+            return LuminaPipelineOutput(np.asarray(latents))
+        config = self.vae.config
+        images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
+        images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
+        if output_type == "np":
+            return LuminaPipelineOutput(images)
+        return LuminaPipelineOutput([Image.fromarray(i) for i in (images * 255).round().astype(np.uint8)])
+
+    def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
+        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
+            raise ValueError("prompt is an empty list; give at least one prompt")
+        unit = VAE_SCALE * self.transformer.config.patch_size
+        largest = ROPE_MAX_GRID * unit
+        if height % unit or width % unit or not (unit <= height <= largest and unit <= width <= largest):
+            raise ValueError(
+                f"height and width must be multiples of {unit} between {unit} and {largest} px, got {height}x{width}"
+            )
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")

@@ -1,0 +1,145 @@
+"""Finding, checking and importing AutoencoderKL weights (the SDXL VAE of Lumina-Next).
+
+Layouts: a diffusers vae folder (config.json, one or sharded safetensors), a diffusers pipeline
+folder (its vae/), or a folder written by `convert_vae` (config.json and an Orbax params/).
+Tensors stream one at a time into preallocated arrays, through the shared strict importer.
+"""
+
+import dataclasses
+import functools
+import json
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from lumina_jax.weights import importer, orbax_io
+from lumina_jax.weights.importer import CONV, LINEAR, LazyTensor, Target, UnknownKeyError, resolve_dtype
+from lumina_jax.weights.safetensors_io import read_safetensors_folder
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+# Checkpoints saved before diffusers' attention refactor name the mid-block attention's projections
+# so; diffusers renames them on load (ModelMixin._convert_deprecated_attention_blocks), and so do we.
+_DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_RESNET = r"resnets\.\d+\.(?:norm1|norm2|conv1|conv2|conv_shortcut)"
+_ATTENTION = rf"attentions\.0\.(?:group_norm|to_q|to_k|to_v|to_out\.0|{'|'.join(_DEPRECATED_ATTENTION)})"
+_SHARED = rf"conv_in|conv_out|conv_norm_out|mid_block\.(?:{_RESNET}|{_ATTENTION})"
+_KEY = re.compile(
+    rf"(?P<module>quant_conv|post_quant_conv"
+    rf"|encoder\.(?:{_SHARED}|down_blocks\.\d+\.(?:{_RESNET}|downsamplers\.0\.conv))"
+    rf"|decoder\.(?:{_SHARED}|up_blocks\.\d+\.(?:{_RESNET}|upsamplers\.0\.conv)))"
+    r"\.(?P<kind>weight|bias)"
+)
+# diffusers' single-entry module lists, folded into one module each in our model
+_FOLDED = {
+    "downsamplers.0": "downsample",
+    "upsamplers.0": "upsample",
+    "attentions.0": "attention",
+    "to_out.0": "to_out",
+}
+
+
+def vae_key_to_target(key: str) -> Target:
+    """Where a diffusers AutoencoderKL state-dict tensor lands in our model; UnknownKeyError otherwise."""
+    match = _KEY.fullmatch(key)
+    if match is None:
+        raise UnknownKeyError(key)
+    parent, _, leaf = match["module"].rpartition(".")
+    module = f"{parent}.{_DEPRECATED_ATTENTION.get(leaf, leaf)}" if parent else leaf
+    for old, new in _FOLDED.items():
+        module = module.replace(old, new)
+    path = tuple(int(part) if part.isdigit() else part for part in module.split("."))
+    if "norm" in path[-1]:
+        return Target(path + ("scale" if match["kind"] == "weight" else "bias",))
+    if match["kind"] == "bias":
+        return Target(path + ("bias",))
+    return Target(path + ("kernel",), permute=LINEAR if path[-1].startswith("to_") else CONV)
+
+
+@dataclasses.dataclass
+class VAECheckpoint:
+    """Weights found on disk, not yet read."""
+
+    path: Path  # what to name in messages
+    config: AutoencoderKLConfig
+    tensors: Mapping[str, LazyTensor] | None  # None for converted folders (Orbax)
+
+
+def _read_config(path: Path) -> AutoencoderKLConfig:
+    try:
+        return AutoencoderKLConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an AutoencoderKL config: {e}") from None
+
+
+def find_vae(path: str | Path) -> VAECheckpoint:
+    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path}: expected a folder (a diffusers vae or pipeline folder, or a converted VAE)")
+    if (path / "model_index.json").exists():
+        if not (path / "vae").is_dir():
+            raise ValueError(f"{path}: a diffusers pipeline folder without vae/")
+        return find_vae(path / "vae")
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"{path}: no config.json. Expected a diffusers vae folder (config.json and {WEIGHTS_STEM}.safetensors), "
+            f"a diffusers pipeline folder (model_index.json and vae/), or a folder written by convert_vae"
+        )
+    config = _read_config(path / "config.json")
+    if orbax_io.is_converted(path):
+        return VAECheckpoint(path, config, None)
+    if not any((path / f"{WEIGHTS_STEM}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
+        raise ValueError(f"{path}: config.json but no {WEIGHTS_STEM}.safetensors (or its index) beside it")
+    return VAECheckpoint(path, config, read_safetensors_folder(path, WEIGHTS_STEM))
+
+
+@functools.cache
+def parameter_shapes(config: AutoencoderKLConfig) -> Mapping[tuple, tuple[int, ...]]:
+    """Cached: tracing the VAE's hundreds of parameter initialisers takes seconds (flax reads each traced
+    RNG counter's `sharding`, and the failed read formats an error message that scans the whole trace)."""
+    return types.MappingProxyType(importer.parameter_shapes(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
+
+
+def import_params(checkpoint: VAECheckpoint, param_dtype=jnp.float32, *, progress: bool = True) -> dict:
+    """Check every key and shape of a diffusers checkpoint, then stream it into arrays by parameter path."""
+    shapes = parameter_shapes(checkpoint.config)
+    plan = importer.plan_import(checkpoint.tensors, vae_key_to_target, shapes, checkpoint.path, "AutoencoderKL")
+    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
+
+
+def load_vae(
+    path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None, progress: bool = True
+) -> AutoencoderKL:
+    """An AutoencoderKL with weights from a diffusers vae or pipeline folder, or a converted folder;
+    `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype."""
+    checkpoint = find_vae(path)
+    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
+    abstract = nnx.eval_shape(
+        lambda: AutoencoderKL(checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0))
+    )
+    converted = checkpoint.path if checkpoint.tensors is None else None
+    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
+
+
+def convert_vae(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a diffusers VAE to our format (config.json and Orbax params/), written atomically."""
+    checkpoint = find_vae(source)
+    if checkpoint.tensors is None:
+        raise ValueError(f"{source} is already in our format; load it with load_vae")
+    # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
+    params = importer.to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
+    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)

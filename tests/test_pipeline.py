@@ -1,0 +1,112 @@
+"""End to end against diffusers' LuminaPipeline: tiny random components in the released folder layout."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from reference import random_pipeline, relative_error
+
+from lumina_jax.pipeline import LuminaPipeline as OurPipeline
+
+PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    reference = random_pipeline(
+        folder, corpus=PROMPTS + ["a photo of a cat", "the quick brown fox jumps over the lazy dog"]
+    )
+    return reference, OurPipeline.from_pretrained(folder, dtype="float32", progress=False)
+
+
+CASES = {
+    "square_cfg": dict(height=128, width=128, guidance_scale=4.0),
+    "wide_no_cfg": dict(height=128, width=192, guidance_scale=1.0),
+    "extrapolated_watershed": dict(height=192, width=256, guidance_scale=3.0, scaling_watershed=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_latents_and_images_match_diffusers(pipelines, case):
+    reference, ours = pipelines
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=4, **CASES[case])
+    shape = (2, 4, kwargs["height"] // 8, kwargs["width"] // 8)
+    latents = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    expected = reference(latents=torch.from_numpy(latents), output_type="latent", **kwargs).images.numpy()
+    got = ours(latents=latents, output_type="latent", **kwargs).images
+    assert relative_error(got, expected) <= 1e-4
+    expected_images = reference(latents=torch.from_numpy(latents), output_type="np", **kwargs).images
+    got_images = ours(latents=latents, output_type="np", **kwargs).images
+    assert np.abs(got_images - expected_images).max() <= 2 / 255
+
+
+def test_num_images_per_prompt_keeps_masks_with_their_prompts(pipelines):
+    _, ours = pipelines
+    latents = np.random.default_rng(1).standard_normal((4, 4, 16, 16), dtype=np.float32)
+    both = ours(prompt=PROMPTS, num_images_per_prompt=2, latents=latents, num_inference_steps=2,
+                output_type="latent").images  # fmt: skip
+    for i, prompt in enumerate(PROMPTS):
+        alone = ours(prompt=prompt, num_images_per_prompt=2, latents=latents[2 * i : 2 * i + 2], num_inference_steps=2,
+                     output_type="latent").images  # fmt: skip
+        assert relative_error(both[2 * i : 2 * i + 2], alone) <= 1e-5
+
+
+def test_new_prompt_seed_or_guidance_does_not_recompile(pipelines):
+    _, ours = pipelines
+    compiles = []
+
+    def count(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    ours(prompt="a photo of a cat", num_inference_steps=2, output_type="latent", seed=0)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for kwargs in (
+            dict(seed=1),
+            dict(guidance_scale=7.5),
+            dict(prompt="the quick brown fox jumps over the lazy dog"),
+        ):
+            ours(**{"prompt": "a photo of a cat", "num_inference_steps": 2, "output_type": "latent", **kwargs})
+        assert compiles == []
+        ours(prompt="a photo of a cat", num_inference_steps=3, output_type="latent")  # a new shape does compile
+        assert compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+
+
+def test_pil_output(pipelines):
+    _, ours = pipelines
+    images = ours(prompt=PROMPTS[0], height=128, width=192, num_inference_steps=2).images
+    assert len(images) == 1 and images[0].size == (192, 128) and images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=120), "multiples of 16"),
+        (dict(width=6160), "between 16 and 6144 px"),
+        (dict(prompt=[]), "empty list"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+        (dict(solver="rk45"), "unknown solver"),
+        (dict(schedule="cosine"), "unknown schedule"),
+    ],
+)
+def test_bad_input(pipelines, kwargs, message):
+    _, ours = pipelines
+    with pytest.raises(ValueError, match=message):
+        ours(**{"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent", **kwargs})
+
+
+def test_a_long_prompt_warns_and_truncates(pipelines, caplog):
+    _, ours = pipelines
+    with caplog.at_level("WARNING"):
+        ours(prompt=" ".join(["fox"] * 300), num_inference_steps=1, output_type="latent")
+    assert "truncated" in caplog.text
+
+
+def test_missing_components(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing text_encoder/, vae/, tokenizer/"):
+        OurPipeline.from_pretrained(tmp_path)
