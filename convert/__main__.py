@@ -1,10 +1,11 @@
-"""python -m convert SRC DST [--dtype float32|bfloat16] [--ema] [--overwrite]"""
+"""python -m convert SRC DST [--dtype float32|bfloat16] [--ema] [--transformer-only] [--overwrite]"""
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from lumina_jax.weights.convert import convert_transformer
+from lumina_jax.weights.convert import convert_pipeline, convert_transformer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert_transformer(
-            args.source, args.destination, dtype=args.dtype, ema=args.ema, overwrite=args.overwrite
-        )
+        options = dict(dtype=args.dtype, overwrite=args.overwrite)
+        if (Path(args.source) / "model_index.json").exists() and not args.transformer_only:
+            out = convert_pipeline(args.source, args.destination, **options)
+        else:
+            out = convert_transformer(args.source, args.destination, ema=args.ema, **options)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,17 @@
 """End to end against diffusers' LuminaPipeline: tiny random components in the released folder layout."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from reference import random_pipeline, relative_error
 
+from convert.__main__ import main as convert_main
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
+from sample.__main__ import main as sample_main
 
 PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed"]
 
@@ -110,3 +115,33 @@ def test_missing_components(tmp_path):
     (tmp_path / "transformer").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing text_encoder/, vae/, tokenizer/"):
         OurPipeline.from_pretrained(tmp_path)
+
+
+def test_converted_pipeline_gives_the_same_latents(pipelines, tmp_path):
+    reference, ours = pipelines
+    source = tmp_path / "diffusers"
+    reference.save_pretrained(source)
+    assert convert_main([str(source), str(tmp_path / "converted")]) == 0
+    for name in ("transformer", "text_encoder", "vae"):
+        assert (tmp_path / "converted" / name / "params").is_dir()
+    converted = OurPipeline.from_pretrained(tmp_path / "converted", dtype="float32", progress=False)
+    settings = dict(prompt=PROMPTS[0], num_inference_steps=2, output_type="latent", seed=3)
+    np.testing.assert_array_equal(converted(**settings).images, ours(**settings).images)
+
+
+def test_sample_command_writes_pngs_with_their_settings(pipelines, tmp_path, capsys):
+    reference, _ = pipelines
+    reference.save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\nA red fox in the snow\n")
+    args = ["--model", str(tmp_path / "model"), "--prompts-file", str(prompts), "--height", "128", "--width", "160",
+            "--steps", "2", "--num-images", "2", "--seed", "5", "--dtype", "float32",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert sample_main(args) == 0
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["000_5.png", "000_6.png", "001_5.png", "001_6.png"]
+    image = Image.open(files[3])
+    assert image.size == (160, 128)
+    assert image.text["prompt"] == "A red fox in the snow" and image.text["seed"] == "6"
+    assert json.loads(image.text["parameters"])["num_inference_steps"] == 2
+    assert "wrote 4 image(s)" in capsys.readouterr().out
