@@ -53,7 +53,7 @@ class InMemoryTensor:
 
 def ours_from(reference, config: dict, dtype: str, backend: str | None = None):
     tensors = {k: InMemoryTensor(v.detach().float().cpu().numpy()) for k, v in reference.state_dict().items()}
-    checkpoint = NextDiTCheckpoint(Path("diffusers-in-memory"), NextDiTConfig(**config), "diffusers", tensors)
+    checkpoint = NextDiTCheckpoint(Path("diffusers-in-memory"), NextDiTConfig(**config), tensors, "diffusers")
     return build_model(checkpoint, dtype, attention_backend=backend, progress=False)
 
 

@@ -278,7 +278,7 @@ def test_folder_errors_name_the_folder_and_what_is_missing(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         load_text_encoder(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty: no Gemma text encoder found"):
+    with pytest.raises(ValueError, match="empty: no Gemma weights found"):
         load_text_encoder(tmp_path / "empty")
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")

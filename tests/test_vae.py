@@ -255,7 +255,7 @@ def test_folder_errors_name_the_folder_and_what_is_missing(tiny_folder, tmp_path
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         load_vae(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty: no config.json"):
+    with pytest.raises(ValueError, match=r"empty: no AutoencoderKL weights found \(no config.json\)"):
         load_vae(tmp_path / "empty")
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")
@@ -269,7 +269,9 @@ def test_folder_errors_name_the_folder_and_what_is_missing(tiny_folder, tmp_path
     (tmp_path / "transformer" / "config.json").write_text(
         json.dumps({"_class_name": "LuminaNextDiT2DModel", "hidden_size": 2304})
     )
-    with pytest.raises(ValueError, match=r"transformer/config.json: not an AutoencoderKL config: .*'hidden_size'"):
+    with pytest.raises(
+        ValueError, match=r"transformer/config.json: not a supported AutoencoderKL config: .*'hidden_size'"
+    ):
         load_vae(tmp_path / "transformer")
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumina_jax.models.layers import Dtype, linear, logical_axes
+from lumina_jax.models.layers import Dtype, config_from_dict, linear, logical_axes
 
 # Keys of transformers' config.json that do not change the encoder's output.
 _TRANSFORMERS_BOOKKEEPING = (
@@ -86,11 +86,7 @@ class GemmaConfig:
             if "rope_theta" in values and "rope_theta" in rope and values["rope_theta"] != rope["rope_theta"]:
                 raise ValueError(f"rope_theta {values['rope_theta']} contradicts rope_parameters {rope!r}")
             values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields - set(_TRANSFORMERS_BOOKKEEPING))
-        if unknown:
-            raise ValueError(f"unknown Gemma config fields {unknown}; known: {sorted(fields)}")
-        return cls(**{k: v for k, v in values.items() if k in fields})
+        return config_from_dict(cls, values, _TRANSFORMERS_BOOKKEEPING, "Gemma")
 
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["GemmaModel"], "model_type": "gemma", **dataclasses.asdict(self)}

@@ -1,11 +1,24 @@
-"""Shared building blocks: parameters with logical axis names, norms that compute in float32."""
+"""Shared building blocks: parameters with logical axis names, norms that compute in float32, configs."""
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
 Dtype = jnp.dtype | type
+# Keys diffusers writes into every config.json that say nothing about the architecture.
+DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def config_from_dict(cls: type, values: dict[str, Any], ignored: tuple[str, ...], model_name: str) -> Any:
+    """A config dataclass from a config.json's values: `ignored` keys dropped, unknown keys refused."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields - set(ignored))
+    if unknown:
+        raise ValueError(f"unknown {model_name} config fields {unknown}; known: {sorted(fields)}")
+    return cls(**{k: v for k, v in values.items() if k in fields})
 
 
 def logical_axes(*names: str | None) -> dict:

@@ -17,12 +17,19 @@ import numpy as np
 from flax import nnx
 
 from lumina_jax.models.attention import Backend, dot_product_attention
-from lumina_jax.models.layers import Dtype, layer_norm, linear, logical_axes, rms_norm
+from lumina_jax.models.layers import (
+    DIFFUSERS_BOOKKEEPING,
+    Dtype,
+    config_from_dict,
+    layer_norm,
+    linear,
+    logical_axes,
+    rms_norm,
+)
 from lumina_jax.models.rope import apply_rope, grid_positions, rope_frequencies
 
 TIMESTEP_FEATURES = 256
 ROPE_MAX_GRID = 384  # the released RoPE table: 384 x 384 tokens, 6144 px per side at patch 2, VAE 8
-_DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +65,7 @@ class NextDiTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "NextDiTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields - set(_DIFFUSERS_BOOKKEEPING))
-        if unknown:
-            raise ValueError(f"unknown Next-DiT config fields {unknown}; known: {sorted(fields)}")
-        return cls(**{k: v for k, v in values.items() if k in fields})
+        return config_from_dict(cls, values, DIFFUSERS_BOOKKEEPING, "Next-DiT")
 
     def to_dict(self) -> dict[str, Any]:
         return {"_class_name": "LuminaNextDiT2DModel", **dataclasses.asdict(self)}

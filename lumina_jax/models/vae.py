@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lumina_jax.models.attention import dot_product_attention
-from lumina_jax.models.layers import Dtype, linear, logical_axes
-from lumina_jax.models.nextdit import _DIFFUSERS_BOOKKEEPING
+from lumina_jax.models.layers import DIFFUSERS_BOOKKEEPING, Dtype, config_from_dict, linear, logical_axes
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -83,11 +82,7 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AutoencoderKLConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields - set(_DIFFUSERS_BOOKKEEPING))
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKL config fields {unknown}; known: {sorted(fields)}")
-        return cls(**{k: v for k, v in values.items() if k in fields})
+        return config_from_dict(cls, values, DIFFUSERS_BOOKKEEPING, "AutoencoderKL")
 
     def to_dict(self) -> dict[str, Any]:
         return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self)}

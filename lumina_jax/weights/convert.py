@@ -7,9 +7,8 @@ scheduler copied); anything else is taken as Next-DiT weights.
 import shutil
 from pathlib import Path
 
-from lumina_jax.weights import orbax_io
+from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.gemma import convert_text_encoder
-from lumina_jax.weights.importer import resolve_dtype, to_device
 from lumina_jax.weights.nextdit import find_checkpoint, import_params
 from lumina_jax.weights.vae import convert_vae
 
@@ -26,12 +25,8 @@ def convert_transformer(
     progress: bool = True,
 ) -> Path:
     """Convert a diffusers or original Next-DiT checkpoint; returns the written folder."""
-    checkpoint = find_checkpoint(source, ema=ema)
-    if checkpoint.layout == "converted":
-        raise ValueError(f"{source} is already in our format; load it with load_transformer")
-    # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
-    params = to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
-    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
+    return importer.convert_checkpoint(find_checkpoint(source, ema=ema), import_params, destination, dtype=dtype,
+                                       overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def convert_pipeline(

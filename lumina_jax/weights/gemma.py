@@ -7,19 +7,15 @@ Lumina-Next text encoders carry no `lm_head.weight` (the causal LM ties it to th
 is refused like any other unknown key.
 """
 
-import dataclasses
-import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
-from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import LINEAR, LazyTensor, Target, UnknownKeyError, resolve_dtype
-from lumina_jax.weights.safetensors_io import read_safetensors_folder
+from lumina_jax.weights import importer
+from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError, resolve_dtype
 
 _STEM = "model"
 _CAUSAL_LM_PREFIX = "model."
@@ -55,53 +51,17 @@ def gemma_keys(config: GemmaConfig) -> list[str]:
     return ["embed_tokens.weight", *layers, "norm.weight"]
 
 
-@dataclasses.dataclass
-class TextEncoderCheckpoint:
-    """Gemma weights found on disk, not yet read."""
-
-    path: Path  # what to name in messages
-    config: GemmaConfig
-    tensors: Mapping[str, LazyTensor] | None  # None for converted folders (Orbax)
-
-
-def _read_config(path: Path) -> GemmaConfig:
-    try:
-        return GemmaConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a supported Gemma config: {e}") from None
-
-
-def find_text_encoder(path: str | Path) -> TextEncoderCheckpoint:
+def find_text_encoder(path: str | Path) -> importer.Checkpoint:
     """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{path}: expected a folder (transformers text encoder, diffusers pipeline or converted)")
-    if (path / "model_index.json").exists():
-        if not (path / "text_encoder").is_dir():
-            raise ValueError(f"{path}: a diffusers pipeline folder without text_encoder/")
-        return find_text_encoder(path / "text_encoder")
-    if orbax_io.is_converted(path):
-        return TextEncoderCheckpoint(path, _read_config(path / orbax_io.CONFIG_FILE), None)
-    if not (path / "config.json").exists():
-        raise ValueError(
-            f"{path}: no Gemma text encoder found. Expected a transformers folder (config.json and "
-            f"{_STEM}.safetensors), a diffusers pipeline folder with text_encoder/, "
-            "or a folder from convert_text_encoder"
-        )
-    if not any((path / f"{_STEM}{suffix}").exists() for suffix in (".safetensors", ".safetensors.index.json")):
-        raise ValueError(
-            f"{path}: config.json but no {_STEM}.safetensors (or {_STEM}.safetensors.index.json) beside it"
-        )
-    return TextEncoderCheckpoint(path, _read_config(path / "config.json"), read_safetensors_folder(path, _STEM))
+    return importer.find_component(path, subfolder="text_encoder", stem=_STEM, from_dict=GemmaConfig.from_dict,
+                                   model_name="Gemma")  # fmt: skip
 
 
 def parameter_shapes(config: GemmaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return importer.parameter_shapes(lambda: GemmaEncoder(config, rngs=nnx.Rngs(0)))
 
 
-def import_params(checkpoint: TextEncoderCheckpoint, param_dtype, *, progress: bool = True) -> dict:
+def import_params(checkpoint: importer.Checkpoint, param_dtype, *, progress: bool = True) -> dict:
     """Check every key and shape, then stream the tensors into numpy arrays by parameter path."""
     shapes = parameter_shapes(checkpoint.config)
     plan = importer.plan_import(checkpoint.tensors, gemma_key_to_target, shapes, checkpoint.path, "Gemma")
@@ -130,19 +90,12 @@ def load_text_encoder(
 
 
 def convert_text_encoder(
-    source: str | Path,
-    destination: str | Path,
-    *,
-    dtype: str = "float32",
-    overwrite: bool = False,
+    source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
     progress: bool = True,
-) -> Path:
+) -> Path:  # fmt: skip
     """Convert a transformers or diffusers pipeline Gemma text encoder to our Orbax folder; returns it."""
-    checkpoint = find_text_encoder(source)
-    if checkpoint.tensors is None:
-        raise ValueError(f"{source} is already in our format; load it with load_text_encoder")
-    params = importer.to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
-    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
+    return importer.convert_checkpoint(find_text_encoder(source), import_params, destination, dtype=dtype,
+                                       overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def transformers_state_dict(encoder: GemmaEncoder) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ arrays. Stacked layers live under a top-level "layers" entry, indexed by `Target
 """
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lumina_jax.weights import orbax_io
+from lumina_jax.weights.safetensors_io import read_safetensors_folder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LINEAR = (1, 0)  # torch Linear [out, in] -> our kernel [in, out]
@@ -42,6 +44,64 @@ class LazyTensor(Protocol):
 
 
 Plan = list[tuple[str, LazyTensor, Target]]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A model's weights found on disk, not yet read."""
+
+    path: Path  # what to name in messages
+    config: Any
+    tensors: Mapping[str, LazyTensor] | None  # None for a folder we converted (Orbax)
+
+
+def read_config(path: Path, from_dict: Callable[[dict], Any], model_name: str) -> Any:
+    try:
+        return from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a supported {model_name} config: {e}") from None
+
+
+def find_component(
+    path: str | Path, *, subfolder: str, stem: str, from_dict: Callable[[dict], Any], model_name: str
+) -> Checkpoint:
+    """One model's folder: config.json with `stem`.safetensors (or shards and their index), a diffusers
+    pipeline folder (its `subfolder`/), or a folder we converted (config.json and Orbax params/)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ValueError(
+            f"{path}: expected a folder ({model_name} weights, a diffusers pipeline or a converted folder)"
+        )
+    if (path / "model_index.json").exists():
+        if not (path / subfolder).is_dir():
+            raise ValueError(f"{path}: a diffusers pipeline folder without {subfolder}/")
+        return find_component(path / subfolder, subfolder=subfolder, stem=stem, from_dict=from_dict,
+                              model_name=model_name)  # fmt: skip
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"{path}: no {model_name} weights found (no config.json). Expected config.json with {stem}.safetensors, "
+            f"a diffusers pipeline folder with {subfolder}/, or a folder written by `python -m convert`"
+        )
+    config = read_config(path / "config.json", from_dict, model_name)
+    if orbax_io.is_converted(path):
+        return Checkpoint(path, config, None)
+    if not any((path / f"{stem}{suffix}").exists() for suffix in (".safetensors", ".safetensors.index.json")):
+        raise ValueError(f"{path}: config.json but no {stem}.safetensors (or {stem}.safetensors.index.json) beside it")
+    return Checkpoint(path, config, read_safetensors_folder(path, stem))
+
+
+def convert_checkpoint(
+    checkpoint: Checkpoint, import_params: Callable, destination: str | Path, *, dtype: str, overwrite: bool,
+    progress: bool,
+) -> Path:  # fmt: skip
+    """Import a PyTorch checkpoint and write it in our format (config.json, Orbax params/), atomically."""
+    if checkpoint.tensors is None:
+        raise ValueError(f"{checkpoint.path} is already in our format; load it directly")
+    # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
+    params = to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
+    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
 
 
 def resolve_dtype(dtype: str | Any) -> Any:

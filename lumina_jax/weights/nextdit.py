@@ -8,7 +8,6 @@ import holds one copy of the weights.
 """
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -31,13 +30,10 @@ from lumina_jax.weights.torch_pickle import load_pth
 
 
 @dataclasses.dataclass
-class NextDiTCheckpoint:
-    """Weights found on disk, not yet read."""
+class NextDiTCheckpoint(importer.Checkpoint):
+    """Next-DiT weights found on disk, not yet read, in one of several layouts."""
 
-    path: Path  # what to name in messages
-    config: NextDiTConfig
-    layout: str  # "diffusers", "original" or "converted"
-    tensors: Mapping[str, LazyTensor] | None = None  # None for converted folders (Orbax)
+    layout: str = "diffusers"  # "diffusers", "original" or "converted"
 
 
 def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
@@ -107,10 +103,10 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
     """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it)."""
     tensors = _read_tensor_file(path)
     if _layout_of(path, tensors) == "original":
-        return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), "original", tensors)
+        return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
     if not (path.parent / "config.json").exists():
         raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
-    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), "diffusers", tensors)
+    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers")
 
 
 def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint:
@@ -126,7 +122,7 @@ def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint
             raise ValueError(f"{path}: a diffusers pipeline folder without transformer/")
         return find_checkpoint(path / "transformer", ema=ema)
     if orbax_io.is_converted(path):
-        return NextDiTCheckpoint(path, _read_config(path / "config.json"), "converted")
+        return NextDiTCheckpoint(path, _read_config(path / "config.json"), None, "converted")
     stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
     for suffix in (".safetensors", ".pth"):
         if (path / f"{stem}{suffix}").exists():
@@ -136,7 +132,7 @@ def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint
         if not any((path / f"{stem}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
             raise ValueError(f"{path}: config.json but no {stem}.safetensors (or its index) beside it")
         return NextDiTCheckpoint(
-            path, _read_config(path / "config.json"), "diffusers", read_safetensors_folder(path, stem)
+            path, _read_config(path / "config.json"), read_safetensors_folder(path, stem), "diffusers"
         )
     raise ValueError(
         f"{path}: no Next-DiT weights found. Expected a diffusers transformer or pipeline folder, an original "
@@ -145,10 +141,7 @@ def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint
 
 
 def _read_config(path: Path) -> NextDiTConfig:
-    try:
-        return NextDiTConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a Next-DiT config: {e}") from None
+    return importer.read_config(path, NextDiTConfig.from_dict, "Next-DiT")
 
 
 def _to_target(layout: str):

@@ -5,9 +5,7 @@ folder (its vae/), or a folder written by `convert_vae` (config.json and an Orba
 Tensors stream one at a time into preallocated arrays, through the shared strict importer.
 """
 
-import dataclasses
 import functools
-import json
 import re
 import types
 from collections.abc import Mapping
@@ -17,9 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import CONV, LINEAR, LazyTensor, Target, UnknownKeyError, resolve_dtype
-from lumina_jax.weights.safetensors_io import read_safetensors_folder
+from lumina_jax.weights import importer
+from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError, resolve_dtype
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 # Checkpoints saved before diffusers' attention refactor name the mid-block attention's projections
@@ -60,44 +57,10 @@ def vae_key_to_target(key: str) -> Target:
     return Target(path + ("kernel",), permute=LINEAR if path[-1].startswith("to_") else CONV)
 
 
-@dataclasses.dataclass
-class VAECheckpoint:
-    """Weights found on disk, not yet read."""
-
-    path: Path  # what to name in messages
-    config: AutoencoderKLConfig
-    tensors: Mapping[str, LazyTensor] | None  # None for converted folders (Orbax)
-
-
-def _read_config(path: Path) -> AutoencoderKLConfig:
-    try:
-        return AutoencoderKLConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not an AutoencoderKL config: {e}") from None
-
-
-def find_vae(path: str | Path) -> VAECheckpoint:
+def find_vae(path: str | Path) -> importer.Checkpoint:
     """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{path}: expected a folder (a diffusers vae or pipeline folder, or a converted VAE)")
-    if (path / "model_index.json").exists():
-        if not (path / "vae").is_dir():
-            raise ValueError(f"{path}: a diffusers pipeline folder without vae/")
-        return find_vae(path / "vae")
-    if not (path / "config.json").exists():
-        raise ValueError(
-            f"{path}: no config.json. Expected a diffusers vae folder (config.json and {WEIGHTS_STEM}.safetensors), "
-            f"a diffusers pipeline folder (model_index.json and vae/), or a folder written by convert_vae"
-        )
-    config = _read_config(path / "config.json")
-    if orbax_io.is_converted(path):
-        return VAECheckpoint(path, config, None)
-    if not any((path / f"{WEIGHTS_STEM}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
-        raise ValueError(f"{path}: config.json but no {WEIGHTS_STEM}.safetensors (or its index) beside it")
-    return VAECheckpoint(path, config, read_safetensors_folder(path, WEIGHTS_STEM))
+    return importer.find_component(path, subfolder="vae", stem=WEIGHTS_STEM, from_dict=AutoencoderKLConfig.from_dict,
+                                   model_name="AutoencoderKL")  # fmt: skip
 
 
 @functools.cache
@@ -107,7 +70,7 @@ def parameter_shapes(config: AutoencoderKLConfig) -> Mapping[tuple, tuple[int, .
     return types.MappingProxyType(importer.parameter_shapes(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
 
 
-def import_params(checkpoint: VAECheckpoint, param_dtype=jnp.float32, *, progress: bool = True) -> dict:
+def import_params(checkpoint: importer.Checkpoint, param_dtype=jnp.float32, *, progress: bool = True) -> dict:
     """Check every key and shape of a diffusers checkpoint, then stream it into arrays by parameter path."""
     shapes = parameter_shapes(checkpoint.config)
     plan = importer.plan_import(checkpoint.tensors, vae_key_to_target, shapes, checkpoint.path, "AutoencoderKL")
@@ -129,17 +92,9 @@ def load_vae(
 
 
 def convert_vae(
-    source: str | Path,
-    destination: str | Path,
-    *,
-    dtype: str = "float32",
-    overwrite: bool = False,
+    source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
     progress: bool = True,
-) -> Path:
+) -> Path:  # fmt: skip
     """Convert a diffusers VAE to our format (config.json and Orbax params/), written atomically."""
-    checkpoint = find_vae(source)
-    if checkpoint.tensors is None:
-        raise ValueError(f"{source} is already in our format; load it with load_vae")
-    # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
-    params = importer.to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
-    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
+    return importer.convert_checkpoint(find_vae(source), import_params, destination, dtype=dtype, overwrite=overwrite,
+                                       progress=progress)  # fmt: skip
