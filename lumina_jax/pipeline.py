@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
-from transformers import AutoTokenizer
 
 from lumina_jax import sampling
 from lumina_jax.models.gemma import GemmaEncoder
@@ -94,6 +93,8 @@ class LuminaPipeline:
         text_encoder = load_text_encoder(path / "text_encoder", dtype, progress=progress)
         vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
         vae = load_vae(path / "vae", vae_dtype, progress=progress)
+        from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
+
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         scheduler = path / "scheduler" / "scheduler_config.json"
         shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0

@@ -1,0 +1,189 @@
+"""One training step of Next-DiT: the original trainer's recipe as a single compiled program.
+
+float32 master weights with the model's compute dtype (bfloat16 for training: build the model with
+`param_dtype=jnp.float32, dtype=jnp.bfloat16, remat=True`), AdamW (lr 1e-4, weight decay 0) after
+clipping the global gradient norm to 2, an EMA of the weights with decay 0.9999. A step whose loss
+or gradients are not finite changes no weights, optimizer state or EMA and is counted instead.
+
+Batches are in the padded-token form, so one batch may hold images of different sizes. With a
+mesh, the state is laid out by `sharding.parameter_shardings` and the batch by `batch_sharding`;
+without one, the same code runs on one device.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from lumina_jax.models.nextdit import NextDiT, patchify_padded
+from lumina_jax.models.rope import rope_frequencies
+from lumina_jax.sharding import batch_sharding, parameter_shardings
+from lumina_jax.training.objective import (
+    CAPTION_DROPOUT,
+    SnrType,
+    drop_captions,
+    interpolate,
+    sample_timesteps,
+    velocity_loss,
+)
+
+EMA_DECAY = 0.9999
+
+
+@struct.dataclass
+class TrainBatch:
+    """Data latents as patch tokens, for images of one or several sizes."""
+
+    patches: jax.Array  # [B, T, C*p*p] latents x1, features ordered (c, ph, pw) as `patchify` writes them
+    positions: jax.Array  # [B, T, 2] (row, column) of each token; padding repeats the last position
+    token_mask: jax.Array  # [B, T] bool, False for padding
+    caption: jax.Array  # [B, L, D] text-encoder features
+    caption_mask: jax.Array  # [B, L]
+
+    @classmethod
+    def from_latents(cls, latents: list[jax.Array], caption, caption_mask, patch_size: int) -> "TrainBatch":
+        """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L]."""
+        patches, positions, token_mask = patchify_padded(latents, patch_size)
+        return cls(patches, positions, token_mask, jnp.asarray(caption), jnp.asarray(caption_mask))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; `train_step` donates it."""
+
+    params: nnx.State  # float32 master weights
+    ema_params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # batches seen, skipped ones included; step k draws its randomness from fold_in(rng, k)
+    rng: jax.Array  # a raw uint32 key, so checkpoints hold plain arrays
+    consecutive_skips: jax.Array  # non-finite steps in a row, 0 after a good one
+
+
+@optax.inject_hyperparams
+def _clipped_adamw(learning_rate, weight_decay, clip):
+    # torch.optim.AdamW's defaults (betas 0.9 / 0.999, eps 1e-8), as the original trainer uses it
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
+def make_optimizer(
+    lr: float | optax.Schedule = 1e-4, weight_decay: float = 0.0, clip: float = 2.0
+) -> optax.GradientTransformation:
+    """AdamW after global-norm gradient clipping; the learning rate (a number or a schedule of the
+    optimizer's step count) is kept in the optimizer state, where `train_step` reads it for its metrics."""
+    return _clipped_adamw(learning_rate=lr, weight_decay=weight_decay, clip=clip)
+
+
+def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
+    """ema <- decay * ema + (1 - decay) * params."""
+    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+
+
+def init_train_state(
+    model: NextDiT, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
+    """The model's graph and a fresh training state holding copies of its float32 parameters.
+
+    rng is a raw key (`jax.random.PRNGKey`). With a mesh the state is created already sharded.
+    """
+    graphdef, params = nnx.split(model)
+    not_float32 = sorted({str(x.dtype) for x in jax.tree.leaves(params)} - {"float32"})
+    if not_float32:
+        raise ValueError(f"training keeps float32 master weights; the model has {not_float32} parameters")
+
+    def build(params):
+        return TrainState(
+            params=jax.tree.map(jnp.copy, params),
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jnp.asarray(rng, jnp.uint32),
+            consecutive_skips=jnp.zeros((), jnp.int32),
+        )
+
+    shardings = None if mesh is None else parameter_shardings(jax.eval_shape(build, params), mesh)
+    return graphdef, jax.jit(build, out_shardings=shardings)(params)
+
+
+def predict_velocity(model: NextDiT, patches, positions, token_mask, t, caption, caption_mask) -> jax.Array:
+    """The model's velocity for patch tokens [B, T, C*p*p], in the tokens' own feature order (c, ph, pw)."""
+    cfg = model.config
+    rope = rope_frequencies(positions, cfg.head_dim)
+    # No proportional attention (base_sequence_length): the original trains without it.
+    out = model.forward_tokens(model.patch_embedder(patches), rope, token_mask, t, caption, caption_mask)
+    batch, tokens, _ = out.shape
+    # Output features read (ph, pw, c); learn_sigma's extra channels are not trained, as in the original.
+    out = out.reshape(batch, tokens, cfg.patch_size**2, cfg.out_channels)[..., : cfg.in_channels]
+    return out.transpose(0, 1, 3, 2).reshape(batch, tokens, -1)
+
+
+def flow_loss(graphdef, params, batch: TrainBatch, t, noise, caption, caption_mask) -> jax.Array:
+    """The velocity loss of the model on a batch at times t [B] with noise shaped like batch.patches."""
+    model = nnx.merge(graphdef, params)
+    noisy, target = interpolate(noise, batch.patches, t)
+    prediction = predict_velocity(model, noisy, batch.positions, batch.token_mask, t, caption, caption_mask)
+    return velocity_loss(prediction, target, batch.token_mask)
+
+
+# jax.jit over the split model (nnx.jit walks the module graph every call); the state is donated
+# so the new one reuses its buffers.
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "mesh", "snr_type"), donate_argnames=("state",))
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    batch: TrainBatch,
+    empty_caption: jax.Array,
+    empty_caption_mask: jax.Array,
+    *,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    caption_dropout: float | jax.Array = CAPTION_DROPOUT,
+    snr_type: SnrType = "uniform",
+    ema_decay: float | jax.Array = EMA_DECAY,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped).
+
+    empty_caption [L_e, D] and empty_caption_mask [L_e] are the text encoder's output for "", which
+    replaces a caption with probability caption_dropout. optimizer comes from `make_optimizer`.
+    caption_dropout and ema_decay, when given, are traced: other values reuse the compiled step.
+    """
+    if mesh is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+    t_key, noise_key, caption_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+    t = sample_timesteps(t_key, batch.patches.shape[0], snr_type)
+    noise = jax.random.normal(noise_key, batch.patches.shape, jnp.float32)
+    caption, caption_mask = drop_captions(
+        caption_key, batch.caption, batch.caption_mask, empty_caption, empty_caption_mask, caption_dropout
+    )
+    loss, grads = jax.value_and_grad(flow_loss, argnums=1)(
+        graphdef, state.params, batch, t, noise, caption, caption_mask
+    )
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def if_finite(new, old):
+        # A select rather than lax.cond: it fuses into the update's elementwise kernels.
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = TrainState(
+        params=if_finite(params, state.params),
+        ema_params=if_finite(ema_update(state.ema_params, params, ema_decay), state.ema_params),
+        opt_state=if_finite(opt_state, state.opt_state),
+        step=state.step + 1,
+        rng=state.rng,
+        consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+    )
+    if mesh is not None:
+        new_state = jax.lax.with_sharding_constraint(new_state, parameter_shardings(new_state, mesh))
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": optax.tree_utils.tree_get(opt_state, "learning_rate"),
+        "skipped": ~finite,
+    }
+    return new_state, metrics

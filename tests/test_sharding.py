@@ -1,0 +1,101 @@
+"""Sharded runs against one device, on 8 simulated CPU devices (tests/sharding_checks.py, in its own process).
+
+Bounds. Sharding changes only the order of float32 sums: partial sums per shard, then an
+all-reduce. Each reordered sum moves by a few units of float32 rounding of its terms; through the
+two layers, their norms and the loss, the measured differences are 1 to 6 ulps (up to 6.4e-7 of the
+largest value). We allow 32 ulps (2^-18 = 3.8e-6): room for other compilers' fusion choices, far
+below what a wrong layout or a missing reduction gives (1e-3 and up).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "sharding_checks.py"
+REORDERED_SUMS = 2.0**-18
+SCALAR = 1e-6  # loss and gradient norm: one sum of squares over the batch each
+TWO_ULPS = 2.0**-22
+FORWARD_MESHES = ["data2_fsdp4", "fsdp8", "data2_fsdp2_tensor2"]
+TRAINED_MESHES = ["data2_fsdp4", "fsdp8"]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    # Less LLVM optimisation: compiling dominates on these tiny programs, and the one-device
+    # reference is compiled in the same process with the same options.
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_mesh(results):
+    assert results["devices"] == 8
+    assert results["mesh_errors"] == {
+        "{'data': 3}": "data=3 x tensor=1 does not divide the 8 devices",
+        "{'data': 2, 'fsdp': 3}": "a mesh data=2 x fsdp=3 x tensor=1 does not divide the 8 devices",
+    }
+
+
+def test_released_model_layout(results):
+    """2304 wide, 32 query and 8 kv heads of 72, FFN 6144: every matrix is split both ways."""
+    for name in ("tensor8", "fsdp4_tensor2"):
+        specs = results["released"][name]
+        for projection in ("to_q", "to_k", "to_v", "to_k_caption", "to_v_caption"):
+            assert specs[f"['layers']['attention']['{projection}']['kernel']"] == "P(None, 'fsdp', 'tensor')"
+        assert specs["['layers']['attention']['to_out']['kernel']"] == "P(None, 'tensor', 'fsdp')"
+        assert specs["['layers']['attention']['gate']"] == "P(None, 'tensor')"  # 32 heads over 8
+        assert specs["['layers']['feed_forward']['gate']['kernel']"] == "P(None, 'fsdp', 'tensor')"
+        assert specs["['layers']['feed_forward']['down']['kernel']"] == "P(None, 'tensor', 'fsdp')"
+        assert specs["['layers']['modulation']['kernel']"] == "P(None, None, 'fsdp')"  # [cond, embed]: one fsdp
+        assert specs["['time_linear_2']['kernel']"] == "P('fsdp', None)"  # [cond, cond]
+        replicated = [param for param, spec in specs.items() if "fsdp" not in spec and "tensor" not in spec]
+        assert replicated == ["['final_linear']['bias']"]  # 32 output features: too small to split
+
+
+def test_dimensions_the_mesh_does_not_divide_are_replicated(results):
+    specs = results["tiny_tensor8"]
+    assert specs["['layers']['attention']['gate']"] == "P(None, None)"  # 4 query heads over 8 devices
+    assert specs["['layers']['attention']['to_k']['kernel']"] == "P(None, 'fsdp', 'tensor')"  # 32 wide
+
+
+@pytest.mark.parametrize("mesh", FORWARD_MESHES)
+def test_sharded_forward_equals_one_device(results, mesh):
+    assert results[mesh]["forward_error"] <= REORDERED_SUMS
+
+
+def test_parameters_and_batches_are_sharded(results):
+    # fsdp shards every parameter but the 32 final biases; tensor=2 halves heads and FFN again.
+    assert 1 / 8 < results["fsdp8"]["param_fraction"] < 1 / 8 + 0.01
+    assert 1 / 4 < results["data2_fsdp4"]["param_fraction"] < 1 / 4 + 0.01
+    assert 1 / 4 < results["data2_fsdp2_tensor2"]["param_fraction"] < 0.4
+    specs = results["data2_fsdp2_tensor2"]["param_specs"]
+    assert specs["['layers']['attention']['to_q']['kernel']"] == "P(None, 'fsdp', 'tensor')"
+    assert results["fsdp8"]["batch_fraction"] == results["data2_fsdp4"]["batch_fraction"] == 1 / 8
+    assert results["data2_fsdp2_tensor2"]["batch_fraction"] == 1 / 4  # the batch is not split over tensor
+
+
+@pytest.mark.parametrize("mesh", TRAINED_MESHES)
+def test_sharded_training_step_equals_one_device(results, mesh):
+    run = results[mesh]
+    assert run["loss_error"] <= SCALAR and run["grad_norm_error"] <= SCALAR
+    assert run["gradient_error"] <= REORDERED_SUMS  # of the largest gradient
+    # Adam's first update is lr * g / (|g| + 1e-8). Where |g| >= 1e-5 a gradient error d moves
+    # it by under 0.01 d, so the new parameters agree to the rounding of their own values. The
+    # remaining ~3% of gradients are below 1e-5 (some are zero in exact arithmetic: the caption
+    # key norm's bias shifts all logits of a query alike), and their updates are set by rounding.
+    assert run["settled_fraction"] > 0.95
+    assert run["settled_params_difference"] <= TWO_ULPS * run["params_magnitude"]
+    assert run["ema_difference"] <= TWO_ULPS * run["params_magnitude"]
+
+
+@pytest.mark.parametrize("mesh", TRAINED_MESHES)
+def test_training_state_keeps_its_layout(results, mesh):
+    run = results[mesh]
+    assert run["params_laid_out_by_rules"] and run["optimizer_and_ema_laid_out_as_params"]
+    assert run["state_fraction"] == pytest.approx(run["param_fraction"], abs=1e-3)

@@ -1,0 +1,136 @@
+"""The training step on one device: learning, skipped non-finite steps, EMA, float32 master weights."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from sharding_checks import empty_caption, padded_batch, tiny_model
+
+from lumina_jax.training.step import EMA_DECAY, TrainBatch, flow_loss, init_train_state, make_optimizer, train_step
+
+LR = 1e-3
+SIZES = [(4, 6), (8, 8)]  # 6 and 16 tokens: one padded batch
+FLOAT32_BOUND = 1e-5
+
+# One optimizer and one batch shape for every test: the step compiles once.
+OPTIMIZER = make_optimizer(lr=LR)
+BATCH = padded_batch(SIZES)
+EMPTY, EMPTY_MASK = empty_caption()
+evaluate = jax.jit(flow_loss, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return tiny_model(jnp.bfloat16)
+
+
+def fresh_state(model):
+    return init_train_state(model, OPTIMIZER, jax.random.PRNGKey(0))
+
+
+def step(graphdef, state, batch=BATCH, ema_decay=EMA_DECAY):
+    # ema_decay always passed, so it is always traced: the step compiles once for all decays
+    return train_step(graphdef, state, batch, EMPTY, EMPTY_MASK, optimizer=OPTIMIZER, ema_decay=ema_decay)
+
+
+def on_host(tree) -> list[np.ndarray]:
+    """Host copies: the step donates the state it is given."""
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def fixed_draw(batch, seed: int = 0):
+    """Times spread over [0, 1] and noise, the same for every evaluation."""
+    rng = np.random.default_rng(seed)
+    t = jnp.asarray(rng.uniform(0, 1, batch.patches.shape[0]), jnp.float32)
+    return t, jnp.asarray(rng.standard_normal(batch.patches.shape, np.float32))
+
+
+def test_steps_reduce_the_loss_on_a_fixed_batch(bf16_model):
+    graphdef, state = fresh_state(bf16_model)
+    draws = [fixed_draw(BATCH, seed) for seed in range(4)]
+
+    def loss(params):
+        return np.mean(
+            [float(evaluate(graphdef, params, BATCH, *draw, BATCH.caption, BATCH.caption_mask)) for draw in draws]
+        )
+
+    before = loss(state.params)
+    for _ in range(10):
+        state, metrics = step(graphdef, state)
+        assert not metrics["skipped"] and np.isfinite(metrics["grad_norm"])
+    assert float(metrics["lr"]) == pytest.approx(LR)
+    assert int(state.step) == 10 and int(state.consecutive_skips) == 0
+    assert loss(state.params) < 0.9 * before
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted(bf16_model):
+    graphdef, state = fresh_state(bf16_model)
+    poisoned = BATCH.replace(patches=BATCH.patches.at[1, 3, 0].set(jnp.nan))  # one real token of the second image
+    for skips in (1, 2):
+        before = on_host((state.params, state.opt_state, state.ema_params))
+        state, metrics = step(graphdef, state, poisoned)
+        assert bool(metrics["skipped"]) and not np.isfinite(metrics["loss"])
+        assert int(state.consecutive_skips) == skips and int(state.step) == skips
+        for old, new in zip(before, on_host((state.params, state.opt_state, state.ema_params))):
+            np.testing.assert_array_equal(new, old)
+
+    before = on_host(state.params)
+    state, metrics = step(graphdef, state)
+    assert not metrics["skipped"] and int(state.consecutive_skips) == 0 and int(state.step) == 3
+    assert any(not np.array_equal(new, old) for new, old in zip(on_host(state.params), before))
+
+
+@pytest.mark.parametrize("decay", [0.9, EMA_DECAY])
+def test_ema(bf16_model, decay):
+    graphdef, state = fresh_state(bf16_model)
+    ema_before = on_host(state.ema_params)
+    state, _ = step(graphdef, state, ema_decay=decay)
+    decay = np.float64(np.float32(decay))  # the step computes in float32
+    for ema, old, new in zip(on_host(state.ema_params), ema_before, on_host(state.params)):
+        old_term, new_term = decay * old, (1 - decay) * new.astype(np.float64)
+        # float32 rounds each product and the sum: an ulp or so of the terms, not of their sum,
+        # which cancels where a parameter crosses zero
+        rounding = 2 * (
+            np.spacing(np.abs(old_term).astype(np.float32)) + np.spacing(np.abs(new_term).astype(np.float32))
+        )
+        assert np.all(np.abs(ema - (old_term + new_term)) <= rounding)
+
+
+def test_bf16_compute_keeps_float32_master_weights(bf16_model):
+    graphdef, state = fresh_state(bf16_model)
+    lowered = train_step.lower(
+        graphdef, state, BATCH, EMPTY, EMPTY_MASK, optimizer=OPTIMIZER, ema_decay=EMA_DECAY
+    ).as_text()
+    assert re.search(r"dot_general.*-> tensor<[0-9x]*xbf16>", lowered), "the matmuls should run in bfloat16"
+
+    norm_scale = np.array(state.params["layers"]["ffn_norm1"]["scale"][...])
+    state, _ = step(graphdef, state)
+    trees = (state.params, state.ema_params, state.opt_state)
+    assert {x.dtype for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype("float32")}
+    # Norm scales near 1 move by about lr = 1e-3, under half of bfloat16's spacing there (at
+    # least 2^-9): bfloat16 weights could not hold these updates.
+    updated = np.array(state.params["layers"]["ffn_norm1"]["scale"][...])
+    change = np.abs(updated - norm_scale)
+    assert 0 < change.max() < 2.0**-8
+    assert not np.array_equal(updated.astype(jnp.bfloat16).astype(np.float32), updated)
+
+
+def test_padded_batch_loss_is_the_mean_of_per_image_losses():
+    """Each image weighs the same and sees only its own tokens, as when trained alone."""
+    graphdef, params = nnx.split(tiny_model(jnp.float32))
+    t, noise = fixed_draw(BATCH)
+    padded = float(evaluate(graphdef, params, BATCH, t, noise, BATCH.caption, BATCH.caption_mask))
+    alone = []
+    for i, (h, w) in enumerate(SIZES):
+        image = jax.tree.map(lambda x: x[i : i + 1], BATCH)
+        tokens = slice(0, (h // 2) * (w // 2))  # the image's own tokens
+        image = TrainBatch(
+            image.patches[:, tokens], image.positions[:, tokens], image.token_mask[:, tokens],
+            image.caption, image.caption_mask,
+        )  # fmt: skip
+        draw = (t[i : i + 1], noise[i : i + 1, tokens])
+        alone.append(float(evaluate(graphdef, params, image, *draw, image.caption, image.caption_mask)))
+    assert abs(padded / np.mean(alone) - 1) <= FLOAT32_BOUND
