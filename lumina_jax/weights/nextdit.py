@@ -154,9 +154,9 @@ def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, 
     return importer.parameter_shapes(lambda: NextDiT(config, rngs=nnx.Rngs(0)))
 
 
-def plan_import(checkpoint: NextDiTCheckpoint) -> importer.Plan:
+def plan_import(checkpoint: NextDiTCheckpoint, shapes: dict | None = None) -> importer.Plan:
     """Match every tensor of the checkpoint to its parameter, from names and shapes alone."""
-    shapes = parameter_shapes(checkpoint.config)
+    shapes = shapes or parameter_shapes(checkpoint.config)
     return importer.plan_import(checkpoint.tensors, _to_target(checkpoint.layout), shapes, checkpoint.path, "Next-DiT")
 
 
@@ -168,8 +168,8 @@ def import_params(
     Every key is checked before any tensor is read. diffusers' two copies of the shared query
     (attn1 and attn2) must be equal: Next-DiT has one query for both attention branches.
     """
-    plan = plan_import(checkpoint)
     shapes = parameter_shapes(checkpoint.config)
+    plan = plan_import(checkpoint, shapes)
     return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
 
 
