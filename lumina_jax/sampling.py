@@ -43,18 +43,26 @@ class FlowSchedule:
 def diffusers_schedule(num_steps: int, *, shift: float = 1.0, sigmas: list[float] | None = None) -> FlowSchedule:
     """diffusers' FlowMatchEulerDiscreteScheduler as LuminaPipeline uses it, rounding included.
 
-    sigma = 1 - t: timesteps linspace(1000, 1, N) (or the given sigmas), shifted by
-    shift*s / (1 + (shift-1)*s), then a final 0. The model sees 1 - (1000*sigma)/1000 in float32.
+    sigma = 1 - t: timesteps spaced evenly from 1000 * sigma_max to 1000 * sigma_min (the shifted
+    ends of the 1000 training sigmas, in float32, as the scheduler keeps them) or the given sigmas,
+    shifted by shift*s / (1 + (shift-1)*s), then a final 0. The model sees 1 - (1000*sigma)/1000.
     """
+
+    def shifted(sigma, dtype):
+        sigma = np.asarray(sigma, dtype)
+        return dtype(shift) * sigma / (1 + dtype(shift - 1) * sigma)
+
     if sigmas is None:
-        sigma = np.linspace(1000.0, 1.0, num_steps) / 1000.0
-    else:
-        sigma = np.asarray(sigmas, np.float64)
+        # the scheduler keeps its 1000 training sigmas, shifted, in float32; the ends bound the grid
+        sigma_max, sigma_min = shifted([1.0, np.float32(1) / np.float32(1000)], np.float32)
+        grid = np.linspace(1000.0 * float(sigma_max), 1000.0 * float(sigma_min), num_steps) / 1000.0
+        sigma = shifted(grid, np.float64).astype(np.float32)
+    else:  # the scheduler takes given sigmas as float32 and shifts them in float32
+        sigma = shifted(sigmas, np.float32)
         if sigma.ndim != 1 or len(sigma) != num_steps:
             raise ValueError(
                 f"sigmas must be a list of num_inference_steps={num_steps} values, got shape {sigma.shape}"
             )
-    sigma = (shift * sigma / (1 + (shift - 1) * sigma)).astype(np.float32)
     timesteps = sigma * np.float32(1000.0)
     times = np.float32(1.0) - timesteps / np.float32(1000.0)
     sigma = np.append(sigma, np.float32(0.0))
