@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         image.save(path, pnginfo=info)
         written.append(path)
     first, rest = times[0], times[1:]
-    per_image = f"{first:.2f} s for the first image (compiling)" + (
+    per_image = f"{first:.2f} s for the first image (with compilation, unless cached)" + (
         f", {sum(rest) / len(rest):.2f} s per image after" if rest else ""
     )
     print(f"wrote {len(written)} image(s) to {args.out}/: {per_image}")
