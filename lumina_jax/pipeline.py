@@ -46,9 +46,9 @@ def _caption_bucket(length: int) -> int:
     return next(b for b in CAPTION_BUCKETS if b >= length)
 
 
-def _preprocess(texts: list[str], clean_caption: bool) -> list[str]:
-    # diffusers cleans captions only when beautifulsoup4 and ftfy are installed; lumina-jax depends
-    # on neither, so this is diffusers' behaviour without them, whatever clean_caption says.
+def _preprocess(texts: list[str]) -> list[str]:
+    # diffusers cleans captions (clean_caption=True) only when beautifulsoup4 and ftfy are installed;
+    # lumina-jax depends on neither, so this is diffusers' behaviour without them.
     return [t.lower().strip() for t in texts]
 
 
@@ -123,10 +123,10 @@ class LuminaPipeline:
         return _encode_text(*self._text_encoder_split, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
 
     def encode_prompt(
-        self, prompt: list[str], negative_prompt: list[str] | None, *, clean_caption: bool = True
+        self, prompt: list[str], negative_prompt: list[str] | None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
         """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
-        ids, mask = self._tokenize(_preprocess(prompt, clean_caption), None)
+        ids, mask = self._tokenize(_preprocess(prompt), None)
         bucket = _caption_bucket(ids.shape[1])
         embeds, mask_out = self._encode(ids, mask, bucket)
         if negative_prompt is None:
@@ -150,7 +150,7 @@ class LuminaPipeline:
         negative_prompt_embeds: jax.Array | None = None,
         negative_prompt_attention_mask: jax.Array | None = None,
         output_type: Literal["pil", "np", "latent"] = "pil",
-        clean_caption: bool = True,
+        clean_caption: bool = True,  # accepted as diffusers does; without bs4 and ftfy it only lower-cases
         scaling_watershed: float = 1.0,
         proportional_attn: bool = True,
         solver: sampling.Solver = "euler",
@@ -171,7 +171,7 @@ class LuminaPipeline:
                 negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
                 if len(negatives) != len(prompts):
                     raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts, negatives, clean_caption=clean_caption)
+            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts, negatives)
         else:
             embeds, mask = jnp.asarray(prompt_embeds), jnp.asarray(prompt_attention_mask)
             neg_embeds, neg_mask = negative_prompt_embeds, negative_prompt_attention_mask

@@ -63,7 +63,13 @@ def read_config(path: Path, from_dict: Callable[[dict], Any], model_name: str) -
 
 
 def find_component(
-    path: str | Path, *, subfolder: str, stem: str, from_dict: Callable[[dict], Any], model_name: str
+    path: str | Path,
+    *,
+    subfolder: str,
+    stem: str,
+    from_dict: Callable[[dict], Any],
+    model_name: str,
+    other_layouts: str | None = None,
 ) -> Checkpoint:
     """One model's folder: config.json with `stem`.safetensors (or shards and their index), a diffusers
     pipeline folder (its `subfolder`/), or a folder we converted (config.json and Orbax params/)."""
@@ -78,11 +84,12 @@ def find_component(
         if not (path / subfolder).is_dir():
             raise ValueError(f"{path}: a diffusers pipeline folder without {subfolder}/")
         return find_component(path / subfolder, subfolder=subfolder, stem=stem, from_dict=from_dict,
-                              model_name=model_name)  # fmt: skip
+                              model_name=model_name, other_layouts=other_layouts)  # fmt: skip
     if not (path / "config.json").exists():
         raise ValueError(
             f"{path}: no {model_name} weights found (no config.json). Expected config.json with {stem}.safetensors, "
-            f"a diffusers pipeline folder with {subfolder}/, or a folder written by `python -m convert`"
+            f"a diffusers pipeline folder with {subfolder}/, {other_layouts + ', ' if other_layouts else ''}"
+            "or a folder written by `python -m convert`"
         )
     config = read_config(path / "config.json", from_dict, model_name)
     if orbax_io.is_converted(path):

@@ -25,7 +25,7 @@ from lumina_jax.weights.nextdit_keys import (
     diffusers_keys,
     original_key_to_diffusers,
 )
-from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_folder, write_safetensors
+from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
 
 
@@ -112,31 +112,18 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
 def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint:
     """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
     if path.is_file():
         return _from_file(path)
-
-    if (path / "model_index.json").exists():
-        if not (path / "transformer").is_dir():
-            raise ValueError(f"{path}: a diffusers pipeline folder without transformer/")
-        return find_checkpoint(path / "transformer", ema=ema)
-    if orbax_io.is_converted(path):
-        return NextDiTCheckpoint(path, _read_config(path / "config.json"), None, "converted")
     stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
     for suffix in (".safetensors", ".pth"):
         if (path / f"{stem}{suffix}").exists():
             return _from_file(path / f"{stem}{suffix}")
-    if (path / "config.json").exists():
-        stem = "diffusion_pytorch_model"
-        if not any((path / f"{stem}{s}").exists() for s in (".safetensors", ".safetensors.index.json")):
-            raise ValueError(f"{path}: config.json but no {stem}.safetensors (or its index) beside it")
-        return NextDiTCheckpoint(
-            path, _read_config(path / "config.json"), read_safetensors_folder(path, stem), "diffusers"
-        )
-    raise ValueError(
-        f"{path}: no Next-DiT weights found. Expected a diffusers transformer or pipeline folder, an original "
-        f"Lumina-Next folder with {stem}.safetensors or .pth, a checkpoint file, or a folder from `python -m convert`"
+    found = importer.find_component(
+        path, subfolder="transformer", stem="diffusion_pytorch_model", from_dict=NextDiTConfig.from_dict,
+        model_name="Next-DiT", other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
+    )  # fmt: skip
+    return NextDiTCheckpoint(
+        found.path, found.config, found.tensors, "converted" if found.tensors is None else "diffusers"
     )
 
 
