@@ -13,7 +13,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 from lumina_jax.pipeline import LuminaPipeline
-from lumina_jax.training import digits
+from lumina_jax.training import data, digits
 from lumina_jax.weights.gemma import load_text_encoder
 
 DIGIT_TOKENS = {token: d for d in range(10) for token in (digits.DIGIT_WORDS[d], str(d))}
@@ -72,6 +72,9 @@ def test_write_dataset_writes_pngs_and_captions(tmp_path, real_digits):
         assert (image == image[..., :1]).all()  # grey, replicated
         corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
         assert corners.min() >= 240 and image.min() <= 64  # white paper, dark ink
+    # the training loader reads it: the same images and prompts, in order
+    examples = data.read_manifest(manifest)
+    assert [(e.path, e.prompt) for e in examples] == [(out / r["path"], r["prompt"]) for r in records]
     # the image is the digit: its blocks come back to scikit-learn's ink within the blur of resampling
     first = np.asarray(Image.open(manifest.parent / records[0]["path"]))[None]
     assert np.abs(digits.ink_features(first)[0] - real_digits.data[0]).mean() < 1.5
