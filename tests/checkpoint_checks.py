@@ -1,0 +1,105 @@
+"""Checkpoint runs that need a process of their own; tests/test_checkpoint.py starts them.
+
+python tests/checkpoint_checks.py meshes DIR   (XLA_FLAGS=--xla_force_host_platform_device_count=8)
+    saves a training state laid out for fsdp=8, restores it under data=2 x fsdp=4 and onto one
+    device; prints the measurements as JSON.
+python tests/checkpoint_checks.py killed DIR
+    saves step 1 and waits for it, starts an asynchronous save of a large step 2, prints
+    SAVING_MARKER and waits for the save: the test kills the process before it completes.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sharding_checks import laid_out_as, stored_fraction, tiny_model
+
+from lumina_jax import sharding
+from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
+from lumina_jax.training.step import make_optimizer
+
+SAVING_MARKER = "step 2 is being saved"
+LARGE_STATE_BYTES = 512 * 2**20
+RESTORE_MESHES = {"data2_fsdp4": dict(data=2, fsdp=4), "one_device": None}
+
+
+def small_state(seed: int = 1) -> dict:
+    """The killed run's complete step: a few arrays of several dtypes."""
+    rng = np.random.default_rng(seed)
+    return {
+        "weights": [jnp.asarray(rng.standard_normal((3, 5), np.float32)), jnp.asarray(rng.standard_normal(7))],
+        "count": jnp.asarray(rng.integers(0, 100, (), np.int32)),
+    }
+
+
+def large_state() -> dict:
+    """Large and incompressible (Orbax compresses), so that writing it takes seconds: far longer than
+    the parent needs to kill the process once it reads the marker."""
+    rng = np.random.default_rng(0)
+    chunk = 64 * 2**20
+    weights = [jnp.asarray(np.frombuffer(rng.bytes(chunk), np.uint32)) for _ in range(LARGE_STATE_BYTES // chunk)]
+    return {"weights": weights, "count": jnp.int32(2)}
+
+
+def killed(directory: str) -> None:
+    checkpointer = Checkpointer(directory)
+    checkpointer.save(1, small_state())
+    checkpointer.wait_until_finished()
+    checkpointer.save(2, large_state())  # returns when the arrays are copied; the writing goes on
+    print(SAVING_MARKER, flush=True)
+    checkpointer.wait_until_finished()
+    print("step 2 saved", flush=True)
+
+
+def host(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def random_like(abstract, seed: int = 0):
+    """Arrays of abstract's structure, shapes, dtypes and shardings, each with its own random values
+    (placed from host: nothing to compile), so that no two leaves could be confused."""
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        values = (
+            rng.integers(0, 2**31, x.shape) if jnp.issubdtype(x.dtype, jnp.integer) else rng.standard_normal(x.shape)
+        )
+        return jax.device_put(values.astype(x.dtype), x.sharding)
+
+    return jax.tree.map(draw, abstract)
+
+
+def meshes(directory: str) -> dict:
+    model = tiny_model()
+    optimizer = make_optimizer()
+    fsdp8 = sharding.make_mesh()
+    state = random_like(abstract_train_state(model, optimizer, fsdp8))
+    saved = host(state)
+    results = {"devices": jax.device_count(), "saved_fraction": stored_fraction(state)}
+    with Checkpointer(directory) as checkpointer:
+        checkpointer.save(1, state, {"data": {"epoch": 0, "position": 8}})
+        checkpointer.wait_until_finished()
+        for name, axes in RESTORE_MESHES.items():
+            abstract = abstract_train_state(model, optimizer, None if axes is None else sharding.make_mesh(**axes))
+            restored, extra = checkpointer.restore(abstract)
+            restored_values = host(restored)
+            results[name] = {
+                "extra": extra,
+                "same_structure": jax.tree.structure(restored) == jax.tree.structure(state),
+                "values_equal": len(saved) == len(restored_values)
+                and all(np.array_equal(a, b) for a, b in zip(saved, restored_values)),
+                "laid_out_as_requested": laid_out_as(restored, jax.tree.map(lambda x: x.sharding, abstract)),
+                "stored_fraction": stored_fraction(restored),
+                "devices": len({device for x in jax.tree.leaves(restored) for device in x.devices()}),
+            }
+    return results
+
+
+if __name__ == "__main__":
+    mode, directory = sys.argv[1:]
+    if mode == "killed":
+        killed(directory)
+    else:
+        print(json.dumps(meshes(directory)))
