@@ -10,6 +10,7 @@ python tests/checkpoint_checks.py killed DIR
 
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,11 @@ import numpy as np
 from sharding_checks import laid_out_as, stored_fraction, tiny_model
 
 from lumina_jax import sharding
-from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
+from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.step import make_optimizer
 
 SAVING_MARKER = "step 2 is being saved"
+READY_MARKER = "stepping"
 LARGE_STATE_BYTES = 512 * 2**20
 RESTORE_MESHES = {"data2_fsdp4": dict(data=2, fsdp=4), "one_device": None}
 
@@ -97,9 +99,23 @@ def meshes(directory: str) -> dict:
     return results
 
 
+def preempted(process_id: int, port: int) -> None:
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    with PreemptionWatcher() as watcher:
+        print(READY_MARKER, flush=True)
+        step = 0
+        while not watcher.should_stop(step):
+            time.sleep(0.01)  # a training step
+            step += 1
+    print(step, flush=True)
+    jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
-    mode, directory = sys.argv[1:]
+    mode, *args = sys.argv[1:]
     if mode == "killed":
-        killed(directory)
+        killed(*args)
+    elif mode == "preempted":
+        preempted(*map(int, args))
     else:
-        print(json.dumps(meshes(directory)))
+        print(json.dumps(meshes(*args)))

@@ -4,6 +4,7 @@ midway, and the SIGTERM watcher. Runs needing 8 devices or a kill use tests/chec
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from checkpoint_checks import SAVING_MARKER, small_state
+from checkpoint_checks import READY_MARKER, SAVING_MARKER, small_state
 from sharding_checks import empty_caption, padded_batch, tiny_model
 
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state, to_nested_dict
@@ -33,10 +34,16 @@ def assert_same_arrays(actual, expected) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def script(mode: str, directory: Path, **popen) -> subprocess.Popen:
+def script(mode: str, *args, **popen) -> subprocess.Popen:
     flags = "--xla_force_host_platform_device_count=8" if mode == "meshes" else ""
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), mode, str(directory)], env=env, text=True, **popen)
+    return subprocess.Popen([sys.executable, str(SCRIPT), mode, *map(str, args)], env=env, text=True, **popen)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
 
 
 def test_round_trip_resumes_training_exactly(tmp_path):
@@ -146,3 +153,19 @@ def test_sigterm_sets_the_flag_and_close_restores_the_handler():
         assert signals == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_processes_agree_on_the_step_to_stop_after_a_sigterm_to_one():
+    port = free_port()
+    processes = [script("preempted", rank, port, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == READY_MARKER, process.stderr.read()[-3000:]
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], outputs[1][1][-3000:]
+    stops = [int(stdout) for stdout, _ in outputs]
+    assert stops[0] == stops[1] > 0
