@@ -1,5 +1,8 @@
 """Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API.
 
+A pipeline without a VAE (model_index.json says `"vae": null`) works in pixel space: the
+transformer's latents [B, 3, H, W] in [-1, 1] are the image (the small demo model is such a one).
+
 Arguments shared with diffusers' `LuminaPipeline.__call__` mean the same; `latents` and
 `output_type="latent"` use its [B, 4, H/8, W/8] layout, so the same noise gives the same image.
 Unlike diffusers, prompt masks stay aligned with their embeddings when num_images_per_prompt > 1.
@@ -26,6 +29,7 @@ from lumina_jax.models.gemma import GemmaEncoder
 from lumina_jax.models.nextdit import ROPE_MAX_GRID, NextDiT
 from lumina_jax.models.vae import AutoencoderKL
 from lumina_jax.weights.gemma import load_text_encoder
+from lumina_jax.weights.importer import has_vae
 from lumina_jax.weights.nextdit import load_transformer
 from lumina_jax.weights.vae import find_vae, load_vae
 
@@ -69,30 +73,43 @@ def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 class LuminaPipeline:
-    def __init__(self, transformer: NextDiT, text_encoder: GemmaEncoder, vae: AutoencoderKL, tokenizer, *,
-                 scheduler_shift: float = 1.0):  # fmt: skip
+    def __init__(self, transformer: NextDiT | None, text_encoder: GemmaEncoder, vae: AutoencoderKL | None, tokenizer,
+                 *, scheduler_shift: float = 1.0):  # fmt: skip
+        """vae None: pixel space. transformer None: only the encoders (e.g. to build a training cache)."""
         self.transformer, self.text_encoder, self.vae, self.tokenizer = transformer, text_encoder, vae, tokenizer
-        self._text_encoder_split, self._vae_split = nnx.split(text_encoder), nnx.split(vae)
+        self._text_encoder_split = nnx.split(text_encoder)
+        self._vae_split = None if vae is None else nnx.split(vae)
         self.scheduler_shift = scheduler_shift
-        self.default_sample_size = transformer.config.sample_size * VAE_SCALE
+        self.latent_scale = 1 if vae is None else VAE_SCALE  # image pixels per latent pixel
+        self.default_sample_size = transformer and transformer.config.sample_size * self.latent_scale
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "bfloat16", *, progress: bool = True) -> "LuminaPipeline":
+    def from_pretrained(
+        cls, path: str | Path, dtype: str = "bfloat16", *, transformer: NextDiT | None | str = "load",
+        progress: bool = True,
+    ) -> "LuminaPipeline":  # fmt: skip
         """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load).
 
         The VAE runs in float32 when its config asks for it (force_upcast, as the SDXL VAE does).
+        As in diffusers, `transformer=` a model uses that one, and `transformer=None` loads none.
         """
         path = Path(path)
-        missing = [name for name in COMPONENTS if not (path / name).is_dir()]
+        expected = [
+            c for c in COMPONENTS if (c != "vae" or has_vae(path)) and (c != "transformer" or transformer == "load")
+        ]
+        missing = [name for name in expected if not (path / name).is_dir()]
         if missing:
             raise FileNotFoundError(
                 f"{path}: not a Lumina pipeline folder, missing {', '.join(m + '/' for m in missing)} "
-                f"(expected {', '.join(c + '/' for c in COMPONENTS)})"
+                f"(expected {', '.join(c + '/' for c in expected)})"
             )
-        transformer = load_transformer(path / "transformer", dtype, progress=progress)
+        if transformer == "load":
+            transformer = load_transformer(path / "transformer", dtype, progress=progress)
         text_encoder = load_text_encoder(path / "text_encoder", dtype, progress=progress)
-        vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
-        vae = load_vae(path / "vae", vae_dtype, progress=progress)
+        vae = None
+        if "vae" in expected:
+            vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
+            vae = load_vae(path / "vae", vae_dtype, progress=progress)
         from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -158,6 +175,8 @@ class LuminaPipeline:
         sigmas: list[float] | None = None,
         cfg_all_channels: bool = False,
     ) -> LuminaPipelineOutput:
+        if self.transformer is None:
+            raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
         height = height or self.default_sample_size
         width = width or self.default_sample_size
         self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
@@ -187,7 +206,7 @@ class LuminaPipeline:
         caption = jnp.concatenate([embeds, neg_embeds]) if guided else embeds
         caption_mask = jnp.concatenate([mask, neg_mask]) if guided else mask
 
-        shape = (batch, self.transformer.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
+        shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         if latents is None:
             latents = _noise(jnp.uint32(seed), shape)
         elif tuple(latents.shape) != shape:
@@ -200,8 +219,11 @@ class LuminaPipeline:
         )  # fmt: skip
         if output_type == "latent":
             return LuminaPipelineOutput(np.asarray(latents))
-        config = self.vae.config
-        images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
+        if self.vae is None:
+            images = latents
+        else:
+            config = self.vae.config
+            images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
         images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
         if output_type == "np":
             return LuminaPipelineOutput(images)
@@ -212,7 +234,7 @@ class LuminaPipeline:
             raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
         if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
             raise ValueError("prompt is an empty list; give at least one prompt")
-        unit = VAE_SCALE * self.transformer.config.patch_size
+        unit = self.latent_scale * self.transformer.config.patch_size
         largest = ROPE_MAX_GRID * unit
         if height % unit or width % unit or not (unit <= height <= largest and unit <= width <= largest):
             raise ValueError(

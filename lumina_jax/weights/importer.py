@@ -62,6 +62,14 @@ def read_config(path: Path, from_dict: Callable[[dict], Any], model_name: str) -
         raise ValueError(f"{path}: not a supported {model_name} config: {e}") from None
 
 
+def has_vae(pipeline: Path) -> bool:
+    """Whether a pipeline folder has a VAE: all do unless model_index.json names none (pixel space)."""
+    index = Path(pipeline) / "model_index.json"
+    if not index.exists():
+        return True
+    return json.loads(index.read_text()).get("vae") not in (None, [None, None])
+
+
 def find_component(
     path: str | Path,
     *,
