@@ -4,7 +4,8 @@ Computes what diffusers' `LuminaNextDiT2DModel` and the original `NextDiT` compu
 array layouts at the boundary: hidden_states [B, C, H, W], timestep [B] in [0, 1] (0 = noise,
 1 = data), caption features [B, L, D] with mask [B, L]; output [B, out_channels, H, W].
 Differences that change no numbers: the shared query is projected once (diffusers does it twice),
-layers are stacked and scanned, and kv heads are never repeated in memory.
+projections of the same input run as one matmul (q/k/v, caption k/v, FFN gate/up), layers are
+stacked and scanned, and kv heads are never repeated in memory.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lumina_jax.models.attention import Backend, dot_product_attention
+from lumina_jax.models.attention import Backend, dual_attention
 from lumina_jax.models.layers import (
     DIFFUSERS_BOOKKEEPING,
     Dtype,
@@ -152,6 +153,17 @@ def check_grid(rows: int, cols: int, patch: int) -> None:
         )
 
 
+def fused_dense(x: jax.Array, *layers: nnx.Linear) -> jax.Array:
+    """x through bias-free linear layers that read the same input, as one matmul: x [W_1 | W_2 | ...].
+
+    The parameters stay separate (checkpoints and sharding rules name them); the kernels are joined
+    at call time, one copy of the layer's weights, cheap beside the matmul it makes wider.
+    """
+    dtype = layers[0].dtype
+    kernel = jnp.concatenate([layer.kernel[...].astype(dtype) for layer in layers], axis=-1)
+    return jnp.dot(x.astype(dtype), kernel)
+
+
 class Attention(nnx.Module):
     """Self-attention over image tokens plus tanh-gated cross-attention to the caption.
 
@@ -183,18 +195,24 @@ class Attention(nnx.Module):
 
     def __call__(self, x, caption, caption_mask, token_mask, cos, sin, self_scale):
         dtype = self.to_q.dtype
-        q = apply_rope(self._heads(self.to_q(x), self.q_norm, self.num_heads, jnp.float32), cos, sin)
-        k = apply_rope(self._heads(self.to_k(x), self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
-        v = self._heads(self.to_v(x), None, self.num_kv_heads, dtype)
-        q, k = q.astype(dtype), k.astype(dtype)
-        ck = self._heads(self.to_k_caption(caption), self.k_caption_norm, self.num_kv_heads, dtype)
-        cv = self._heads(self.to_v_caption(caption), None, self.num_kv_heads, dtype)
-
-        attend = dict(backend=self.backend)
-        image = dot_product_attention(q, k, v, scale=self_scale, kv_mask=token_mask, **attend)
-        text = dot_product_attention(q, ck, cv, scale=self.head_dim**-0.5, kv_mask=caption_mask, **attend)
-        gate = jnp.tanh(self.gate[...].astype(jnp.float32))[:, None]
-        mixed = image.astype(jnp.float32) + gate * text.astype(jnp.float32)
+        heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(fused_dense(x, self.to_q, self.to_k, self.to_v), [heads, heads + kv], axis=-1)
+        ck, cv = jnp.split(fused_dense(caption, self.to_k_caption, self.to_v_caption), 2, axis=-1)
+        q = apply_rope(self._heads(q, self.q_norm, self.num_heads, jnp.float32), cos, sin).astype(dtype)
+        k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin).astype(dtype)
+        mixed = dual_attention(
+            q,
+            k,
+            self._heads(v, None, self.num_kv_heads, dtype),
+            self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
+            self._heads(cv, None, self.num_kv_heads, dtype),
+            scale=self_scale,
+            caption_scale=self.head_dim**-0.5,
+            caption_gate=jnp.tanh(self.gate[...].astype(jnp.float32)),
+            kv_mask=token_mask,
+            caption_mask=caption_mask,
+            backend=self.backend,
+        )
         return self.to_out(mixed.reshape(*x.shape[:2], -1))
 
 
@@ -208,7 +226,8 @@ class FeedForward(nnx.Module):
         self.down = linear(cfg.ffn_dim, cfg.hidden_size, ("mlp", "embed"), **dense)
 
     def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate, up = jnp.split(fused_dense(x, self.gate, self.up), 2, axis=-1)
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class NextDiTBlock(nnx.Module):
