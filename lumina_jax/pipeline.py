@@ -1,7 +1,8 @@
 """Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API.
 
 A pipeline without a VAE (model_index.json says `"vae": null`) works in pixel space: the
-transformer's latents [B, 3, H, W] in [-1, 1] are the image (the small demo model is such a one).
+transformer's latents [B, 3, H, W] (or [B, 1, H, W], grey) in [-1, 1] are the image (the small
+digits model is such a one).
 
 Arguments shared with diffusers' `LuminaPipeline.__call__` mean the same; `latents` and
 `output_type="latent"` use its [B, 4, H/8, W/8] layout, so the same noise gives the same image.
@@ -22,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from lumina_jax import sampling
 from lumina_jax.models.gemma import GemmaEncoder
 from lumina_jax.models.nextdit import ROPE_MAX_GRID, NextDiT
 from lumina_jax.models.vae import AutoencoderKL
+from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
 from lumina_jax.weights.gemma import load_text_encoder
 from lumina_jax.weights.importer import has_vae
 from lumina_jax.weights.nextdit import load_transformer
@@ -80,6 +83,7 @@ class LuminaPipeline:
         self._text_encoder_split = nnx.split(text_encoder)
         self._vae_split = None if vae is None else nnx.split(vae)
         self.scheduler_shift = scheduler_shift
+        self.mesh: Mesh | None = None
         self.latent_scale = 1 if vae is None else VAE_SCALE  # image pixels per latent pixel
         self.default_sample_size = transformer and transformer.config.sample_size * self.latent_scale
 
@@ -116,6 +120,24 @@ class LuminaPipeline:
         scheduler = path / "scheduler" / "scheduler_config.json"
         shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
         return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=shift)
+
+    def shard(self, mesh: Mesh) -> "LuminaPipeline":
+        """Run on a device mesh: the transformer's parameters laid out by the sharding rules (the text
+        encoder and VAE by theirs, replicated where they name no axes), and each call's images spread
+        over the mesh's batch axes. Returns the pipeline."""
+        for module in (self.transformer, self.text_encoder, self.vae):
+            if module is not None:
+                shard_module(module, mesh)
+        self._text_encoder_split = nnx.split(self.text_encoder)
+        self._vae_split = None if self.vae is None else nnx.split(self.vae)
+        self.mesh = mesh
+        return self
+
+    def _spread(self, array: jax.Array) -> jax.Array:
+        """Rows over the mesh's batch axes when they divide evenly, else a copy on every device."""
+        rows = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
+        spec = batch_sharding(self.mesh) if array.shape[0] % rows == 0 else NamedSharding(self.mesh, PartitionSpec())
+        return jax.device_put(array, spec)
 
     def _tokenize(self, texts: list[str], length: int | None) -> tuple[np.ndarray, np.ndarray]:
         """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned);
@@ -211,16 +233,19 @@ class LuminaPipeline:
             latents = _noise(jnp.uint32(seed), shape)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+        latents = jnp.asarray(latents)
+        if self.mesh is not None:
+            latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
         schedule_ = sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift, sigmas=sigmas)
         latents = sampling.sample(
-            self.transformer, jnp.asarray(latents), caption, caption_mask, schedule_,
+            self.transformer, latents, caption, caption_mask, schedule_,
             guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
             proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
         )  # fmt: skip
         if output_type == "latent":
             return LuminaPipelineOutput(np.asarray(latents))
-        if self.vae is None:
-            images = latents
+        if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
+            images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
         else:
             config = self.vae.config
             images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))

@@ -7,6 +7,7 @@ The tiny model and batch builders are shared with tests/test_train_step.py.
 
 import json
 import math
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ from flax import nnx
 
 from lumina_jax import sharding
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
+from lumina_jax.pipeline import LuminaPipeline
+from lumina_jax.training.digits import DIGIT_WORDS, write_base_pipeline
 from lumina_jax.training.step import (
     TrainBatch,
     TrainState,
@@ -201,7 +204,25 @@ def main() -> dict:
             )
             entry |= training_comparison(state, metrics, *reference, placement)
         results[name] = entry
+    results["pipeline"] = sharded_sampling()
     return results
+
+
+def sharded_sampling() -> dict:
+    """Latents of a pixel-space pipeline (tiny Next-DiT, the digits text stack) on 8 images with CFG,
+    spread over meshes, against one device; and how many devices hold a piece of the images."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_base_pipeline(folder, text_hidden=TINY.cross_attention_dim)
+        pipe = LuminaPipeline.from_pretrained(folder, dtype="float32", transformer=tiny_model(), progress=False)
+    prompts = [f"a handwritten digit {word}" for word in DIGIT_WORDS[:8]]
+    options = dict(height=8, width=8, num_inference_steps=3, guidance_scale=4.0, seed=1, output_type="latent")
+    reference = pipe(prompt=prompts, **options).images
+    entry = {}
+    for name in ("fsdp8", "data2_fsdp4"):
+        pipe.shard(sharding.make_mesh(**MESHES[name]))
+        latents = pipe(prompt=prompts, **options).images
+        entry[name] = float(np.abs(latents - reference).max() / np.abs(reference).max())
+    return entry
 
 
 if __name__ == "__main__":

@@ -99,3 +99,9 @@ def test_training_state_keeps_its_layout(results, mesh):
     run = results[mesh]
     assert run["params_laid_out_by_rules"] and run["optimizer_and_ema_laid_out_as_params"]
     assert run["state_fraction"] == pytest.approx(run["param_fraction"], abs=1e-3)
+
+
+def test_sampling_under_a_mesh_equals_one_device(results):
+    # 8 images with CFG (16 rows) split over the batch axes, the transformer over fsdp: 3 Euler steps
+    assert results["pipeline"]["fsdp8"] <= REORDERED_SUMS
+    assert results["pipeline"]["data2_fsdp4"] <= REORDERED_SUMS

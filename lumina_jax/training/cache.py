@@ -273,10 +273,10 @@ def open_cache(folder: str | Path) -> LatentCache:
     return LatentCache(folder, metadata, records, empty_caption)
 
 
-def pipeline_encoders(pipe) -> tuple[ImageEncoder, TextEncoder, float, float]:
+def pipeline_encoders(pipe, pixel_channels: int = 3) -> tuple[ImageEncoder, TextEncoder, float, float]:
     """(encode_images, encode_text, scaling_factor, shift_factor) for `build_cache`, from a
-    `LuminaPipeline`: its VAE's posterior (jitted; pixel space when `pipe.vae` is None) and
-    `pipe.encode_prompt` (cleaning and tokenising as at sampling time)."""
+    `LuminaPipeline`: its VAE's posterior (jitted; pixel space when `pipe.vae` is None, in grey when
+    pixel_channels is 1) and `pipe.encode_prompt` (cleaning and tokenising as at sampling time)."""
     import jax  # here: the cache reader and the tests' numpy encoders need no JAX
     from flax import nnx
 
@@ -285,7 +285,9 @@ def pipeline_encoders(pipe) -> tuple[ImageEncoder, TextEncoder, float, float]:
         return np.asarray(features, np.float32), np.asarray(mask, bool)
 
     if pipe.vae is None:
-        return _pixel_space, encode_text, 1.0, 0.0
+        if pixel_channels not in (1, 3):
+            raise ValueError(f"a pixel-space model has 1 (grey) or 3 (RGB) channels, got {pixel_channels}")
+        return (_pixel_space if pixel_channels == 3 else _grey_pixel_space), encode_text, 1.0, 0.0
 
     graphdef, params = nnx.split(pipe.vae)
     encode = jax.jit(lambda params, images: nnx.merge(graphdef, params).encode(images))
@@ -303,3 +305,7 @@ def pipeline_encoders(pipe) -> tuple[ImageEncoder, TextEncoder, float, float]:
 
 def _pixel_space(images: np.ndarray) -> tuple[np.ndarray, None]:
     return images.transpose(0, 3, 1, 2), None
+
+
+def _grey_pixel_space(images: np.ndarray) -> tuple[np.ndarray, None]:
+    return images.mean(axis=-1, keepdims=True).transpose(0, 3, 1, 2), None

@@ -271,3 +271,36 @@ def evaluate_pipeline(
         images.append(np.asarray(out.images))
         labels += [digit] * samples_per_digit
     return evaluate(np.concatenate(images), labels, classifier)
+
+
+def write_base_pipeline(folder: str | os.PathLike, *, text_hidden: int = 64, seed: int = 0) -> Path:
+    """The pipeline folder a digits run starts from, in diffusers' layout without a VAE (pixel space):
+    model_index.json, scheduler/, tokenizer/ and text_encoder/ (write_text_stack); training adds transformer/."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_stack(folder, vocabulary=caption_vocabulary(), hidden=text_hidden, seed=seed)
+    with atomic_folder(folder / "scheduler", overwrite=True) as partial:
+        scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+        (partial / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": "LuminaPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "GemmaModel"],
+        "tokenizer": ["transformers", TOKENIZER_CLASS],
+        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+        "vae": [None, None],
+    }
+    partial = folder / "model_index.json.partial"
+    partial.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(partial, folder / "model_index.json")
+    return folder
+
+
+def prepare(config) -> None:
+    """`TrainConfig.prepare` of train/configs/digits.py: the data set beside config.manifest and the base
+    pipeline at config.pipeline, its text encoder as wide as the transformer's cross_attention_dim."""
+    manifest = Path(config.manifest)
+    if manifest.name != MANIFEST:
+        raise ValueError(f"the digits data set's manifest is named {MANIFEST}, got {manifest}")
+    write_dataset(manifest.parent, size=config.image_size, seed=config.seed)
+    write_base_pipeline(config.pipeline, text_hidden=config.transformer_config().cross_attention_dim, seed=config.seed)

@@ -10,6 +10,7 @@ mesh, the state is laid out by `sharding.parameter_shardings` and the batch by `
 without one, the same code runs on one device.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -68,11 +69,26 @@ def _clipped_adamw(learning_rate, weight_decay, clip):
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
 
 
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    """Learning rate `peak` after a linear warm-up over `steps` steps whose first step already learns
+    (peak / steps). A value, not a closure: equal schedules give equal optimizers, so runs share compilations."""
+
+    peak: float
+    steps: int
+
+    def __call__(self, count: jax.Array) -> jax.Array:
+        return self.peak * jnp.minimum(1.0, (count + 1) / max(self.steps, 1))
+
+
+# Cached: the optimizer is a static argument of `train_step`, so equal arguments must give the same
+# object for a second run in one process (a test, a notebook) to reuse the compiled step.
+@functools.cache
 def make_optimizer(
     lr: float | optax.Schedule = 1e-4, weight_decay: float = 0.0, clip: float = 2.0
 ) -> optax.GradientTransformation:
-    """AdamW after global-norm gradient clipping; the learning rate (a number or a schedule of the
-    optimizer's step count) is kept in the optimizer state, where `train_step` reads it for its metrics."""
+    """AdamW after global-norm gradient clipping; the learning rate (a number or a hashable schedule of the
+    optimizer's step count, e.g. `Warmup`) is kept in the optimizer state, where `train_step` reads it."""
     return _clipped_adamw(learning_rate=lr, weight_decay=weight_decay, clip=clip)
 
 
@@ -183,7 +199,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": optax.tree_utils.tree_get(opt_state, "learning_rate"),
+        "lr": opt_state.hyperparams["learning_rate"],  # this step's (make_optimizer keeps it there)
         "skipped": ~finite,
     }
     return new_state, metrics

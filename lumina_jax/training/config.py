@@ -1,0 +1,135 @@
+"""What a training run is: one flat dataclass, written by a config file and overridden on the command line.
+
+A config file is a Python file with `get_config() -> TrainConfig` (see train/configs/). Overrides
+are `field=value` strings; the value is parsed as the field's type, so `steps=2000 lr=3e-4
+transformer.num_layers=4` does what it says.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from lumina_jax.models.nextdit import NextDiTConfig
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # Where the run lives: checkpoints/, metrics.jsonl and the exported pipeline/ go here.
+    workdir: str
+    # A pipeline folder (diffusers layout or converted) for the text encoder, tokenizer, VAE and, when
+    # init == "pretrained", the transformer weights to fine-tune.
+    pipeline: str
+    # JSONL of {"path"|"image", "prompt"|"conversations"}; encoded once into `cache`.
+    manifest: str
+    cache: str
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    # For init == "scratch": the Next-DiT to build (NextDiTConfig fields; the rest keep their defaults).
+    transformer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A function "module:name" run before anything else, taking this config (e.g. writes a dataset).
+    prepare: str | None = None
+
+    image_size: int = 1024  # crops near image_size^2 pixels, aspect up to max_aspect
+    max_aspect: float = 4.0
+    batch_size: int = 32  # global, over all devices and hosts
+    steps: int = 10_000
+    seed: int = 0
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1
+    snr_type: Literal["uniform", "lognorm"] = "uniform"
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    remat: bool = False
+
+    # Mesh: fsdp = -1 takes every device that data and tensor leave.
+    mesh_data: int = 1
+    mesh_fsdp: int = -1
+    mesh_tensor: int = 1
+
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+    peak_flops: float | None = None  # per device, for MFU where the device is not in the built-in table
+    tensorboard: bool = False
+
+    def transformer_config(self) -> NextDiTConfig:
+        return NextDiTConfig.from_dict(self.transformer)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+CONFIG_FOLDER = Path(__file__).resolve().parents[2] / "train" / "configs"
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
+    """A config by name (train/configs/NAME.py) or path, with `field=value` overrides applied."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_FOLDER / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_FOLDER.glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {known}")
+    spec = importlib.util.spec_from_file_location(f"lumina_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file defines get_config() -> TrainConfig")
+    config = module.get_config()
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected field=value")
+        if key.startswith("transformer."):
+            name = key.removeprefix("transformer.")
+            known = {f.name: f.type for f in dataclasses.fields(NextDiTConfig)}
+            if name not in known:
+                raise ValueError(f"override {item!r}: NextDiTConfig has no field {name!r}; fields: {sorted(known)}")
+            transformer = dict(changes.get("transformer", config.transformer))
+            transformer[name] = _parse(text, typing.get_type_hints(NextDiTConfig)[name], item)
+            changes["transformer"] = transformer
+            continue
+        if key not in fields:
+            raise ValueError(f"override {item!r}: TrainConfig has no field {key!r}; fields: {sorted(fields)}")
+        changes[key] = _parse(text, hints[key], item)
+    return dataclasses.replace(config, **changes)
+
+
+def _parse(text: str, kind, item: str) -> Any:
+    """text as a value of type `kind` (int, float, str, bool, Literal, Optional of those)."""
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for option in (o for o in options if o is not type(None)):
+        if typing.get_origin(option) is Literal:
+            if text in option.__args__:
+                return text
+            continue
+        try:
+            if option is bool:
+                if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                    return text.lower() in ("true", "1", "yes")
+                continue
+            return option(text)
+        except (TypeError, ValueError):
+            continue
+    raise ValueError(f"override {item!r}: {text!r} is not a valid {kind}")

@@ -1,0 +1,264 @@
+"""A training run from a `TrainConfig`: mesh, model, cached data, the compiled step, checkpoints, logs.
+
+The run resumes from the newest checkpoint in workdir/checkpoints (parameters, EMA, optimizer
+state, step, RNG and the data iterator's position), so a restarted run continues with exactly the
+batches and random draws it would have seen. SIGTERM (preemption) saves and returns; non-finite
+steps are skipped by the step itself, and the run stops after `max_consecutive_skips` in a row.
+On one host or many: with several processes, `jax.distributed.initialize()` runs first and each
+host loads its own rows of every global batch.
+"""
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lumina_jax import sharding
+from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
+from lumina_jax.training import cache as latent_cache
+from lumina_jax.training.batches import make_batches
+from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
+from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.step import TrainBatch, Warmup, init_train_state, make_optimizer, train_step
+from lumina_jax.weights import orbax_io
+from lumina_jax.weights.importer import resolve_dtype
+from lumina_jax.weights.nextdit import find_checkpoint, load_transformer, save_diffusers
+
+logger = logging.getLogger(__name__)
+
+# Dense bfloat16 matrix rate per device, for MFU. Anything else: TrainConfig.peak_flops.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6": 918e12}  # fmt: skip
+
+
+class TrainingStopped(RuntimeError):
+    """The run could not go on (e.g. too many non-finite steps in a row)."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    step: int  # steps done, skipped ones included
+    preempted: bool
+    skipped_steps: int
+    seconds: float
+    export: Path | None
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host run when the environment describes one (coordinator address or a TPU pod / SLURM job)."""
+    if jax.process_count() > 1 or jax.distributed.is_initialized():
+        return
+    if any(
+        k in os.environ
+        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+    ):
+        jax.distributed.initialize()
+
+
+def architecture(config: TrainConfig) -> NextDiTConfig:
+    """The config's Next-DiT, or the pipeline's for fine-tuning."""
+    if config.init == "pretrained":
+        return find_checkpoint(Path(config.pipeline) / "transformer").config
+    return config.transformer_config()
+
+
+def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:
+    """A function building the run's Next-DiT, freshly initialised: float32 master weights, the
+    configured compute dtype."""
+    compute, architecture_ = resolve_dtype(config.compute_dtype), architecture(config)
+    return lambda: NextDiT(architecture_, dtype=compute, param_dtype=jnp.float32, remat=config.remat,
+                           rngs=nnx.Rngs(config.seed))  # fmt: skip
+
+
+def initial_transformer(config: TrainConfig) -> NextDiT:
+    """The pipeline's transformer in float32 to fine-tune, or a new one."""
+    if config.init == "pretrained":
+        return load_transformer(Path(config.pipeline) / "transformer", config.compute_dtype, param_dtype="float32",
+                                remat=config.remat, progress=False)  # fmt: skip
+    return nnx.jit(transformer_factory(config))()  # one compiled initialisation, not one per parameter shape
+
+
+def make_run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    return make_optimizer(Warmup(config.lr, config.warmup_steps), config.weight_decay, config.grad_clip)
+
+
+def peak_flops(config: TrainConfig) -> float | None:
+    if config.peak_flops:
+        return config.peak_flops
+    kind = jax.devices()[0].device_kind
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+def global_batch(host_batch: dict, patch_size: int, mesh) -> TrainBatch:
+    """This host's rows as the global, sharded TrainBatch."""
+    patches, positions, token_mask = patchify_padded(list(host_batch["latents"]), patch_size)
+    rows = dict(patches=patches, positions=positions, token_mask=token_mask, caption=host_batch["caption"],
+                caption_mask=host_batch["caption_mask"])  # fmt: skip
+    placement = sharding.batch_sharding(mesh)
+    return TrainBatch(**{k: jax.make_array_from_process_local_data(placement, np.asarray(v)) for k, v in rows.items()})
+
+
+def prepare_data(config: TrainConfig) -> None:
+    """Run the config's `prepare` function, then encode the manifest into the cache if it is missing
+    or unfinished (resuming where an interrupted encoding stopped)."""
+    if config.prepare:
+        module, _, name = config.prepare.partition(":")
+        getattr(importlib.import_module(module), name)(config)
+    if (Path(config.cache) / latent_cache.COMPLETE_FILE).exists():
+        return
+    if jax.process_count() > 1:
+        raise FileNotFoundError(f"{config.cache}: no finished cache; build it first with `python -m train cache`")
+    from lumina_jax.pipeline import LuminaPipeline
+
+    pipe = LuminaPipeline.from_pretrained(config.pipeline, dtype=config.compute_dtype, transformer=None, progress=False)
+    encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=architecture(config).in_channels)
+    encode_images, encode_text, scaling_factor, shift_factor = encoders
+    latent_cache.build_cache(config.manifest, config.cache, encode_images=encode_images, encode_text=encode_text,
+                             image_size=config.image_size, max_aspect=config.max_aspect, scaling_factor=scaling_factor,
+                             shift_factor=shift_factor, seed=config.seed)  # fmt: skip
+
+
+def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path) -> Path:
+    """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout."""
+    model = nnx.merge(graphdef, jax.device_get(ema_params))
+    with orbax_io.atomic_folder(destination, overwrite=True) as folder:
+        for item in Path(config.pipeline).iterdir():
+            if item.name != "transformer":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+        save_diffusers(model, folder / "transformer")
+    return destination
+
+
+def export_checkpoint(config: TrainConfig, destination: str | Path, step: int | None = None) -> Path:
+    """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
+    abstract = nnx.eval_shape(transformer_factory(config))
+    with Checkpointer(Path(config.workdir) / "checkpoints") as checkpoints:
+        state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
+    return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination))
+
+
+class MetricsLog:
+    """Metrics as JSON lines (process 0 only); appends, so a resumed run continues the same file."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a") if jax.process_index() == 0 else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
+    initialize_distributed()
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json())
+    prepare_data(config)
+    cache = latent_cache.open_cache(config.cache)
+
+    mesh = sharding.make_mesh(config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp,
+                              config.mesh_tensor)  # fmt: skip
+    optimizer = make_run_optimizer(config)
+    batches = make_batches(cache, global_batch_size=config.batch_size, seed=config.seed,
+                           process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                               save_interval_steps=config.save_every)  # fmt: skip
+    if checkpoints.latest_step() is None:
+        model = initial_transformer(config)
+        graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
+        del model
+    else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built
+        abstract = nnx.eval_shape(transformer_factory(config))
+        graphdef = nnx.graphdef(abstract)
+        state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
+        batches.set_state(extra["data"])
+        logger.info("resumed from step %d", int(state.step))
+    patch_size = architecture(config).patch_size
+    empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
+    options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
+    hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
+    flops_per_step, peak = {}, peak_flops(config)
+
+    start_step = int(state.step)
+    log = MetricsLog(workdir / "metrics.jsonl")
+    watcher = PreemptionWatcher()
+    bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
+    pending, window_start, started = [], time.perf_counter(), time.perf_counter()
+    skipped, preempted, step = 0, False, start_step
+    try:
+        while step < config.steps:
+            batch = global_batch(next(batches), patch_size, mesh)
+            signature = (batch.patches.shape, batch.caption.shape)
+            if signature not in flops_per_step:  # one program per batch shape; its FLOPs give the MFU
+                lowered = train_step.lower(graphdef, state, batch, *empty, **options, **hyper)
+                flops_per_step[signature] = (lowered.cost_analysis() or {}).get("flops")
+            state, metrics = train_step(graphdef, state, batch, *empty, **options, **hyper)
+            step += 1
+            pending.append((signature, metrics))
+            bar.update()
+            if step % config.log_every == 0 or step == config.steps:
+                skipped += _log_window(log, bar, pending, step, time.perf_counter() - window_start, config,
+                                       flops_per_step, peak)  # fmt: skip
+                pending, window_start = [], time.perf_counter()
+                run_of_skips = int(state.consecutive_skips)
+                if run_of_skips >= config.max_consecutive_skips:
+                    raise TrainingStopped(
+                        f"step {step}: {run_of_skips} steps in a row had a non-finite loss or gradient (limit "
+                        f"max_consecutive_skips={config.max_consecutive_skips}); the last good weights are in "
+                        f"{checkpoints.directory}. Lower the learning rate or check the data."
+                    )
+            if watcher.should_stop(step):
+                preempted = True
+                break
+            checkpoints.save(step, state, {"data": batches.get_state()})
+        checkpoints.save(step, state, {"data": batches.get_state()}, force=True)
+        checkpoints.wait_until_finished()
+    finally:
+        bar.close()
+        log.close()
+        watcher.close()
+        checkpoints.close()
+    export = None
+    if not preempted and jax.process_index() == 0:
+        export = export_pipeline(config, graphdef, state.ema_params, workdir / "pipeline")
+    return RunSummary(step, preempted, skipped, time.perf_counter() - started, export)
+
+
+def _log_window(log, bar, pending, step, seconds, config, flops_per_step, peak) -> int:
+    """Write the mean metrics of the steps since the last log; returns how many of them were skipped."""
+    values = jax.device_get([m for _, m in pending])
+    finite = [v for v in values if not v["skipped"]]
+    steps_per_s = len(pending) / seconds
+    record = {
+        "step": step,
+        "loss": float(np.mean([v["loss"] for v in finite])) if finite else float("nan"),
+        "grad_norm": float(np.mean([v["grad_norm"] for v in finite])) if finite else float("nan"),
+        "lr": float(values[-1]["lr"]),
+        "skipped": len(values) - len(finite),
+        "steps_per_s": steps_per_s,
+        "images_per_s": steps_per_s * config.batch_size,
+    }
+    flops = [flops_per_step[s] for s, _ in pending]
+    if peak and all(flops):
+        record["mfu"] = float(np.mean(flops)) * steps_per_s / (peak * jax.device_count())
+    log.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", it_s=f"{steps_per_s:.2f}")
+    return record["skipped"]

@@ -1,0 +1,56 @@
+"""Training configs: the shipped configs load, and command-line overrides parse to the fields' types."""
+
+import dataclasses
+
+import pytest
+
+from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.training.config import CONFIG_FOLDER, TrainConfig, apply_overrides, load_config
+
+BASE = TrainConfig(workdir="w", pipeline="p", manifest="m.jsonl", cache="c")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_FOLDER.glob("*.py")))
+def test_shipped_configs_load_and_build_their_transformer(name):
+    config = load_config(name)
+    assert isinstance(config, TrainConfig)
+    if config.init == "scratch":
+        assert isinstance(config.transformer_config(), NextDiTConfig)
+
+
+def test_overrides_take_the_fields_types():
+    config = apply_overrides(
+        BASE,
+        ["steps=25", "lr=3e-4", "remat=true", "peak_flops=none", "snr_type=lognorm", "transformer.num_layers=3",
+         "transformer.ffn_dim_multiplier=1.5", "workdir=/tmp/x"],
+    )  # fmt: skip
+    assert (config.steps, config.lr, config.remat, config.peak_flops) == (25, 3e-4, True, None)
+    assert (config.snr_type, config.workdir) == ("lognorm", "/tmp/x")
+    assert config.transformer == {"num_layers": 3, "ffn_dim_multiplier": 1.5}
+    assert BASE.transformer == {} and BASE.steps == TrainConfig.steps  # the base is not modified
+    assert dataclasses.replace(config, steps=1).steps == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stepz=3", "no field 'stepz'"),
+        ("steps", "expected field=value"),
+        ("steps=many", "not a valid"),
+        ("snr_type=gaussian", "not a valid"),
+        ("remat=perhaps", "not a valid"),
+        ("transformer.depth=3", "NextDiTConfig has no field 'depth'"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(BASE, [override])
+
+
+def test_unknown_config_lists_the_known_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="digits"):
+        load_config("no_such_config")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        load_config(str(empty))

@@ -1,0 +1,106 @@
+"""Training runs end to end on a small digits set: resume exactness, preemption, non-finite stops, export, CLI."""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lumina_jax.pipeline import LuminaPipeline
+from lumina_jax.training import digits, loop
+from lumina_jax.training.checkpoint import Checkpointer
+from lumina_jax.training.config import TrainConfig
+from train.__main__ import main as train_main
+
+TINY = dict(sample_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=2, num_attention_heads=2,
+            num_kv_heads=1, multiple_of=16, learn_sigma=False, cross_attention_dim=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> TrainConfig:
+    """48 digits at 16x16, the base pipeline, and their cache: shared by every run below."""
+    root = tmp_path_factory.mktemp("digits")
+    digits.write_dataset(root / "data", size=16, limit=48)
+    config = TrainConfig(
+        workdir=str(root / "run"), pipeline=str(root / "base"), manifest=str(root / "data" / digits.MANIFEST),
+        cache=str(root / "cache"), init="scratch", transformer=TINY, image_size=16, max_aspect=1.0, batch_size=8,
+        steps=6, lr=1e-3, warmup_steps=2, ema_decay=0.9, compute_dtype="float32", log_every=1, save_every=3,
+    )  # fmt: skip
+    digits.write_base_pipeline(config.pipeline, text_hidden=32)
+    loop.prepare_data(config)
+    return config
+
+
+def run(base: TrainConfig, workdir, **changes) -> loop.RunSummary:
+    return loop.train(dataclasses.replace(base, workdir=str(workdir), **changes), progress=False)
+
+
+def metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_matches_a_straight_run(base, tmp_path):
+    straight = run(base, tmp_path / "straight")
+    first = run(base, tmp_path / "resumed", steps=3)
+    second = run(base, tmp_path / "resumed")  # picks up the checkpoint at step 3
+    assert (straight.step, first.step, second.step) == (6, 3, 6)
+    expected, got = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal([m["loss"] for m in got], [m["loss"] for m in expected])
+    np.testing.assert_array_equal([m["grad_norm"] for m in got], [m["grad_norm"] for m in expected])
+    # the exported EMA transformers are the same bytes
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (straight.export / weights).read_bytes() == (second.export / weights).read_bytes()
+    assert [m["lr"] for m in expected][:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up 2 steps
+
+
+def test_exported_pipeline_samples(base, tmp_path):
+    summary = run(base, tmp_path, steps=2)
+    pipe = LuminaPipeline.from_pretrained(summary.export, dtype="float32", progress=False)
+    assert pipe.vae is None and pipe.default_sample_size == 16
+    images = pipe(prompt=["a handwritten digit three", "the number 7"], num_inference_steps=2, output_type="np")
+    assert images.images.shape == (2, 16, 16, 3) and np.isfinite(images.images).all()
+
+
+def test_sigterm_saves_and_stops_then_the_run_finishes(base, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+
+    def preempt_after_first_step():
+        while not (log.exists() and log.read_text().strip()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt_after_first_step, daemon=True).start()
+    summary = run(base, tmp_path, steps=1000)
+    assert summary.preempted and 1 <= summary.step < 1000 and summary.export is None
+    with Checkpointer(tmp_path / "checkpoints", keep=3, save_interval_steps=base.save_every) as checkpoints:
+        assert checkpoints.latest_step() == summary.step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the watcher put the default back
+    finished = run(base, tmp_path, steps=summary.step + 1)
+    assert not finished.preempted and finished.step == summary.step + 1
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, summary.step + 2))
+
+
+def test_a_run_of_non_finite_steps_stops_with_a_clear_error(base, tmp_path):
+    # an absurd learning rate: after one update every loss overflows, and every later step is skipped
+    with pytest.raises(loop.TrainingStopped, match="3 steps in a row had a non-finite"):
+        run(base, tmp_path, lr=1e30, warmup_steps=0, max_consecutive_skips=3, steps=50)
+    records = metrics(tmp_path)
+    assert records[-1]["step"] == 4 and sum(r["skipped"] for r in records) == 3
+
+
+def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
+    config_file = tmp_path / "tiny.py"
+    fields = {**dataclasses.asdict(base), "workdir": str(tmp_path / "run"), "steps": 2}
+    config_file.write_text(
+        "from lumina_jax.training.config import TrainConfig\n\n"
+        f"def get_config():\n    return TrainConfig(**{fields!r})\n"
+    )
+    assert train_main(["--config", str(config_file), "--no-progress", "steps=3"]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+    assert train_main(["--config", str(config_file), "stepz=3"]) == 2
+    assert "no field 'stepz'" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""python -m train --config CONFIG [field=value ...]   train (resumes from the newest checkpoint)
+python -m train cache --config CONFIG [field=value ...]   encode the config's manifest into its cache
+python -m train export --config CONFIG [--step N] [--out PATH]   a checkpoint's EMA weights as a pipeline folder
+python -m train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
+
+CONFIG is a name from train/configs/ (e.g. digits) or a path to a Python file defining get_config().
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+COMMANDS = ("cache", "export", "eval")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    rest = argv[1:] if command != "train" else argv
+    prog = "python -m train" + ("" if command == "train" else f" {command}")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if command == "eval":
+        from sample import DEFAULT_MODEL
+
+        parser.add_argument("--model", default=str(DEFAULT_MODEL), help="pipeline folder of a digits model")
+        parser.add_argument("--samples-per-digit", type=int, default=20)
+        parser.add_argument("--steps", type=int, default=30)
+        parser.add_argument("--guidance", type=float, default=4.0)
+        parser.add_argument("--seed", type=int, default=0)
+    else:
+        parser.add_argument("--config", required=True, help="config name (train/configs/NAME.py) or file")
+        parser.add_argument("overrides", nargs="*", help="field=value, e.g. steps=500 lr=3e-4")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the workdir)")
+        if command == "export":
+            parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+            parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")
+    args = parser.parse_args(rest)
+    args.command = command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lumina_jax").setLevel(logging.INFO)  # ours; JAX's and Orbax's INFO lines are noise here
+    if args.command == "eval":
+        from lumina_jax.pipeline import LuminaPipeline
+        from lumina_jax.training.digits import evaluate_pipeline
+
+        pipe = LuminaPipeline.from_pretrained(args.model, dtype="float32", progress=False)
+        result = evaluate_pipeline(pipe, samples_per_digit=args.samples_per_digit, seed=args.seed, steps=args.steps,
+                                   guidance=args.guidance)  # fmt: skip
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=1))
+        print("confusion (rows: prompted digit, columns: classified as):")
+        for digit, row in enumerate(result["confusion"]):
+            print(digit, " ".join(f"{int(n):3d}" for n in row))
+        return 0
+
+    from lumina_jax.training.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from lumina_jax.training import loop
+
+    if args.command == "cache":
+        loop.prepare_data(config)
+        return 0
+    if args.command == "export":
+        out = loop.export_checkpoint(config, args.out or f"{config.workdir}/pipeline", args.step)
+        print(f"pipeline with the EMA weights: {out}")
+        return 0
+    try:
+        summary = loop.train(config, progress=not args.no_progress)
+    except loop.TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    state = "preempted, checkpoint saved" if summary.preempted else "done"
+    print(f"{state}: step {summary.step} in {summary.seconds:.0f} s, {summary.skipped_steps} skipped steps")
+    if summary.export:
+        print(f"pipeline with the EMA weights: {summary.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
