@@ -1,5 +1,6 @@
-"""Attention: the XLA path against a float64 NumPy statement of the formula, masks, gradients, and the
-choice of backend (cuDNN only where it supports the dtype and head size)."""
+"""Attention: the XLA path against a float64 NumPy statement of the formula, masks, gradients; Pallas
+splash attention (in interpret mode) against XLA; and the choice of backend (cuDNN only where it
+supports the dtype and head size, splash by default on TPUs)."""
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,48 @@ def test_cudnn_only_where_it_supports_the_inputs():
     assert resolve_backend(query, "xla") == "xla"
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         resolve_backend(query, "flash")
+
+
+@pytest.mark.parametrize(
+    "tokens, masked",
+    [(TOKENS, False), (TOKENS, True), (128, False)],  # 128 tokens: no sequence padding, no segment ids
+)
+def test_splash_matches_xla(tokens, masked):
+    """Pallas splash attention in interpret mode: GQA heads, head_dim 8 padded to 128, padded and masked keys."""
+    inputs = random_inputs(4)
+    if tokens != TOKENS:
+        grow = jax.random.normal(jax.random.key(5), (BATCH, tokens, KV_HEADS + HEADS, HEAD_DIM))
+        inputs.update(query=grow[:, :, :HEADS], key=grow[:, :, HEADS:], value=grow[:, ::-1, HEADS:])
+    kv_mask = np.arange(tokens)[None] < np.array([[tokens], [9]]) if masked else None
+    caption_mask = np.arange(CAPTION)[None] < np.array([[5], [1]])
+    kwargs = dict(scale=0.4, caption_scale=HEAD_DIM**-0.5, kv_mask=kv_mask, caption_mask=caption_mask)
+    splash = dual_attention(**inputs, **kwargs, backend="splash")
+    xla = dual_attention(**inputs, **kwargs, backend="xla")
+    assert splash.dtype == jnp.float32 and splash.shape == (BATCH, tokens, HEADS, HEAD_DIM)
+    np.testing.assert_allclose(splash, xla, rtol=0, atol=2e-6 * np.abs(xla).max())
+    np.testing.assert_allclose(splash, numpy_dual(inputs, **kwargs), rtol=0, atol=2e-6 * np.abs(xla).max())
+
+
+def test_splash_dot_product_attention_and_gradients_match_xla():
+    inputs = random_inputs(5)
+    mask = np.arange(TOKENS)[None] < np.array([[3], [TOKENS]])
+    q, k, v = (inputs[name] for name in ("query", "key", "value"))
+    splash = dot_product_attention(q, k, v, scale=0.3, kv_mask=mask, backend="splash")
+    np.testing.assert_allclose(splash, numpy_attention(q, k, v, 0.3, mask), atol=2e-6 * np.abs(splash).max())
+
+    cotangent = jax.random.normal(jax.random.key(6), (BATCH, TOKENS, HEADS, HEAD_DIM))
+
+    def loss(query, key, backend):
+        return jnp.sum(dot_product_attention(query, key, v, scale=0.3, kv_mask=mask, backend=backend) * cotangent)
+
+    grads = {backend: jax.grad(loss, (0, 1))(q, k, backend) for backend in ("splash", "xla")}
+    for got, want in zip(grads["splash"], grads["xla"]):
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_splash_is_the_default_on_tpu(monkeypatch):
+    query = jnp.zeros((1, 4, 2, 72), jnp.bfloat16)
+    assert resolve_backend(query, None) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve_backend(query, None) == "splash"
+    assert resolve_backend(query.astype(jnp.float32), "splash") == "splash"  # any dtype, any head size

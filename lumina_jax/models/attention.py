@@ -1,25 +1,30 @@
-"""The attention functions of the project, with a backend switch.
+"""The attention functions of the project, with a backend switch, and Context Drop.
 
 Grouped-query attention is computed with the query heads grouped by their kv head (query head h
 reads kv head h // (heads / kv_heads)), so kv heads are never repeated in memory. Softmax runs in
-float32. On GPUs cuDNN's fused kernel is used where it supports the shapes; elsewhere, and as the
-fallback, XLA's dot products.
+float32. On GPUs cuDNN's fused kernel is used where it supports the shapes; on TPUs the Pallas
+splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products.
 """
 
+import dataclasses
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-Backend = Literal["xla", "cudnn"]
-BACKENDS = ("xla", "cudnn")
+Backend = Literal["xla", "cudnn", "splash"]
+BACKENDS = ("xla", "cudnn", "splash")
 # cuDNN's flash attention: half-precision inputs, head_dim a multiple of 8 and at most 128 (256 from Hopper on).
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Splash attention tiles: sequence blocks of 128-multiples up to this size; head_dim padded to 128-multiples.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
 
 
 def default_backend() -> Backend:
-    """cuDNN's fused attention on GPUs, XLA's elsewhere."""
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    """cuDNN's fused attention on GPUs, splash attention on TPUs, XLA's elsewhere."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
 
 
 def cudnn_supports(query: jax.Array, max_head_dim: int | None = None) -> bool:
@@ -35,7 +40,11 @@ def cudnn_supports(query: jax.Array, max_head_dim: int | None = None) -> bool:
 
 
 def resolve_backend(query: jax.Array, backend: Backend | None) -> Backend:
-    """The backend that will run: cuDNN falls back to XLA for shapes and dtypes it does not support."""
+    """The backend that will run: cuDNN falls back to XLA for shapes and dtypes it does not support.
+
+    Splash attention takes any shape (it pads) and runs anywhere: off TPUs in Pallas' interpreter,
+    which is exact but slow, for tests.
+    """
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
@@ -58,8 +67,9 @@ def dot_product_attention(
     kv_mask [B, S] marks the keys to attend to. With cuDNN it must be right-padded (valid keys
     first), as tokenizers and our padded batches produce, because cuDNN takes sequence lengths.
     """
-    if resolve_backend(query, backend) == "cudnn":
-        return _cudnn_attention(query, key, value, scale, kv_mask)
+    backend = resolve_backend(query, backend)
+    if backend in FUSED_KERNELS:
+        return FUSED_KERNELS[backend](query, key, value, scale, kv_mask).astype(query.dtype)
     return dual_attention(query, key, value, scale=scale, kv_mask=kv_mask, backend="xla").astype(query.dtype)
 
 
@@ -83,14 +93,16 @@ def dual_attention(
 
     query [B, T, heads, D]; key/value [B, S, kv_heads, D]; caption_key/value [B, L, kv_heads, D];
     caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to.
-    Returns [B, T, heads, D] in float32. With XLA, a segment whose keys are all masked is attended
-    uniformly (finite) rather than giving NaN.
+    Returns [B, T, heads, D] in float32. A segment whose keys are all masked is attended uniformly
+    (finite) rather than giving NaN; with splash attention, uniformly over its padded length.
     """
-    if resolve_backend(query, backend) == "cudnn":
-        out = _cudnn_attention(query, key, value, scale, kv_mask).astype(jnp.float32)
+    backend = resolve_backend(query, backend)
+    if backend in FUSED_KERNELS:
+        attend = FUSED_KERNELS[backend]
+        out = attend(query, key, value, scale, kv_mask).astype(jnp.float32)
         if caption_key is None:
             return out
-        caption = _cudnn_attention(query, caption_key, caption_value, caption_scale, caption_mask)
+        caption = attend(query, caption_key, caption_value, caption_scale, caption_mask)
         return out + caption_gate[:, None] * caption.astype(jnp.float32)
 
     batch, length, heads, head_dim = query.shape
@@ -131,3 +143,86 @@ def _cudnn_attention(query, key, value, scale, kv_mask):
     return jax.nn.dot_product_attention(
         query, key, value, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
     )
+
+
+def _splash_attention(query, key, value, scale, kv_mask):
+    """Pallas splash attention: query [B, T, heads, D], key/value [B, S, kv_heads, D] -> [B, T, heads, D].
+
+    The kernel tiles sequences in blocks of 128-multiples and features in 128 lanes, so both are
+    zero-padded: padded features add nothing to q.k and give zero outputs (sliced off), padded keys
+    are masked through segment ids (queries: segment 1; keys: 1 if attended, 0 if not).
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_length = key.shape[1]
+    q_block, q_padded = _splash_tiling(length)
+    kv_block, kv_padded = _splash_tiling(kv_length)
+    features = -(-head_dim // SPLASH_LANES) * SPLASH_LANES
+
+    def heads_major(x, padded_length):  # [B, L, H, D] -> [B, H, L', D'], the kernel's layout
+        x = jnp.pad(x, ((0, 0), (0, padded_length - x.shape[1]), (0, 0), (0, features - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
+    # The kernel takes no scale: it goes on the query, in float32 before the cast back.
+    q = heads_major((query.astype(jnp.float32) * scale).astype(query.dtype), q_padded)
+    k, v = heads_major(key, kv_padded), heads_major(value, kv_padded)
+    interpret = jax.default_backend() != "tpu"
+    kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret)
+    if kv_mask is None and kv_padded == kv_length:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        keep = jnp.ones((batch, kv_length), jnp.int32) if kv_mask is None else kv_mask.astype(jnp.int32)
+        segments = splash.SegmentIds(
+            q=jnp.ones((batch, q_padded), jnp.int32), kv=jnp.pad(keep, ((0, 0), (0, kv_padded - kv_length)))
+        )
+        out = jax.vmap(kernel)(q, k, v, segment_ids=segments)
+    return out[:, :, :length, :head_dim].transpose(0, 2, 1, 3)
+
+
+def _splash_tiling(length: int) -> tuple[int, int]:
+    """(block, padded length) for a sequence: the largest block up to SPLASH_MAX_BLOCK that a
+    128-multiple covers, and the length rounded up to whole blocks."""
+    block = min(SPLASH_MAX_BLOCK, -(-length // SPLASH_LANES) * SPLASH_LANES)
+    return block, -(-length // block) * block
+
+
+def _splash_kernel(heads: int, q_length: int, kv_length: int, q_block: int, kv_block: int, interpret: bool):
+    """A splash kernel over one example, all keys visible (padding is masked by segment ids); GQA
+    reads kv head h // (heads / kv_heads) as ours does. Built at trace time: it holds arrays of the trace."""
+    mask = splash.MultiHeadMask([splash.FullMask((q_length, kv_length))] * heads)
+    blocks = splash.BlockSizes(
+        block_q=q_block, block_kv=kv_block, block_kv_compute=kv_block,
+        block_q_dkv=q_block, block_kv_dkv=kv_block, block_kv_dkv_compute=kv_block,
+        block_q_dq=q_block, block_kv_dq=kv_block,
+    )  # fmt: skip
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+FUSED_KERNELS = {"cudnn": _cudnn_attention, "splash": _splash_attention}
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextDrop:
+    """Lumina-Next's Context Drop: the self-attention keys and values of each window x window
+    block of a rows x cols token grid merged into their mean (after RoPE), as Lumina-T2X's code does
+    (`kv_merge`); the queries stay, so every token keeps its own output, computed from
+    rows * cols / window^2 keys. Each merged key stands for the same number of tokens, so the
+    softmax needs no correction for multiplicity. Caption attention is untouched.
+    """
+
+    rows: int
+    cols: int
+    window: int
+
+    def __post_init__(self):
+        if self.window < 1 or self.rows % self.window or self.cols % self.window:
+            raise ValueError(
+                f"the Context Drop window must be a positive divisor of both sides of the {self.rows}x{self.cols} "
+                f"token grid, got {self.window}"
+            )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """[B, rows * cols, ...] tokens in row-major order -> [B, rows * cols / window^2, ...] window means."""
+        batch, _, *features = tokens.shape
+        w = self.window
+        grid = tokens.astype(jnp.float32).reshape(batch, self.rows // w, w, self.cols // w, w, *features)
+        return grid.mean(axis=(2, 4)).reshape(batch, -1, *features).astype(tokens.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lumina_jax.models.attention import Backend, dual_attention
+from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
 from lumina_jax.models.layers import (
     DIFFUSERS_BOOKKEEPING,
     Dtype,
@@ -193,17 +193,20 @@ class Attention(nnx.Module):
             x = norm(x)
         return x.reshape(*x.shape[:2], num_heads, self.head_dim).astype(dtype)
 
-    def __call__(self, x, caption, caption_mask, token_mask, cos, sin, self_scale):
+    def __call__(self, x, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
         dtype = self.to_q.dtype
         heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = jnp.split(fused_dense(x, self.to_q, self.to_k, self.to_v), [heads, heads + kv], axis=-1)
         ck, cv = jnp.split(fused_dense(caption, self.to_k_caption, self.to_v_caption), 2, axis=-1)
         q = apply_rope(self._heads(q, self.q_norm, self.num_heads, jnp.float32), cos, sin).astype(dtype)
-        k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin).astype(dtype)
+        k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
+        v = self._heads(v, None, self.num_kv_heads, dtype)
+        if context_drop is not None:
+            k, v = context_drop(k), context_drop(v)
         mixed = dual_attention(
             q,
-            k,
-            self._heads(v, None, self.num_kv_heads, dtype),
+            k.astype(dtype),
+            v,
             self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
             self._heads(cv, None, self.num_kv_heads, dtype),
             scale=self_scale,
@@ -247,13 +250,13 @@ class NextDiTBlock(nnx.Module):
         self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
         self.feed_forward = FeedForward(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cond, caption, caption_mask, token_mask, cos, sin, self_scale):
+    def __call__(self, x, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
         modulation = self.modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
         h = self.attention(
             self.attention_norm1(x) * (1 + scale_msa),
             self.caption_norm(caption),
-            caption_mask, token_mask, cos, sin, self_scale,
+            caption_mask, token_mask, cos, sin, self_scale, context_drop,
         )  # fmt: skip
         x = x + jnp.tanh(gate_msa) * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
@@ -315,12 +318,18 @@ class NextDiT(nnx.Module):
         ntk_factor: float | jax.Array = 1.0,
         base_sequence_length: int | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        context_drop: int = 1,
     ) -> jax.Array:
         """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
 
         base_sequence_length turns on proportional attention (diffusers passes
         `config.base_sequence_length`). The RoPE factors may be traced values; a sampler may instead
         pass `rope`, tables from `image_rope` computed once for all steps.
+
+        context_drop > 1 turns on the paper's Context Drop, an approximation for speed at high
+        resolution: self-attention reads the means of context_drop x context_drop blocks of image
+        keys and values (`ContextDrop`). Lumina-T2X's code merges sqrt(tokens / base_sequence_length)
+        rounded, which is 2 at 2048 px for the released model. 1 (the default) is exact.
         """
         cfg, p = self.config, self.config.patch_size
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
@@ -339,6 +348,7 @@ class NextDiT(nnx.Module):
             encoder_hidden_states,
             encoder_mask,
             base_sequence_length=base_sequence_length,
+            context_drop=ContextDrop(height // p, width // p, context_drop) if context_drop != 1 else None,
         )
         return unpatchify(out, height, width, p)
 
@@ -367,12 +377,14 @@ class NextDiT(nnx.Module):
         caption_mask: jax.Array,
         *,
         base_sequence_length: int | None = None,
+        context_drop: ContextDrop | None = None,
     ) -> jax.Array:
         """The transformer on embedded patch tokens [B, T, hidden] with RoPE tables [B or 1, T, head_dim / 2]
         (`rope_frequencies` of the tokens' grid positions).
 
         token_mask [B, T] marks real tokens in a batch of images of different sizes: the others
-        become the learned pad token and are never attended to. Returns [B, T, p*p*out_channels].
+        become the learned pad token and are never attended to. context_drop merges the image keys
+        and values of one token grid, so it takes no token_mask. Returns [B, T, p*p*out_channels].
         """
         cfg = self.config
         batch, num_tokens, _ = tokens.shape
@@ -385,6 +397,11 @@ class NextDiT(nnx.Module):
                 raise ValueError(f"{name} has batch size {array.shape[0]}, hidden_states has {batch}")
         if caption_mask.shape != caption.shape[:2]:
             raise ValueError(f"encoder_mask shape {caption_mask.shape} does not match the caption {caption.shape[:2]}")
+        if context_drop is not None and (token_mask is not None or context_drop.rows * context_drop.cols != num_tokens):
+            raise ValueError(
+                f"Context Drop needs the {num_tokens} tokens of one {context_drop.rows}x{context_drop.cols} grid per "
+                "image and no token_mask"
+            )
 
         x = tokens.astype(jnp.float32)
         if token_mask is not None:
@@ -397,7 +414,7 @@ class NextDiT(nnx.Module):
         cond = self._conditioning(timestep, caption, caption_mask)
         caption = caption.astype(self.dtype)
         caption_mask = caption_mask.astype(bool)
-        x = self._run_layers(x, cond, caption, caption_mask, token_mask, cos, sin, self_scale)
+        x = self._run_layers(x, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop)
 
         scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
