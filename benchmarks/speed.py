@@ -6,7 +6,10 @@
 Rows: one transformer step (CFG batch 2, the same random weights on both sides), the whole
 pipeline (text encoding, 30 CFG steps, VAE decode), ours' compile time, and peak memory (device
 memory per framework on GPUs; on CPU the process's resident high-water mark, both frameworks
-together). Both sides run alternately after warm-up; the table gives medians and ratios.
+together). Both sides run alternately after warm-up; the table gives medians and ratios. Context
+Drop rows compare ours exact with ours merging 2x2 keys and values (no diffusers counterpart) and
+give how far the velocity moves: random weights and noise latents have no redundancy to merge, so
+that figure is an upper bound for real images.
 
 The GPU mode runs unattended in one call on an H100/H200 of a few minutes, once diffusers is
 installed there (e.g. from carried wheels: `pip install --no-deps wheels/*.whl`). Its pipelines
@@ -57,9 +60,10 @@ SETUPS = {
     # The issue's CPU config: hidden 576, 8 layers, 8/2 heads, 256 image tokens (32x32 latents), batch 2.
     "cpu": dict(transformer=dict(hidden_size=576, num_layers=8, num_attention_heads=8, num_kv_heads=2,
                                  multiple_of=256, cross_attention_dim=2048),
-                latent_sizes=[32], dtype="float32", step_repeats=10, pipeline_repeats={256: 5}),
+                latent_sizes=[32], dtype="float32", step_repeats=10, pipeline_repeats={256: 5},
+                context_drop={64: 2}),
     "gpu": dict(transformer=RELEASED, latent_sizes=[128, 256], dtype="bfloat16", step_repeats=10,
-                pipeline_repeats={1024: 3, 2048: 1}),
+                pipeline_repeats={1024: 3, 2048: 1}, context_drop={256: 2}),
 }  # fmt: skip
 STEPS = 30
 
@@ -124,9 +128,9 @@ def diffusers_step(reference, device, torch_dtype, inputs, base):
     return step
 
 
-def ours_step(model: NextDiT, inputs, base):
+def ours_step(model: NextDiT, inputs, base, **options):
     graphdef, params = nnx.split(model)
-    forward = jax.jit(lambda params, *a: nnx.merge(graphdef, params)(*a, base_sequence_length=base))
+    forward = jax.jit(lambda params, *a: nnx.merge(graphdef, params)(*a, base_sequence_length=base, **options))
     args = [jnp.asarray(a) for a in inputs]
     args[0], args[2] = args[0].astype(model.dtype), args[2].astype(model.dtype)
     return lambda: forward(params, *args).block_until_ready()
@@ -165,6 +169,22 @@ def transformer_rows(setup: dict, device: str, results: dict) -> None:
                    ours_s=medians["ours"], ours_first_call_s=compile_s)  # fmt: skip
         results["rows"].append(row)
         print_row(row)
+    context_drop_rows(ours, setup, base, results)
+
+
+def context_drop_rows(ours: NextDiT, setup: dict, base: int, results: dict) -> None:
+    for latent, window in setup["context_drop"].items():
+        inputs = step_inputs(latent, setup["transformer"]["cross_attention_dim"])
+        fns = {"exact": ours_step(ours, inputs, base), "dropped": ours_step(ours, inputs, base, context_drop=window)}
+        velocity = {name: np.asarray(fn(), np.float32) for name, fn in fns.items()}  # compiles both
+        medians = alternate(fns, setup["step_repeats"] if latent <= 128 else 4)
+        row = dict(name=f"transformer step {latent * 8}px, Context Drop {window}", ours_exact_s=medians["exact"],
+                   ours_context_drop_s=medians["dropped"], speedup=medians["exact"] / medians["dropped"],
+                   relative_change=relative_error(velocity["dropped"], velocity["exact"]))  # fmt: skip
+        results["rows"].append(row)
+        print(f"| {row['name']:<32} | ours exact {1e3 * row['ours_exact_s']:.1f} ms, with Context Drop "
+              f"{1e3 * row['ours_context_drop_s']:.1f} ms: {row['speedup']:.2f}x; velocity moves "
+              f"{row['relative_change']:.3f} (max-relative) |", flush=True)  # fmt: skip
 
 
 def tiny_pipelines(folder: Path):

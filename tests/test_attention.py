@@ -157,6 +157,12 @@ def test_splash_dot_product_attention_and_gradients_match_xla():
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
+def test_splash_fully_masked_caption_stays_finite():
+    inputs = random_inputs(2)
+    out = dual_attention(**inputs, scale=0.3, caption_mask=np.zeros((BATCH, CAPTION), bool), backend="splash")
+    assert np.isfinite(np.asarray(out)).all()
+
+
 def test_splash_is_the_default_on_tpu(monkeypatch):
     query = jnp.zeros((1, 4, 2, 72), jnp.bfloat16)
     assert resolve_backend(query, None) == "xla"  # this CPU

@@ -93,8 +93,9 @@ def dual_attention(
 
     query [B, T, heads, D]; key/value [B, S, kv_heads, D]; caption_key/value [B, L, kv_heads, D];
     caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to.
-    Returns [B, T, heads, D] in float32. A segment whose keys are all masked is attended uniformly
-    (finite) rather than giving NaN; with splash attention, uniformly over its padded length.
+    Returns [B, T, heads, D] in float32. With XLA, a segment whose keys are all masked is attended
+    uniformly (finite) rather than giving NaN; with splash attention it is finite too, but averages
+    over the kernel's zero padding as well.
     """
     backend = resolve_backend(query, backend)
     if backend in FUSED_KERNELS:
