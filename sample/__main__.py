@@ -11,13 +11,16 @@ from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
 from lumina_jax import sampling
+from sample import DEFAULT_MODEL
 
 CACHE = Path(os.environ.get("LUMINA_JAX_CACHE", Path.home() / ".cache" / "lumina_jax")) / "xla"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="pipeline folder: diffusers layout or from `python -m convert`")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="pipeline folder: diffusers layout or from `python -m convert` (default: the small "
+                        "digits model shipped with lumina-jax, 32x32 px)")  # fmt: skip
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="what to draw")
     prompts.add_argument("--prompts-file", type=Path, help="one prompt per line")
@@ -31,7 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
     parser.add_argument("--schedule", choices=sampling.SCHEDULES, default="diffusers")
     parser.add_argument("--scaling-watershed", type=float, default=1.0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="compute dtype (default: bfloat16 on GPUs and TPUs, float32 on CPUs)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs")
     return parser.parse_args(argv)
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", str(CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from lumina_jax.pipeline import LuminaPipeline
+
+    args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]

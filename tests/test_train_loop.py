@@ -7,12 +7,14 @@ import signal
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training import digits, loop
-from lumina_jax.training.checkpoint import Checkpointer
+from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from train.__main__ import main as train_main
 
@@ -43,6 +45,17 @@ def metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def final_state(base: TrainConfig, workdir):
+    """The newest checkpoint of a run: parameters, EMA, optimizer state, step, RNG."""
+    abstract = nnx.eval_shape(loop.transformer_factory(base))
+    with Checkpointer(workdir / "checkpoints") as checkpoints:
+        return checkpoints.restore(abstract_train_state(abstract, loop.make_run_optimizer(base)))[0]
+
+
+def leaves(state) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(state)])
+
+
 def test_resumed_run_matches_a_straight_run(base, tmp_path):
     straight = run(base, tmp_path / "straight")
     first = run(base, tmp_path / "resumed", steps=3)
@@ -52,6 +65,7 @@ def test_resumed_run_matches_a_straight_run(base, tmp_path):
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal([m["loss"] for m in got], [m["loss"] for m in expected])
     np.testing.assert_array_equal([m["grad_norm"] for m in got], [m["grad_norm"] for m in expected])
+    np.testing.assert_array_equal(*[leaves(final_state(base, tmp_path / name)) for name in ("straight", "resumed")])
     # the exported EMA transformers are the same bytes
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert (straight.export / weights).read_bytes() == (second.export / weights).read_bytes()

@@ -9,7 +9,15 @@ import pytest
 from flax import nnx
 from sharding_checks import empty_caption, padded_batch, tiny_model
 
-from lumina_jax.training.step import EMA_DECAY, TrainBatch, flow_loss, init_train_state, make_optimizer, train_step
+from lumina_jax.training.step import (
+    EMA_DECAY,
+    LearningRate,
+    TrainBatch,
+    flow_loss,
+    init_train_state,
+    make_optimizer,
+    train_step,
+)
 
 LR = 1e-3
 SIZES = [(4, 6), (8, 8)]  # 6 and 16 tokens: one padded batch
@@ -134,3 +142,16 @@ def test_padded_batch_loss_is_the_mean_of_per_image_losses():
         draw = (t[i : i + 1], noise[i : i + 1, tokens])
         alone.append(float(evaluate(graphdef, params, image, *draw, image.caption, image.caption_mask)))
     assert abs(padded / np.mean(alone) - 1) <= FLOAT32_BOUND
+
+
+def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():
+    constant = LearningRate(1e-3, warmup=4)
+    cosine = LearningRate(1e-3, warmup=4, cosine_until=14)
+    counts = np.arange(16)
+    warm = np.minimum(1.0, (counts + 1) / 4)
+    progress = np.clip((counts - 4) / 10, 0.0, 1.0)
+    np.testing.assert_allclose([float(constant(c)) for c in counts], 1e-3 * warm, rtol=1e-6)
+    np.testing.assert_allclose([float(cosine(c)) for c in counts], 1e-3 * warm * (1 + np.cos(np.pi * progress)) / 2,
+                               rtol=1e-6, atol=1e-12)  # fmt: skip
+    assert float(cosine(14)) == 0.0 and float(constant(100)) == pytest.approx(1e-3)
+    assert make_optimizer(LearningRate(1e-3, 4)) is make_optimizer(LearningRate(1e-3, 4))  # shared compilations

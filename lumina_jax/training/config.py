@@ -40,6 +40,7 @@ class TrainConfig:
 
     lr: float = 1e-4
     warmup_steps: int = 0
+    lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at `steps`
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     ema_decay: float = 0.9999
@@ -58,7 +59,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     peak_flops: float | None = None  # per device, for MFU where the device is not in the built-in table
-    tensorboard: bool = False
 
     def transformer_config(self) -> NextDiTConfig:
         return NextDiTConfig.from_dict(self.transformer)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lumina_jax import sharding
@@ -31,7 +32,7 @@ from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.config import TrainConfig
-from lumina_jax.training.step import TrainBatch, Warmup, init_train_state, make_optimizer, train_step
+from lumina_jax.training.step import LearningRate, TrainBatch, init_train_state, make_optimizer, train_step
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
 from lumina_jax.weights.nextdit import find_checkpoint, load_transformer, save_diffusers
@@ -91,7 +92,9 @@ def initial_transformer(config: TrainConfig) -> NextDiT:
 
 
 def make_run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    return make_optimizer(Warmup(config.lr, config.warmup_steps), config.weight_decay, config.grad_clip)
+    cosine_until = config.steps if config.lr_decay == "cosine" else None
+    schedule = LearningRate(config.lr, config.warmup_steps, cosine_until)
+    return make_optimizer(schedule, config.weight_decay, config.grad_clip)
 
 
 def peak_flops(config: TrainConfig) -> float | None:
@@ -237,8 +240,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         watcher.close()
         checkpoints.close()
     export = None
-    if not preempted and jax.process_index() == 0:
-        export = export_pipeline(config, graphdef, state.ema_params, workdir / "pipeline")
+    if not preempted:
+        ema = state.ema_params
+        if jax.process_count() > 1:  # every process takes part in gathering the shards
+            ema = multihost_utils.process_allgather(ema, tiled=True)
+        if jax.process_index() == 0:
+            export = export_pipeline(config, graphdef, ema, workdir / "pipeline")
     return RunSummary(step, preempted, skipped, time.perf_counter() - started, export)
 
 

@@ -70,15 +70,21 @@ def _clipped_adamw(learning_rate, weight_decay, clip):
 
 
 @dataclasses.dataclass(frozen=True)
-class Warmup:
-    """Learning rate `peak` after a linear warm-up over `steps` steps whose first step already learns
-    (peak / steps). A value, not a closure: equal schedules give equal optimizers, so runs share compilations."""
+class LearningRate:
+    """`peak` after a linear warm-up over `warmup` steps whose first step already learns (peak / warmup),
+    then constant, or down to 0 at step `cosine_until` along a cosine. A value, not a closure: equal
+    schedules give equal optimizers, so runs in one process share their compiled steps."""
 
     peak: float
-    steps: int
+    warmup: int = 0
+    cosine_until: int | None = None
 
     def __call__(self, count: jax.Array) -> jax.Array:
-        return self.peak * jnp.minimum(1.0, (count + 1) / max(self.steps, 1))
+        rate = self.peak * jnp.minimum(1.0, (count + 1) / max(self.warmup, 1))
+        if self.cosine_until is None:
+            return rate
+        progress = jnp.clip((count - self.warmup) / max(self.cosine_until - self.warmup, 1), 0.0, 1.0)
+        return rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
 
 # Cached: the optimizer is a static argument of `train_step`, so equal arguments must give the same
@@ -88,7 +94,7 @@ def make_optimizer(
     lr: float | optax.Schedule = 1e-4, weight_decay: float = 0.0, clip: float = 2.0
 ) -> optax.GradientTransformation:
     """AdamW after global-norm gradient clipping; the learning rate (a number or a hashable schedule of the
-    optimizer's step count, e.g. `Warmup`) is kept in the optimizer state, where `train_step` reads it."""
+    optimizer's step count, e.g. `LearningRate`) is kept in the optimizer state, where `train_step` reads it."""
     return _clipped_adamw(learning_rate=lr, weight_decay=weight_decay, clip=clip)
 
 
