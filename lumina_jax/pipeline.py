@@ -196,6 +196,7 @@ class LuminaPipeline:
         schedule: str = "diffusers",
         sigmas: list[float] | None = None,
         cfg_all_channels: bool = False,
+        context_drop: int = 1,
     ) -> LuminaPipelineOutput:
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
@@ -240,7 +241,7 @@ class LuminaPipeline:
         latents = sampling.sample(
             self.transformer, latents, caption, caption_mask, schedule_,
             guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
-            proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+            proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels, context_drop=context_drop,
         )  # fmt: skip
         if output_type == "latent":
             return LuminaPipelineOutput(np.asarray(latents))

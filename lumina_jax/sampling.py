@@ -112,10 +112,12 @@ def resolution_scale(model: NextDiT, height: int, width: int) -> float:
 
 
 # jax.jit over the model's split state: nnx.jit walks the module graph on every call.
-@functools.partial(jax.jit, static_argnames=("graphdef", "solver", "guided_channels", "base_sequence_length", "scale"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "solver", "guided_channels", "base_sequence_length", "scale", "context_drop")
+)
 def _integrate(
     graphdef, params, latents, caption, caption_mask, guidance_scale, times, steps, scaling_watershed,
-    *, solver, guided_channels, base_sequence_length, scale,
+    *, solver, guided_channels, base_sequence_length, scale, context_drop,
 ):  # fmt: skip
     model = nnx.merge(graphdef, params)
     batch, channels, height, width = latents.shape
@@ -127,7 +129,8 @@ def _integrate(
         rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
         inputs = jnp.concatenate([x, x]) if guided else x
         t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
-        out = model(inputs, t_batch, caption, caption_mask, base_sequence_length=base_sequence_length, rope=rope)
+        out = model(inputs, t_batch, caption, caption_mask, base_sequence_length=base_sequence_length, rope=rope,
+                    context_drop=context_drop)  # fmt: skip
         out = out[:, :channels].astype(jnp.float32)
         if not guided:
             return out
@@ -157,12 +160,13 @@ def sample(
     scaling_watershed: float = 1.0,
     proportional_attn: bool = True,
     cfg_all_channels: bool = False,
+    context_drop: int = 1,
 ) -> jax.Array:
     """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32).
 
     With guidance_scale > 1, caption/caption_mask hold 2B rows, the conditional ones first;
     otherwise B rows and no guidance. As in diffusers, channels 0..2 are guided unless
-    cfg_all_channels.
+    cfg_all_channels. context_drop > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -181,5 +185,5 @@ def sample(
         solver=solver,
         guided_channels=(channels if cfg_all_channels else GUIDED_CHANNELS) if guided else 0,
         base_sequence_length=model.config.base_sequence_length if proportional_attn else None,
-        scale=resolution_scale(model, height, width),
+        scale=resolution_scale(model, height, width), context_drop=context_drop,
     )  # fmt: skip

@@ -40,3 +40,13 @@ def test_each_prompted_digit_is_read_back_by_the_classifier_mostly():
     images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=4.0, seed=0, output_type="np").images
     # one image per digit: a broken model (noise, blank, one digit for all) scores about 0.1
     assert evaluate(images, list(range(10)))["accuracy"] >= 0.7
+
+
+def test_context_drop_reaches_the_model_through_the_pipeline():
+    pipe = LuminaPipeline.from_pretrained(DEFAULT_MODEL, dtype="float32", progress=False)
+    options = dict(prompt="a handwritten digit five", num_inference_steps=4, seed=3, output_type="np")
+    exact, merged = pipe(**options).images, pipe(**options, context_drop=2).images
+    assert exact.shape == merged.shape and np.isfinite(merged).all()
+    # it took effect (how far it moves the output is measured in tests/test_context_drop.py; on this
+    # 4x4-token model a 2x2 window leaves 4 keys, far coarser than at 2048 px)
+    assert np.abs(exact - merged).max() > 0.01
