@@ -124,13 +124,14 @@ def _integrate(
     guided = guided_channels > 0
     linear_rope = model.image_rope(height, width, linear_factor=scale, ntk_factor=1.0)
     ntk_rope = model.image_rope(height, width, linear_factor=1.0, ntk_factor=scale)
+    caption_kv = model.caption_keys_values(caption)  # the same at every step
 
     def velocity(x, t):
         rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
         inputs = jnp.concatenate([x, x]) if guided else x
         t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
         out = model(inputs, t_batch, caption, caption_mask, base_sequence_length=base_sequence_length, rope=rope,
-                    context_drop=context_drop)  # fmt: skip
+                    caption_kv=caption_kv, context_drop=context_drop)  # fmt: skip
         out = out[:, :channels].astype(jnp.float32)
         if not guided:
             return out

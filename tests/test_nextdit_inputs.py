@@ -52,6 +52,12 @@ def test_mismatched_conditioning(model, kwargs, message):
         call(model, (2, 4, 8, 8), **kwargs)
 
 
+def test_caption_keys_values_of_another_caption(model):
+    other = model.caption_keys_values(jnp.zeros((2, 7, 16)))
+    with pytest.raises(ValueError, match=r"caption_kv has shape \(1, 2, 2, 7, 1, 16\); .* gives \(1, 2, 2, 5, 1, 16\)"):
+        model(jnp.zeros((2, 4, 8, 8)), jnp.zeros(2), jnp.zeros((2, 5, 16)), jnp.ones((2, 5)), caption_kv=other)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [

@@ -33,11 +33,15 @@ def saved_transformer(request, tmp_path_factory):
     return request.param, reference, folder
 
 
-def _run_case(model, reference, config, case):
+def _run_case(model, reference, config, case, precompute_caption_kv=False):
     batch, height, width, length, valid, linear, ntk, base = CASES[case]
     x, t, caption, mask = inputs(7, batch, height, width, length, config["cross_attention_dim"], valid)
     factors = dict(linear_factor=linear, ntk_factor=ntk, base_sequence_length=base)
-    expected = transformer_forward(reference, x, t, caption, mask, **factors)
+    if precompute_caption_kv:  # as the sampler does, once per image
+        factors["caption_kv"] = model.caption_keys_values(jnp.asarray(caption))
+    expected = transformer_forward(
+        reference, x, t, caption, mask, **{k: v for k, v in factors.items() if k != "caption_kv"}
+    )
     ours = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask), **factors)
     assert ours.shape == expected.shape
     return relative_error(ours, expected)
@@ -48,6 +52,15 @@ def test_float32_matches_diffusers(saved_transformer, case):
     name, reference, folder = saved_transformer
     model = load_transformer(folder, dtype="float32", progress=False)
     assert _run_case(model, reference, CONFIGS[name], case) <= FLOAT32_BOUND
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_precomputed_caption_keys_values_match_diffusers(saved_transformer, scan_layers):
+    name, reference, folder = saved_transformer
+    model = load_transformer(folder, dtype="float32", scan_layers=scan_layers, progress=False)
+    assert _run_case(model, reference, CONFIGS[name], "wide_linear_proportional", precompute_caption_kv=True) <= (
+        FLOAT32_BOUND
+    )
 
 
 @pytest.mark.parametrize("case", ["square", "wide_linear_proportional"])

@@ -193,11 +193,17 @@ class Attention(nnx.Module):
             x = norm(x)
         return x.reshape(*x.shape[:2], num_heads, self.head_dim).astype(dtype)
 
-    def __call__(self, x, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
+    def caption_keys_values(self, caption: jax.Array) -> jax.Array:
+        """Keys and values of the (normed) caption, [2, B, L, kv_heads, head_dim] in the compute dtype."""
+        dtype = self.to_q.dtype
+        ck, cv = jnp.split(fused_dense(caption, self.to_k_caption, self.to_v_caption), 2, axis=-1)
+        return jnp.stack([self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
+                          self._heads(cv, None, self.num_kv_heads, dtype)])  # fmt: skip
+
+    def __call__(self, x, caption_kv, caption_mask, token_mask, cos, sin, self_scale, context_drop):
         dtype = self.to_q.dtype
         heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = jnp.split(fused_dense(x, self.to_q, self.to_k, self.to_v), [heads, heads + kv], axis=-1)
-        ck, cv = jnp.split(fused_dense(caption, self.to_k_caption, self.to_v_caption), 2, axis=-1)
         q = apply_rope(self._heads(q, self.q_norm, self.num_heads, jnp.float32), cos, sin).astype(dtype)
         k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
         v = self._heads(v, None, self.num_kv_heads, dtype)
@@ -207,8 +213,8 @@ class Attention(nnx.Module):
             q,
             k.astype(dtype),
             v,
-            self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
-            self._heads(cv, None, self.num_kv_heads, dtype),
+            caption_kv[0],
+            caption_kv[1],
             scale=self_scale,
             caption_scale=self.head_dim**-0.5,
             caption_gate=jnp.tanh(self.gate[...].astype(jnp.float32)),
@@ -250,12 +256,16 @@ class NextDiTBlock(nnx.Module):
         self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
         self.feed_forward = FeedForward(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
+    def caption_keys_values(self, caption: jax.Array) -> jax.Array:
+        return self.attention.caption_keys_values(self.caption_norm(caption))
+
+    def __call__(self, x, caption_kv, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
+        """caption_kv: this layer's `caption_keys_values(caption)`, or None to compute it here."""
         modulation = self.modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
         h = self.attention(
             self.attention_norm1(x) * (1 + scale_msa),
-            self.caption_norm(caption),
+            self.caption_keys_values(caption) if caption_kv is None else caption_kv,
             caption_mask, token_mask, cos, sin, self_scale, context_drop,
         )  # fmt: skip
         x = x + jnp.tanh(gate_msa) * self.attention_norm2(h)
@@ -318,13 +328,15 @@ class NextDiT(nnx.Module):
         ntk_factor: float | jax.Array = 1.0,
         base_sequence_length: int | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        caption_kv: jax.Array | None = None,
         context_drop: int = 1,
     ) -> jax.Array:
         """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
 
         base_sequence_length turns on proportional attention (diffusers passes
         `config.base_sequence_length`). The RoPE factors may be traced values; a sampler may instead
-        pass `rope`, tables from `image_rope` computed once for all steps.
+        pass `rope`, tables from `image_rope` computed once for all steps, and `caption_kv`, the
+        caption's keys and values from `caption_keys_values`, which change only with the caption.
 
         context_drop > 1 turns on the paper's Context Drop, an approximation for speed at high
         resolution: self-attention reads the means of context_drop x context_drop blocks of image
@@ -348,6 +360,7 @@ class NextDiT(nnx.Module):
             encoder_hidden_states,
             encoder_mask,
             base_sequence_length=base_sequence_length,
+            caption_kv=caption_kv,
             context_drop=ContextDrop(height // p, width // p, context_drop) if context_drop != 1 else None,
         )
         return unpatchify(out, height, width, p)
@@ -377,6 +390,7 @@ class NextDiT(nnx.Module):
         caption_mask: jax.Array,
         *,
         base_sequence_length: int | None = None,
+        caption_kv: jax.Array | None = None,
         context_drop: ContextDrop | None = None,
     ) -> jax.Array:
         """The transformer on embedded patch tokens [B, T, hidden] with RoPE tables [B or 1, T, head_dim / 2]
@@ -397,6 +411,11 @@ class NextDiT(nnx.Module):
                 raise ValueError(f"{name} has batch size {array.shape[0]}, hidden_states has {batch}")
         if caption_mask.shape != caption.shape[:2]:
             raise ValueError(f"encoder_mask shape {caption_mask.shape} does not match the caption {caption.shape[:2]}")
+        kv_shape = (cfg.num_layers, 2, *caption.shape[:2], cfg.kv_heads, cfg.head_dim)
+        if caption_kv is not None and caption_kv.shape != kv_shape:
+            raise ValueError(
+                f"caption_kv has shape {caption_kv.shape}; caption_keys_values of this caption gives {kv_shape}"
+            )
         if context_drop is not None and (token_mask is not None or context_drop.rows * context_drop.cols != num_tokens):
             raise ValueError(
                 f"Context Drop needs the {num_tokens} tokens of one {context_drop.rows}x{context_drop.cols} grid per "
@@ -414,7 +433,7 @@ class NextDiT(nnx.Module):
         cond = self._conditioning(timestep, caption, caption_mask)
         caption = caption.astype(self.dtype)
         caption_mask = caption_mask.astype(bool)
-        x = self._run_layers(x, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop)
+        x = self._run_layers(x, caption_kv, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop)
 
         scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
@@ -426,16 +445,27 @@ class NextDiT(nnx.Module):
         pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
         return t + self.caption_proj(self.caption_pool_norm(pooled))
 
-    def _run_layers(self, x, *args) -> jax.Array:
+    def caption_keys_values(self, caption: jax.Array) -> jax.Array:
+        """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim].
+
+        They depend on the caption alone, so a sampler computes them once per image and passes them
+        as `caption_kv` to every step (with the small config of benchmarks/speed.py, 7% of a step).
+        """
+        graphdef, stacked = nnx.split(self.layers)
+        caption = caption.astype(self.dtype)
+        return jax.vmap(lambda params: nnx.merge(graphdef, params).caption_keys_values(caption))(stacked)
+
+    def _run_layers(self, x, caption_kv, *args) -> jax.Array:
         graphdef, stacked = nnx.split(self.layers)
 
-        def block(x, params):
-            return nnx.merge(graphdef, params)(x, *args), None
+        def block(x, layer):
+            params, layer_caption_kv = layer
+            return nnx.merge(graphdef, params)(x, layer_caption_kv, *args), None
 
         if self.remat:
             block = jax.checkpoint(block, prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            return jax.lax.scan(block, x, stacked)[0]
+            return jax.lax.scan(block, x, (stacked, caption_kv))[0]
         for i in range(self.config.num_layers):
-            x, _ = block(x, jax.tree.map(lambda a: a[i], stacked))
+            x, _ = block(x, jax.tree.map(lambda a: a[i], (stacked, caption_kv)))
         return x
