@@ -14,7 +14,7 @@ from flax import nnx
 from reference import ShapeOnly, randomize_, relative_error, released
 
 from lumina_jax.models import vae
-from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig, SpatialSelfAttention
+from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig, SpatialSelfAttention, Upsample
 from lumina_jax.weights import importer
 from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError
 from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
@@ -118,6 +118,18 @@ def test_attention_in_query_chunks_is_exact(monkeypatch):
     monkeypatch.setattr(vae, "ATTENTION_QUERY_CHUNK", 6)  # 35 queries: 6 chunks of 6, the last padded
     chunked = np.asarray(nnx.jit(lambda module, x: module(x))(attention, x))  # a new function: traced anew
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8), (1, 1, 3, 16), (1, 6, 6, 32)])
+def test_upsample_without_the_upsampled_image_is_exact(shape):
+    upsample = Upsample(shape[-1], dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    upsample.conv.bias[...] = jnp.linspace(-1.0, 1.0, shape[-1])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    ours = nnx.jit(lambda module, x: module(x))(upsample, x)
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    expected = nnx.jit(lambda conv, x: conv(x))(upsample.conv, upsampled)  # the 3x3 conv on the x2 image
+    assert ours.shape == expected.shape == (shape[0], 2 * shape[1], 2 * shape[2], shape[3])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
 def test_key_examples():

@@ -165,14 +165,40 @@ class Downsample(nnx.Module):
         return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
 
 
+def upsampled_taps(kernel: jax.Array, axis: int) -> jax.Array:
+    """A 3-tap kernel axis over a x2 nearest-upsampled input as 2 taps over the input itself.
+
+    An even output row reads input rows (i-1, i, i) through taps (0, 1, 2), an odd one (i, i, i+1):
+    taps on the same input row add up. Returns the axis with 2 taps and a new axis of the output
+    row's parity (0 even, 1 odd) before the last.
+    """
+    t0, t1, t2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return jnp.stack([jnp.stack([t0, t1 + t2], axis), jnp.stack([t0 + t1, t2], axis)], axis=-2)
+
+
 class Upsample(nnx.Module):
-    """diffusers' Upsample2D: nearest-neighbour x2, then a 3x3 conv."""
+    """diffusers' Upsample2D: nearest-neighbour x2, then a 3x3 conv.
+
+    Computed without building the x2 image: each output pixel's 3x3 window covers a 2x2 window of
+    the input, so the four output phases (row and column parity) are one 2x2 conv over the input
+    with 4x the output channels, 2.25x fewer multiplies. The same sums, in another order.
+    """
 
     def __init__(self, features: int, *, dtype, param_dtype, rngs):
         self.conv = conv(features, features, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        batch, height, width, features = x.shape
+        dtype = self.conv.dtype
+        taps = upsampled_taps(upsampled_taps(self.conv.kernel[...].astype(jnp.float32), 0), 1)  # [2,2,in,2,2,out]
+        kernel = taps.reshape(2, 2, features, -1).astype(dtype)
+        phases = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ).reshape(batch, height + 1, width + 1, 2, 2, -1)
+        # Output pixel (2i + a, 2j + b) is phase (a, b) of the 2x2 window at padded position (i + a, j + b).
+        rows = [jnp.stack([phases[:, a : a + height, b : b + width, a, b] for b in range(2)], axis=3) for a in range(2)]
+        out = jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, -1)
+        return out + self.conv.bias[...].astype(dtype)
 
 
 class SpatialSelfAttention(nnx.Module):
