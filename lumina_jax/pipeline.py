@@ -11,6 +11,7 @@ Captions are padded to a few length buckets (padding is masked, so results do no
 guidance scale, seed and prompt are traced values: a new prompt or seed reuses the compiled programs.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -133,6 +134,11 @@ class LuminaPipeline:
         self.mesh = mesh
         return self
 
+    def _on_mesh(self):
+        """The pipeline's mesh as JAX's current one while its programs are traced and run: fused
+        attention kernels split their work by it (`models.attention`)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _spread(self, array: jax.Array) -> jax.Array:
         """Rows over the mesh's batch axes when they divide evenly, else a copy on every device."""
         rows = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
@@ -159,7 +165,9 @@ class LuminaPipeline:
         pad = bucket - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id or 0)
         mask = np.pad(mask, ((0, 0), (0, pad)))
-        return _encode_text(*self._text_encoder_split, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
+        with self._on_mesh():
+            embeds = _encode_text(*self._text_encoder_split, jnp.asarray(ids), jnp.asarray(mask))
+        return embeds, jnp.asarray(mask)
 
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None
@@ -238,18 +246,19 @@ class LuminaPipeline:
         if self.mesh is not None:
             latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
         schedule_ = sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift, sigmas=sigmas)
-        latents = sampling.sample(
-            self.transformer, latents, caption, caption_mask, schedule_,
-            guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
-            proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels, context_drop=context_drop,
-        )  # fmt: skip
-        if output_type == "latent":
-            return LuminaPipelineOutput(np.asarray(latents))
-        if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
-            images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
-        else:
-            config = self.vae.config
-            images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
+        with self._on_mesh():
+            latents = sampling.sample(
+                self.transformer, latents, caption, caption_mask, schedule_,
+                guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
+                proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels, context_drop=context_drop,
+            )  # fmt: skip
+            if output_type == "latent":
+                return LuminaPipelineOutput(np.asarray(latents))
+            if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
+                images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
+            else:
+                config = self.vae.config
+                images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
         images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
         if output_type == "np":
             return LuminaPipelineOutput(images)

@@ -6,6 +6,8 @@ sharded over "fsdp" (ZeRO-3 style) and "tensor" (Megatron style: attention heads
 inner width); batches are split over "data" and "fsdp" together.
 """
 
+import math
+
 import jax
 from flax import linen, nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -87,6 +89,20 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(module)
     nnx.update(module, jax.device_put(state, parameter_shardings(state, mesh)))
     return module
+
+
+def attention_partition(
+    axis_sizes: dict[str, int], batch: int, heads: int, kv_heads: int
+) -> tuple[PartitionSpec, PartitionSpec]:
+    """How a fused attention kernel's operands split over a mesh of these axis sizes: examples over
+    the batch axes, heads over "tensor" (query and kv heads alike, so each device keeps its query
+    heads' kv heads), each only where it divides evenly. Specs of [B, L, heads, D] and of [B, L]."""
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis_sizes.get(axis, 1) > 1)
+    rows = math.prod(axis_sizes[axis] for axis in batch_axes)
+    examples = batch_axes if batch_axes and batch % rows == 0 else None
+    tensor = axis_sizes.get("tensor", 1)
+    split_heads = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
+    return PartitionSpec(examples, None, split_heads, None), PartitionSpec(examples, None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

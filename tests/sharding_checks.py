@@ -7,6 +7,7 @@ The tiny model and batch builders are shared with tests/test_train_step.py.
 
 import json
 import math
+import re
 import tempfile
 
 import jax
@@ -46,11 +47,16 @@ ADAM_B1 = 0.9
 SETTLED_GRADIENT = 1e-5
 
 
-def tiny_model(dtype=jnp.float32, seed: int = 0) -> NextDiT:
+def tiny_model(dtype=jnp.float32, seed: int = 0, attention_backend=None) -> NextDiT:
     """The tiny Next-DiT, float32 parameters, rematerialised as for training, with every parameter
     random (gates and zero-initialised projections too) so that every path carries signal and
     gradient. Built abstractly and filled from NumPy: eager initialisation compiles op by op."""
-    model = nnx.eval_shape(lambda: NextDiT(TINY, dtype=dtype, param_dtype=jnp.float32, remat=True, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: NextDiT(
+            TINY, dtype=dtype, param_dtype=jnp.float32, remat=True, attention_backend=attention_backend,
+            rngs=nnx.Rngs(0),
+        )
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
 
     def random_value(path, abstract):
@@ -205,7 +211,40 @@ def main() -> dict:
             entry |= training_comparison(state, metrics, *reference, placement)
         results[name] = entry
     results["pipeline"] = sharded_sampling()
+    results["splash"] = splash_under_mesh(batch, empty, empty_mask, optimizer, reference_velocity, reference)
     return results
+
+
+def splash_under_mesh(batch, empty, empty_mask, optimizer, reference_velocity, reference) -> dict:
+    """Splash attention (Pallas, interpreted on CPU) under data=2 x fsdp=2 x tensor=2: the forward
+    pass and one train step against XLA attention on one device, and how the kernel's operands are
+    split (the manual computations of `jax.shard_map` in the lowered program)."""
+    mesh = sharding.make_mesh(**MESHES["data2_fsdp2_tensor2"])
+    model = sharding.shard_module(tiny_model(attention_backend="splash"), mesh)
+    graphdef, params = nnx.split(model)
+    placed = jax.device_put(jax.tree.map(np.asarray, batch), sharding.batch_sharding(mesh))
+    t = jnp.linspace(0.05, 0.95, 8)
+
+    @jax.jit
+    def forward(params, batch):
+        inputs = (batch.patches, batch.positions, batch.token_mask, t, batch.caption, batch.caption_mask)
+        return predict_velocity(nnx.merge(graphdef, params), *inputs)
+
+    with jax.set_mesh(mesh):
+        lowered = forward.lower(params, placed).as_text()
+        velocity = np.asarray(forward(params, placed), np.float64)
+    _, state = init_train_state(model, optimizer, jax.random.PRNGKey(0), mesh=mesh)
+    state, metrics = train_step(graphdef, state, placed, empty, empty_mask, optimizer=optimizer, mesh=mesh)
+    return training_comparison(state, metrics, *reference, sharding.parameter_shardings(params, mesh)) | {
+        "forward_error": float(np.abs(velocity - reference_velocity).max() / np.abs(reference_velocity).max()),
+        "kernel_operand_splits": kernel_operand_splits(lowered),
+    }
+
+
+def kernel_operand_splits(lowered: str) -> list[str]:
+    """The distinct layouts of the arrays that enter the program's manual computations (shard_map)."""
+    inputs = re.findall(r"sdy.manual_computation\(.*?in_shardings=\[(.*?)\] out_shardings", lowered)
+    return sorted({split for line in inputs for split in re.findall(r"<@\w+, (\[.*?\])>", line)})
 
 
 def sharded_sampling() -> dict:

@@ -105,3 +105,20 @@ def test_sampling_under_a_mesh_equals_one_device(results):
     # 8 images with CFG (16 rows) split over the batch axes, the transformer over fsdp: 3 Euler steps
     assert results["pipeline"]["fsdp8"] <= REORDERED_SUMS
     assert results["pipeline"]["data2_fsdp4"] <= REORDERED_SUMS
+
+
+def test_splash_attention_runs_per_device_under_a_mesh(results):
+    """A Pallas kernel is opaque to XLA's partitioner: under data=2 x fsdp=2 x tensor=2 each device
+    must get its own examples and heads (shard_map), and the results must still equal one device's
+    XLA attention, forward and through a train step."""
+    run = results["splash"]
+    assert run["kernel_operand_splits"] == [
+        '[{"data", "fsdp"}, {}, {"tensor"}, {}]',  # queries, keys, values: [B, L, heads, D]
+        '[{"data", "fsdp"}, {}]',  # the key mask
+        "[{}, {}, {}]",  # the kernel's own block tables, whole on every device
+    ]
+    assert run["forward_error"] <= REORDERED_SUMS
+    assert run["loss_error"] <= SCALAR and run["grad_norm_error"] <= SCALAR
+    assert run["gradient_error"] <= REORDERED_SUMS
+    assert run["settled_params_difference"] <= TWO_ULPS * run["params_magnitude"]
+    assert run["params_laid_out_by_rules"]

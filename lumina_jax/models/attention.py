@@ -7,11 +7,15 @@ splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products.
 """
 
 import dataclasses
+import functools
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from lumina_jax.sharding import attention_partition
 
 Backend = Literal["xla", "cudnn", "splash"]
 BACKENDS = ("xla", "cudnn", "splash")
@@ -148,6 +152,26 @@ def _cudnn_attention(query, key, value, scale, kv_mask):
 
 def _splash_attention(query, key, value, scale, kv_mask):
     """Pallas splash attention: query [B, T, heads, D], key/value [B, S, kv_heads, D] -> [B, T, heads, D].
+
+    XLA's partitioner cannot split a Pallas kernel: under a mesh it would gather every operand onto
+    every device. So under a mesh (`jax.set_mesh`) each device runs the kernel on its own examples
+    and heads, through `jax.shard_map` (`sharding.attention_partition`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+        return _splash_local(query, key, value, scale, kv_mask)
+    rows, masks = attention_partition(
+        dict(zip(mesh.axis_names, mesh.axis_sizes)), query.shape[0], query.shape[2], key.shape[2]
+    )
+    local = functools.partial(_splash_local, scale=scale)
+    return jax.shard_map(
+        lambda q, k, v, m: local(q, k, v, kv_mask=m), in_specs=(rows, rows, rows, masks), out_specs=rows,
+        check_vma=False,
+    )(query, key, value, kv_mask)  # fmt: skip
+
+
+def _splash_local(query, key, value, scale, kv_mask):
+    """Splash attention on one device's arrays.
 
     The kernel tiles sequences in blocks of 128-multiples and features in 128 lanes, so both are
     zero-padded: padded features add nothing to q.k and give zero outputs (sliced off), padded keys

@@ -10,6 +10,7 @@ mesh, the state is laid out by `sharding.parameter_shardings` and the batch by `
 without one, the same code runs on one device.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -179,9 +180,11 @@ def train_step(
     caption, caption_mask = drop_captions(
         caption_key, batch.caption, batch.caption_mask, empty_caption, empty_caption_mask, caption_dropout
     )
-    loss, grads = jax.value_and_grad(flow_loss, argnums=1)(
-        graphdef, state.params, batch, t, noise, caption, caption_mask
-    )
+    # Under the mesh, fused attention kernels split their work by it (`models.attention`).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
+        loss, grads = jax.value_and_grad(flow_loss, argnums=1)(
+            graphdef, state.params, batch, t, noise, caption, caption_mask
+        )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
