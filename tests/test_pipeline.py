@@ -3,14 +3,17 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 from reference import random_pipeline, relative_error
 
 from convert.__main__ import main as convert_main
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
+from lumina_jax.weights.vae import load_vae
 from sample.__main__ import main as sample_main
 
 PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed"]
@@ -115,6 +118,22 @@ def test_missing_components(tmp_path):
     (tmp_path / "transformer").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing text_encoder/, vae/, tokenizer/"):
         OurPipeline.from_pretrained(tmp_path)
+
+
+def test_vae_dtype_sets_the_vae_alone(pipelines, tmp_path):
+    """vae_dtype="bfloat16": the same latents, decoded by a bfloat16 VAE (whose accuracy tests/test_vae.py bounds)."""
+    reference, ours = pipelines
+    reference.save_pretrained(tmp_path)
+    low_memory = OurPipeline.from_pretrained(tmp_path, dtype="float32", vae_dtype="bfloat16", progress=False)
+    assert low_memory.vae.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
+    assert low_memory.transformer.layers.attention.to_q.kernel[...].dtype == jnp.float32
+    settings = dict(prompt=PROMPTS[0], num_inference_steps=2, seed=3)
+    latents = low_memory(**settings, output_type="latent").images
+    np.testing.assert_array_equal(latents, ours(**settings, output_type="latent").images)
+    vae = load_vae(tmp_path / "vae", "bfloat16", progress=False)
+    decoded = nnx.jit(lambda vae, z: vae.decode(z))(vae, jnp.asarray(latents) / vae.config.scaling_factor)
+    expected = np.clip(np.asarray(decoded, np.float32) * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(low_memory(**settings, output_type="np").images, expected)
 
 
 def test_converted_pipeline_gives_the_same_latents(pipelines, tmp_path):
