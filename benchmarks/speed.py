@@ -15,8 +15,9 @@ The GPU mode runs unattended in one call on an H100/H200 of a few minutes, once 
 installed there (e.g. from carried wheels: `pip install --no-deps wheels/*.whl`). Its pipelines
 use random weights of the released shapes: diffusers' default initialisation, ours constant
 (random initialisation of 2B parameters compiles a program per shape; the values do not change
-the time). diffusers decodes with a bfloat16 VAE (its pipeline passes bfloat16 latents), ours with
-the float32 VAE that the SDXL config's force_upcast asks for. On GPUs the transformer rows also
+the time). diffusers decodes with a bfloat16 VAE (its pipeline passes bfloat16 latents), ours by
+default with the float32 VAE that the SDXL config's force_upcast asks for (`--vae-dtype bfloat16`
+decodes as diffusers does; peak memory is per process, so run it separately). On GPUs the transformer rows also
 report accuracy: ours and diffusers in bfloat16 against diffusers in float32.
 """
 
@@ -201,13 +202,13 @@ def context_drop_rows(ours: NextDiT, setup: dict, base: int, results: dict) -> N
               f"{row['relative_change']:.3f} (max-relative) |", flush=True)  # fmt: skip
 
 
-def tiny_pipelines(folder: Path):
+def tiny_pipelines(folder: Path, vae_dtype: str):
     """diffusers' pipeline of tiny random components and ours loaded from the same folder."""
     reference = random_pipeline(folder, corpus=[PROMPT])
-    return reference, LuminaPipeline.from_pretrained(folder, dtype="float32", progress=False)
+    return reference, LuminaPipeline.from_pretrained(folder, dtype="float32", vae_dtype=vae_dtype, progress=False)
 
 
-def released_pipelines(device: str):
+def released_pipelines(device: str, vae_dtype: str):
     """Both pipelines with the released shapes (random weights), sharing one tokenizer."""
     tokenizer = build_tokenizer([PROMPT])
     with torch.device(device):
@@ -221,7 +222,7 @@ def released_pipelines(device: str):
     ours = LuminaPipeline(
         constant_weights(lambda: NextDiT(PRESETS["NextDiT_2B_GQA_patch2"], rngs=nnx.Rngs(0), **bf16)),
         constant_weights(lambda: GemmaEncoder(GEMMA_2B, rngs=nnx.Rngs(0), **bf16)),
-        constant_weights(lambda: AutoencoderKL(SDXL_VAE, rngs=nnx.Rngs(0))),
+        constant_weights(lambda: AutoencoderKL(SDXL_VAE, dtype=vae_dtype, param_dtype=vae_dtype, rngs=nnx.Rngs(0))),
         tokenizer,
     )
     return reference, ours
@@ -233,11 +234,11 @@ def constant_weights(make):
     return nnx.merge(graphdef, jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.01, leaf.dtype), state))
 
 
-def pipeline_rows(setup_name: str, setup: dict, device: str, results: dict) -> None:
+def pipeline_rows(setup_name: str, setup: dict, device: str, results: dict, vae_dtype: str) -> None:
     if setup_name == "cpu":
-        reference, ours = tiny_pipelines(Path(tempfile.mkdtemp()))
+        reference, ours = tiny_pipelines(Path(tempfile.mkdtemp()), vae_dtype)
     else:
-        reference, ours = released_pipelines(device)
+        reference, ours = released_pipelines(device, vae_dtype)
     for size, repeats in setup["pipeline_repeats"].items():
         settings = dict(prompt=PROMPT, height=size, width=size, guidance_scale=4.0, output_type="np")
         # diffusers cleans captions only with beautifulsoup4 and ftfy; ours lower-cases and strips, as it then does.
@@ -284,19 +285,22 @@ def main():
     parser.add_argument("--setup", choices=sorted(SETUPS), default="cpu")
     parser.add_argument("--only", choices=["transformer", "pipeline"], help="run one part")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="our VAE's dtype (float32 as the SDXL config asks; diffusers' is bfloat16)")  # fmt: skip
     args = parser.parse_args()
     setup = SETUPS[args.setup]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {"device": jax.devices()[0].device_kind, "torch_device": device, "jax": jax.__version__,
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "setup": args.setup,
-               "dtype": setup["dtype"], "rows": []}  # fmt: skip
-    print(f"{results['device']} ({device} for torch, {results['torch_threads']} threads), {setup['dtype']}")
+               "dtype": setup["dtype"], "vae_dtype": args.vae_dtype, "rows": []}  # fmt: skip
+    print(f"{results['device']} ({device} for torch, {results['torch_threads']} threads), {setup['dtype']}, "
+          f"our VAE in {args.vae_dtype}")  # fmt: skip
     print(f"| {'':<52} | {'diffusers ms':>12} | {'ours ms':>10} | {'ratio':>7} | {'ours 1st call s':>14} |")
     print(f"|{'-' * 54}|{'-' * 14}|{'-' * 12}|{'-' * 9}|{'-' * 16}|", flush=True)
     if args.only != "pipeline":
         transformer_rows(setup, device, results)
     if args.only != "transformer":
-        pipeline_rows(args.setup, setup, device, results)
+        pipeline_rows(args.setup, setup, device, results, args.vae_dtype)
     results["peak_memory"] = peak_memory(device)
     report(results["peak_memory"])
     if args.json:
