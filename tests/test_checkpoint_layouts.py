@@ -57,9 +57,7 @@ def test_original_cfg_with_resolution_scaling_and_proportional_attention(origina
 def forward_images(model, images, t=IO["a_t"], caption=IO["a_cap"], mask=IO["a_cap_mask"]):
     patches, positions, token_mask = patchify_padded(images, 2)
     rope = rope_frequencies(positions, model.config.head_dim)
-    return model.forward_tokens(
-        model.patch_embedder(patches), rope, token_mask, jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask)
-    )
+    return model.forward_tokens(patches, rope, token_mask, jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask))
 
 
 def test_images_of_different_shapes_in_one_batch(original_model):

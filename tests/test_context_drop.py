@@ -103,13 +103,13 @@ def test_window_must_divide_the_grid(reference_and_model):
 
 def test_no_token_mask_with_context_drop(reference_and_model):
     _, model = reference_and_model
-    tokens = jnp.zeros((1, 16, CONFIG["hidden_size"]))
+    patches = jnp.zeros((1, 16, 4 * model.config.in_channels))
     rope = model.image_rope(8, 8)
     caption, mask = jnp.zeros((1, 4, CONFIG["cross_attention_dim"])), jnp.ones((1, 4), bool)
     with pytest.raises(
         ValueError, match=r"Context Drop needs the 16 tokens of one 4x4 grid per image and no token_mask"
     ):
-        model.forward_tokens(tokens, rope, jnp.ones((1, 16), bool), jnp.zeros(1), caption, mask,
+        model.forward_tokens(patches, rope, jnp.ones((1, 16), bool), jnp.zeros(1), caption, mask,
                              context_drop=ContextDrop(4, 4, 2))  # fmt: skip
 
 

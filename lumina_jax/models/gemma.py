@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumina_jax.models.layers import Dtype, config_from_dict, linear, logical_axes
+from lumina_jax.models.layers import Dtype, config_from_dict, float32_products, linear, logical_axes
 
 # Keys of transformers' config.json that do not change the encoder's output.
 _TRANSFORMERS_BOOKKEEPING = (
@@ -223,6 +223,7 @@ class GemmaEncoder(nnx.Module):
         """hidden_states[-2] is the output of the second-to-last layer: the last one never runs."""
         return self.config.num_hidden_layers - 1
 
+    @float32_products
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids [B, L] integers and attention_mask [B, L] (1 = token, 0 = padding) ->
         hidden_states[-2] of transformers' GemmaModel, [B, L, hidden_size] float32, padded positions included."""

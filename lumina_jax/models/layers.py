@@ -1,15 +1,32 @@
 """Shared building blocks: parameters with logical axis names, norms that compute in float32, configs."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Dtype = jnp.dtype | type
 # Keys diffusers writes into every config.json that say nothing about the architecture.
 DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def float32_products(method: Callable) -> Callable:
+    """For a module method: with a float32 compute dtype (`self.dtype`), every matmul and convolution
+    it traces multiplies in full float32. Accelerators otherwise multiply float32 in TF32 (GPUs) or
+    in bfloat16 passes (TPUs), far from the float32 reference; bfloat16 modules keep the default."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if jnp.dtype(self.dtype) != jnp.float32:
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision("highest"):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def config_from_dict(cls: type, values: dict[str, Any], ignored: tuple[str, ...], model_name: str) -> Any:

@@ -22,6 +22,7 @@ from lumina_jax.models.layers import (
     DIFFUSERS_BOOKKEEPING,
     Dtype,
     config_from_dict,
+    float32_products,
     layer_norm,
     linear,
     logical_axes,
@@ -317,6 +318,7 @@ class NextDiT(nnx.Module):
             cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, ("embed", "patch"), kernel_init=zeros, **dense
         )
 
+    @float32_products
     def __call__(
         self,
         hidden_states: jax.Array,
@@ -353,7 +355,7 @@ class NextDiT(nnx.Module):
         if rope is None:
             rope = self.image_rope(height, width, linear_factor=linear_factor, ntk_factor=ntk_factor)
         out = self.forward_tokens(
-            self.patch_embedder(patchify(hidden_states, p)),
+            patchify(hidden_states, p),
             rope,
             None,
             timestep,
@@ -380,9 +382,10 @@ class NextDiT(nnx.Module):
         positions = jnp.asarray(grid_positions(height // p, width // p))[None]
         return rope_frequencies(positions, self.config.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
 
+    @float32_products
     def forward_tokens(
         self,
-        tokens: jax.Array,
+        patches: jax.Array,
         rope: tuple[jax.Array, jax.Array],
         token_mask: jax.Array | None,
         timestep: jax.Array,
@@ -393,15 +396,15 @@ class NextDiT(nnx.Module):
         caption_kv: jax.Array | None = None,
         context_drop: ContextDrop | None = None,
     ) -> jax.Array:
-        """The transformer on embedded patch tokens [B, T, hidden] with RoPE tables [B or 1, T, head_dim / 2]
-        (`rope_frequencies` of the tokens' grid positions).
+        """The transformer on patches [B, T, p*p*in_channels] (`patchify`'s feature order) with RoPE
+        tables [B or 1, T, head_dim / 2] (`rope_frequencies` of the patches' grid positions).
 
         token_mask [B, T] marks real tokens in a batch of images of different sizes: the others
         become the learned pad token and are never attended to. context_drop merges the image keys
         and values of one token grid, so it takes no token_mask. Returns [B, T, p*p*out_channels].
         """
         cfg = self.config
-        batch, num_tokens, _ = tokens.shape
+        batch, num_tokens, _ = patches.shape
         if caption.ndim != 3 or caption.shape[-1] != cfg.cross_attention_dim:
             raise ValueError(
                 f"encoder_hidden_states must be [batch, length, {cfg.cross_attention_dim}], got {caption.shape}"
@@ -422,7 +425,7 @@ class NextDiT(nnx.Module):
                 "image and no token_mask"
             )
 
-        x = tokens.astype(jnp.float32)
+        x = self.patch_embedder(patches).astype(jnp.float32)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
         cos, sin = rope
@@ -445,6 +448,7 @@ class NextDiT(nnx.Module):
         pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
         return t + self.caption_proj(self.caption_pool_norm(pooled))
 
+    @float32_products
     def caption_keys_values(self, caption: jax.Array) -> jax.Array:
         """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim].
 

@@ -14,7 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lumina_jax.models.attention import dot_product_attention
-from lumina_jax.models.layers import DIFFUSERS_BOOKKEEPING, Dtype, config_from_dict, linear, logical_axes
+from lumina_jax.models.layers import (
+    DIFFUSERS_BOOKKEEPING,
+    Dtype,
+    config_from_dict,
+    float32_products,
+    linear,
+    logical_axes,
+)
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -333,6 +340,7 @@ class AutoencoderKL(nnx.Module):
         self, config: AutoencoderKLConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs
     ):
         cfg = self.config = config
+        self.dtype = dtype
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         latent = cfg.latent_channels
         self.encoder = Encoder(cfg, **layer)
@@ -340,6 +348,7 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = conv(2 * latent, 2 * latent, 1, **layer) if cfg.use_quant_conv else None
         self.post_quant_conv = conv(latent, latent, 1, **layer) if cfg.use_post_quant_conv else None
 
+    @float32_products
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images [B, in_channels, H, W] in [-1, 1] -> the posterior's (mean, logvar), each
         [B, latent_channels, H/f, W/f] (f = 8 for the SDXL VAE); logvar clamped to [-30, 20] as diffusers does."""
@@ -355,6 +364,7 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = jnp.split(moments, 2, axis=1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
+    @float32_products
     def decode(self, latents: jax.Array) -> jax.Array:
         """Latents [B, latent_channels, h, w], already divided by the scaling factor -> images
         [B, out_channels, h*f, w*f], nominally in [-1, 1] (not clipped)."""

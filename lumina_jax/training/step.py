@@ -135,7 +135,7 @@ def predict_velocity(model: NextDiT, patches, positions, token_mask, t, caption,
     cfg = model.config
     rope = rope_frequencies(positions, cfg.head_dim)
     # No proportional attention (base_sequence_length): the original trains without it.
-    out = model.forward_tokens(model.patch_embedder(patches), rope, token_mask, t, caption, caption_mask)
+    out = model.forward_tokens(patches, rope, token_mask, t, caption, caption_mask)
     batch, tokens, _ = out.shape
     # Output features read (ph, pw, c); learn_sigma's extra channels are not trained, as in the original.
     out = out.reshape(batch, tokens, cfg.patch_size**2, cfg.out_channels)[..., : cfg.in_channels]
