@@ -80,7 +80,7 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each function, called in turn so that drift on a shared machine hits all.
 
     Each call waits PAUSE_S first, so that the worker threads of the framework that ran before
-    (XLA's and torch's CPU pools spin for a while after work) are idle when the other starts.
+    (both keep CPU thread pools, which may spin briefly after work) are idle when the other starts.
     """
     times = {name: [] for name in fns}
     for _ in range(repeats):
