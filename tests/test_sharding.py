@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from jax.sharding import PartitionSpec as P
+
+from lumina_jax.sharding import attention_partition
 
 SCRIPT = Path(__file__).parent / "sharding_checks.py"
 REORDERED_SUMS = 2.0**-18
@@ -122,3 +125,14 @@ def test_splash_attention_runs_per_device_under_a_mesh(results):
     assert run["gradient_error"] <= REORDERED_SUMS
     assert run["settled_params_difference"] <= TWO_ULPS * run["params_magnitude"]
     assert run["params_laid_out_by_rules"]
+
+
+def test_attention_partition_splits_only_what_divides():
+    sizes = {"data": 2, "fsdp": 2, "tensor": 2}
+    assert attention_partition(sizes, 8, 4, 2) == (P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None))
+    # 6 rows over 4 devices and 1 kv head over 2 do not divide: those dimensions stay whole
+    assert attention_partition(sizes, 6, 4, 1) == (P(None, None, None, None), P(None, None))
+    assert attention_partition({"data": 1, "fsdp": 8, "tensor": 1}, 16, 8, 8) == (
+        P(("fsdp",), None, None, None),
+        P(("fsdp",), None),
+    )

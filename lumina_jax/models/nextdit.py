@@ -453,7 +453,7 @@ class NextDiT(nnx.Module):
         """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim].
 
         They depend on the caption alone, so a sampler computes them once per image and passes them
-        as `caption_kv` to every step (with the small config of benchmarks/speed.py, 7% of a step).
+        as `caption_kv` to every step (with the small config of benchmarks/speed.py, 8-9% of a step).
         """
         graphdef, stacked = nnx.split(self.layers)
         caption = caption.astype(self.dtype)
