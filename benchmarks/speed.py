@@ -17,8 +17,8 @@ use random weights of the released shapes: diffusers' default initialisation, ou
 (random initialisation of 2B parameters compiles a program per shape; the values do not change
 the time). diffusers decodes with a bfloat16 VAE (its pipeline passes bfloat16 latents), ours by
 default with the float32 VAE that the SDXL config's force_upcast asks for (`--vae-dtype bfloat16`
-decodes as diffusers does; peak memory is per process, so run it separately). On GPUs the transformer rows also
-report accuracy: ours and diffusers in bfloat16 against diffusers in float32.
+decodes as diffusers does; peak memory is per process, so run it separately). On GPUs the
+transformer rows also report accuracy: ours and diffusers in bfloat16 against diffusers in float32.
 """
 
 import argparse
