@@ -37,12 +37,10 @@ def _run_case(model, reference, config, case, precompute_caption_kv=False):
     batch, height, width, length, valid, linear, ntk, base = CASES[case]
     x, t, caption, mask = inputs(7, batch, height, width, length, config["cross_attention_dim"], valid)
     factors = dict(linear_factor=linear, ntk_factor=ntk, base_sequence_length=base)
-    if precompute_caption_kv:  # as the sampler does, once per image
-        factors["caption_kv"] = model.caption_keys_values(jnp.asarray(caption))
-    expected = transformer_forward(
-        reference, x, t, caption, mask, **{k: v for k, v in factors.items() if k != "caption_kv"}
-    )
-    ours = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask), **factors)
+    expected = transformer_forward(reference, x, t, caption, mask, **factors)
+    # precompute_caption_kv: as the sampler does, once per image
+    extra = {"caption_kv": model.caption_keys_values(jnp.asarray(caption))} if precompute_caption_kv else {}
+    ours = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask), **factors, **extra)
     assert ours.shape == expected.shape
     return relative_error(ours, expected)
 

@@ -7,7 +7,6 @@ splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products.
 """
 
 import dataclasses
-import functools
 import math
 from typing import Literal
 
@@ -163,9 +162,8 @@ def _splash_attention(query, key, value, scale, kv_mask):
     rows, masks = attention_partition(
         dict(zip(mesh.axis_names, mesh.axis_sizes)), query.shape[0], query.shape[2], key.shape[2]
     )
-    local = functools.partial(_splash_local, scale=scale)
     return jax.shard_map(
-        lambda q, k, v, m: local(q, k, v, kv_mask=m), in_specs=(rows, rows, rows, masks), out_specs=rows,
+        lambda q, k, v, m: _splash_local(q, k, v, scale, m), in_specs=(rows, rows, rows, masks), out_specs=rows,
         check_vma=False,
     )(query, key, value, kv_mask)  # fmt: skip
 

@@ -318,7 +318,6 @@ class NextDiT(nnx.Module):
             cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, ("embed", "patch"), kernel_init=zeros, **dense
         )
 
-    @float32_products
     def __call__(
         self,
         hidden_states: jax.Array,
