@@ -28,12 +28,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from lumina_jax import sampling
-from lumina_jax.models.gemma import GemmaEncoder
-from lumina_jax.models.nextdit import ROPE_MAX_GRID, NextDiT
-from lumina_jax.models.vae import AutoencoderKL
+from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
+from lumina_jax.models.nextdit import PRESETS, ROPE_MAX_GRID, NextDiT, NextDiTConfig
+from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
 from lumina_jax.weights.gemma import load_text_encoder
-from lumina_jax.weights.importer import has_vae
+from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.nextdit import load_transformer
 from lumina_jax.weights.vae import find_vae, load_vae
 
@@ -43,6 +43,20 @@ MAX_SEQUENCE_LENGTH = 256  # tokens; diffusers ignores its own max_sequence_leng
 CAPTION_BUCKETS = (32, 64, 128, 256)
 VAE_SCALE = 8
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+# The released pipelines' architectures (transformer, text encoder, VAE), for planning without their
+# files (`LuminaPipeline.abstract`); found by name, hub id or download folder (`released_architecture`).
+RELEASED = {
+    "lumina-next-sft": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
+    "lumina-next-t2i": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
+}
+
+
+def released_architecture(name: str | Path) -> tuple[NextDiTConfig, GemmaConfig, AutoencoderKLConfig] | None:
+    """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers"
+    or by a download folder of that name that is not there; None for any other name."""
+    if Path(name).exists():
+        return None
+    return RELEASED.get(Path(name).name.lower().removesuffix("-diffusers"))
 
 
 @dataclasses.dataclass
@@ -85,6 +99,7 @@ class LuminaPipeline:
         self._vae_split = None if vae is None else nnx.split(vae)
         self.scheduler_shift = scheduler_shift
         self.mesh: Mesh | None = None
+        self.weightless = False  # set by `abstract`: shapes only, programs can be lowered but not run
         self.latent_scale = 1 if vae is None else VAE_SCALE  # image pixels per latent pixel
         self.default_sample_size = transformer and transformer.config.sample_size * self.latent_scale
 
@@ -125,6 +140,45 @@ class LuminaPipeline:
         shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
         return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=shift)
 
+    @classmethod
+    def abstract(
+        cls, path_or_name: str | Path, dtype: str = "bfloat16", *, vae_dtype: str | None = None
+    ) -> "LuminaPipeline":
+        """The pipeline's architecture without weights, from a folder's config files alone
+        (model_index.json and each component's config.json) or a name of `RELEASED`. Its programs
+        can be lowered and compiled (`lower`), for a TPU say, on a machine without one; not run."""
+        if released := released_architecture(path_or_name):
+            transformer_config, encoder_config, vae_config = released
+            shift = 1.0
+        else:
+            path = Path(path_or_name)
+            if not (path / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"{path}: not a pipeline folder (no model_index.json) and not a released pipeline "
+                    f"({', '.join(RELEASED)})"
+                )
+            config = lambda folder, kind, name: read_config(path / folder / "config.json", kind.from_dict, name)  # noqa: E731
+            transformer_config = config("transformer", NextDiTConfig, "Next-DiT")
+            encoder_config = config("text_encoder", GemmaConfig, "Gemma")
+            vae_config = config("vae", AutoencoderKLConfig, "AutoencoderKL") if has_vae(path) else None
+            scheduler = path / "scheduler" / "scheduler_config.json"
+            shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
+        compute = resolve_dtype(dtype)
+        if vae_config is not None and vae_dtype is None:
+            vae_dtype = "float32" if vae_config.force_upcast else dtype
+        def shapes(model, config, dtype):
+            return nnx.eval_shape(lambda: model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+
+        pipe = cls(
+            shapes(NextDiT, transformer_config, compute),
+            shapes(GemmaEncoder, encoder_config, compute),
+            None if vae_config is None else shapes(AutoencoderKL, vae_config, resolve_dtype(vae_dtype)),
+            None,
+            scheduler_shift=shift,
+        )
+        pipe.weightless = True
+        return pipe
+
     def shard(self, mesh: Mesh) -> "LuminaPipeline":
         """Run on a device mesh: the transformer's parameters laid out by the sharding rules (the text
         encoder and VAE by theirs, replicated where they name no axes), and each call's images spread
@@ -143,10 +197,12 @@ class LuminaPipeline:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _spread(self, array: jax.Array) -> jax.Array:
+        return jax.device_put(array, self._rows_sharding(array.shape[0]))
+
+    def _rows_sharding(self, rows: int) -> NamedSharding:
         """Rows over the mesh's batch axes when they divide evenly, else a copy on every device."""
-        rows = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
-        spec = batch_sharding(self.mesh) if array.shape[0] % rows == 0 else NamedSharding(self.mesh, PartitionSpec())
-        return jax.device_put(array, spec)
+        ways = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
+        return batch_sharding(self.mesh) if rows % ways == 0 else NamedSharding(self.mesh, PartitionSpec())
 
     def _tokenize(self, texts: list[str], length: int | None) -> tuple[np.ndarray, np.ndarray]:
         """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned);
@@ -211,6 +267,9 @@ class LuminaPipeline:
     ) -> LuminaPipelineOutput:
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
+        if self.weightless:
+            raise ValueError("this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
+                             ".lower(...), or load one with from_pretrained")  # fmt: skip
         height = height or self.default_sample_size
         width = width or self.default_sample_size
         self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
@@ -266,6 +325,68 @@ class LuminaPipeline:
         if output_type == "np":
             return LuminaPipelineOutput(images)
         return LuminaPipelineOutput([Image.fromarray(i) for i in (images * 255).round().astype(np.uint8)])
+
+    def lower(
+        self,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        prompts: int = 1,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        caption_length: int = MAX_SEQUENCE_LENGTH,
+        solver: sampling.Solver = "euler",
+        schedule: str = "diffusers",
+        scaling_watershed: float = 1.0,
+        proportional_attn: bool = True,
+        cfg_all_channels: bool = False,
+        context_drop: int = 1,
+    ) -> dict[str, tuple[jax.stages.Lowered, nnx.Module | None]]:
+        """Every program that a call with these settings runs, lowered for the pipeline's mesh (`shard`)
+        or default device, with the model whose weights each reads: for `prompts` prompts of
+        `caption_length` tokens (padded to their bucket), the text encoder, the noise, the sampler
+        and, with a VAE, the decoder. The weights may be abstract (`abstract`): compile the programs
+        for a TPU topology to see what they need per chip (`lumina_jax.tpu`)."""
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        self._check("", None, height, width, guidance_scale, num_images_per_prompt, "latent")
+        if not 1 <= caption_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"caption_length must be between 1 and {MAX_SEQUENCE_LENGTH} tokens, got {caption_length}")
+        if prompts < 1:
+            raise ValueError(f"prompts must be at least 1, got {prompts}")
+        everywhere = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+        def struct(shape, dtype, sharded_rows: bool = True):
+            where = self._rows_sharding(shape[0]) if self.mesh is not None and sharded_rows else everywhere
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+        batch = prompts * num_images_per_prompt
+        rows = batch * (2 if guidance_scale > 1.0 else 1)
+        bucket = _caption_bucket(caption_length)
+        shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
+        tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
+        with self._on_mesh():
+            encode = _encode_text.lower(*self._text_encoder_split, tokens, tokens)
+            features = encode.out_info
+            programs = {
+                "text_encoder": (encode, self.text_encoder),
+                "noise": (_noise.lower(np.uint32(0), shape), None),
+                "sampler": (
+                    sampling.lower_sample(
+                        self.transformer, struct(shape, jnp.float32), struct((rows, bucket, features.shape[-1]),
+                        features.dtype), struct((rows, bucket), jnp.int32),
+                        sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift),
+                        guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
+                        proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+                        context_drop=context_drop,
+                    ),
+                    self.transformer,
+                ),
+            }  # fmt: skip
+            if self.vae is not None:
+                programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
+        return programs
 
     def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
         if (prompt is None) == (prompt_embeds is None):

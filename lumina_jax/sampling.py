@@ -169,6 +169,25 @@ def sample(
     otherwise B rows and no guidance. As in diffusers, channels 0..2 are guided unless
     cfg_all_channels. context_drop > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`).
     """
+    args, static = _integrate_arguments(
+        model, latents, caption, caption_mask, schedule, guidance_scale=guidance_scale, solver=solver,
+        scaling_watershed=scaling_watershed, proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+        context_drop=context_drop,
+    )  # fmt: skip
+    return _integrate(*args, **static)
+
+
+def lower_sample(model: NextDiT, latents, caption, caption_mask, schedule: FlowSchedule, **options) -> jax.stages.Lowered:
+    """The program `sample` runs, lowered for arrays or ShapeDtypeStructs (with shardings) of these
+    shapes and an abstract model (`nnx.eval_shape`), e.g. to compile it for a TPU without one."""
+    args, static = _integrate_arguments(model, latents, caption, caption_mask, schedule, **options)
+    return _integrate.lower(*args, **static)
+
+
+def _integrate_arguments(
+    model, latents, caption, caption_mask, schedule, *, guidance_scale=4.0, solver="euler", scaling_watershed=1.0,
+    proportional_attn=True, cfg_all_channels=False, context_drop=1,
+) -> tuple[tuple, dict]:  # fmt: skip
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     guided = float(guidance_scale) > 1.0
@@ -180,11 +199,15 @@ def sample(
         )
     _, channels, height, width = latents.shape
     graphdef, params = nnx.split(model)
-    return _integrate(
-        graphdef, params, latents, caption, caption_mask, jnp.float32(guidance_scale),
-        jnp.asarray(schedule.times), jnp.asarray(schedule.steps), jnp.float32(scaling_watershed),
+    args = (
+        graphdef, params, latents, caption, caption_mask, np.float32(guidance_scale), schedule.times, schedule.steps,
+        np.float32(scaling_watershed),
+    )  # fmt: skip
+    static = dict(
         solver=solver,
         guided_channels=(channels if cfg_all_channels else GUIDED_CHANNELS) if guided else 0,
         base_sequence_length=model.config.base_sequence_length if proportional_attn else None,
-        scale=resolution_scale(model, height, width), context_drop=context_drop,
-    )  # fmt: skip
+        scale=resolution_scale(model, height, width),
+        context_drop=context_drop,
+    )
+    return args, static

@@ -32,13 +32,14 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, devices=None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh; fsdp=None takes all the devices data and tensor leave.
 
-    A mesh smaller than the device count uses the first devices. Axes are Auto: the compiler
-    propagates shardings through the model, whose layers carry no sharding annotations.
+    Over `devices` (default: all of JAX's; e.g. a TPU topology's, to compile only). A mesh smaller
+    than the device count uses the first devices. Axes are Auto: the compiler propagates shardings
+    through the model, whose layers carry no sharding annotations.
     """
-    count = jax.device_count()
+    count = jax.device_count() if devices is None else len(devices)
     if fsdp is None:
         if data < 1 or tensor < 1 or count % (data * tensor):
             raise ValueError(f"data={data} x tensor={tensor} does not divide the {count} devices")
@@ -47,7 +48,8 @@ def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1) -> Mesh:
     size = data * fsdp * tensor
     if min(sizes) < 1 or count % size:
         raise ValueError(f"a mesh data={data} x fsdp={fsdp} x tensor={tensor} does not divide the {count} devices")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=None if devices is None else list(devices)[:size])  # fmt: skip
 
 
 def mesh_partition_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -85,9 +87,16 @@ def parameter_shardings(module_or_tree, mesh: Mesh):
 
 
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Place the module's parameters on the mesh, in place; returns the module."""
+    """Place the module's parameters on the mesh, in place; returns the module. An abstract module
+    (`nnx.eval_shape`) gets ShapeDtypeStructs that carry the shardings, to lower programs with."""
     state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, parameter_shardings(state, mesh)))
+
+    def place(value, sharding):
+        if isinstance(value, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+        return jax.device_put(value, sharding)
+
+    nnx.update(module, jax.tree.map(place, state, parameter_shardings(state, mesh)))
     return module
 
 

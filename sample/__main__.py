@@ -18,10 +18,11 @@ CACHE = Path(os.environ.get("LUMINA_JAX_CACHE", Path.home() / ".cache" / "lumina
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
                         help="pipeline folder: diffusers layout or from `python -m convert` (default: the small "
-                        "digits model shipped with lumina-jax, 32x32 px)")  # fmt: skip
-    prompts = parser.add_mutually_exclusive_group(required=True)
+                        "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
+                        "config files is enough, or a released name: lumina-next-sft")  # fmt: skip
+    prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="what to draw")
     prompts.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--negative-prompt", default=None)
@@ -46,11 +47,71 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the VAE's dtype (default: float32 where its config asks, as the SDXL VAE's does; "
                              "bfloat16 halves the decoder's memory)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs")
-    return parser.parse_args(argv)
+    parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=D,fsdp=F,tensor=T",
+                        help="run on a device mesh: the transformer's weights split over fsdp and tensor, the images "
+                             "over data and fsdp (default: one device)")  # fmt: skip
+    plan = parser.add_argument_group("compile only: will it fit on a Cloud TPU (no TPU and no weights needed)")
+    plan.add_argument("--compile-only", action="store_true",
+                      help="compile every program of the run for --topology with the TPU compiler (pip install -e "
+                           "'.[tpu]') and print each one's memory per chip; exit 1 if it does not fit")  # fmt: skip
+    plan.add_argument("--topology", help="the TPU slice: v5e-1, v5e-8, v6e-8, v5p-8, v4-8, ... or a JAX topology name")
+    plan.add_argument("--caption-length", type=int, default=256, help="caption tokens to plan for (default: the most)")
+    plan.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.compile_only and not args.topology:
+        parser.error("--compile-only needs --topology")
+    if not args.compile_only and not (args.prompt or args.prompts_file):
+        parser.error("one of --prompt or --prompts-file is required")
+    return args
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=4,tensor=1" -> {"data": 2, "fsdp": 4, "tensor": 1}; axes left out are 1."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected data=N, fsdp=N or tensor=N with N >= 1")
+        sizes[name] = int(value)
+    return sizes
+
+
+def compile_only(args: argparse.Namespace) -> int:
+    """Compile the run's programs for a TPU slice without weights, print the per-chip plan."""
+    from lumina_jax import tpu
+    from lumina_jax.pipeline import LuminaPipeline
+    from lumina_jax.sharding import make_mesh
+
+    try:
+        target = tpu.tpu_slice(args.topology)
+        # As the run itself: one device unless --mesh says otherwise.
+        mesh = make_mesh(**(args.mesh or dict(fsdp=1)), devices=tpu.compile_devices(target))
+        pipe = LuminaPipeline.abstract(args.model, args.dtype or "bfloat16", vae_dtype=args.vae_dtype).shard(mesh)
+        programs = pipe.lower(
+            height=args.height, width=args.width, prompts=1, num_images_per_prompt=args.num_images,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, caption_length=args.caption_length,
+            solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
+            context_drop=args.context_drop,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    plan = tpu.plan_programs(target, programs, {k: v for k, v in models.items() if v is not None}, log=print)
+    mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    size = f"{args.height or pipe.default_sample_size}x{args.width or pipe.default_sample_size}"
+    print(f"\n{args.model} at {size}, {args.num_images} image(s), {args.steps} steps, guidance {args.guidance}, "
+          f"mesh {mesh_text}")  # fmt: skip
+    print(plan.summary())
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "mesh": dict(mesh.shape), **plan.to_json()}, indent=1))
+    return 0 if plan.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.compile_only:
+        return compile_only(args)
     import jax  # after argument parsing, so --help is instant
 
     # Compiled programs persist across runs: a second start skips compilation.
@@ -74,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
+    if args.mesh:
+        from lumina_jax.sharding import make_mesh
+
+        pipe.shard(make_mesh(**args.mesh))
     args.out.mkdir(parents=True, exist_ok=True)
     settings = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                     solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,

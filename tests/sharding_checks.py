@@ -53,7 +53,7 @@ def tiny_model(dtype=jnp.float32, seed: int = 0, attention_backend=None) -> Next
     gradient. Built abstractly and filled from NumPy: eager initialisation compiles op by op."""
     model = nnx.eval_shape(
         lambda: NextDiT(
-            TINY, dtype=dtype, param_dtype=jnp.float32, remat=True, attention_backend=attention_backend,
+            TINY, dtype=dtype, param_dtype=jnp.float32, remat="full", attention_backend=attention_backend,
             rngs=nnx.Rngs(0),
         )
     )  # fmt: skip

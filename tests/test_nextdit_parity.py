@@ -73,7 +73,7 @@ def test_unrolled_and_rematerialised_layers_match_scan(saved_transformer):
     x, t, caption, mask = inputs(3, 2, 8, 12, 5, CONFIGS[name]["cross_attention_dim"], [5, 2])
     args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask))
     scanned = load_transformer(folder, progress=False)(*args)
-    for options in (dict(scan_layers=False), dict(remat=True)):
+    for options in (dict(scan_layers=False), dict(remat="full"), dict(remat="attention_ffn"), dict(remat="dots")):
         other = load_transformer(folder, progress=False, **options)(*args)
         np.testing.assert_allclose(
             np.asarray(other), np.asarray(scanned), rtol=0, atol=1e-5 * float(np.abs(scanned).max())

@@ -5,6 +5,7 @@ import inspect
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,6 +110,45 @@ def test_bfloat16_within_tier(saved_vae):
     assert model.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
     measured = errors(model, saved_vae)
     assert max(measured.values()) <= BFLOAT16_BOUND, measured
+
+
+@pytest.mark.parametrize("dtype, bound", [("float32", FLOAT32_BOUND), ("bfloat16", BFLOAT16_BOUND)])
+def test_streamed_decoder_matches_diffusers(saved_vae, monkeypatch, dtype, bound):
+    """Bands of a few rows at every resolution: resnets (in place over x or over h), upsamples and the
+    NCHW tail all stream, against diffusers' whole-image decode."""
+    folder, _, latents, expected = saved_vae
+    monkeypatch.setattr(vae, "DECODE_BAND_PIXELS", 100)
+    model = load_vae(folder, dtype=dtype, progress=False)
+    decoded = nnx.jit(lambda model, latents: model.decode(latents))(model, jnp.asarray(latents))  # traced anew
+    assert per_channel_error(decoded, expected[2]) <= bound
+
+
+@pytest.mark.parametrize("latent_size", [(7, 5), (12, 10), (3, 16)])
+def test_streamed_decoder_equals_whole_decode_at_odd_sizes(monkeypatch, latent_size):
+    model = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64, 64), down_block_types=(vae.DOWN_BLOCK,) * 3,
+                                              up_block_types=(vae.UP_BLOCK,) * 3, norm_num_groups=8), rngs=nnx.Rngs(0))  # fmt: skip
+    randomize_nnx_(model, seed=1)
+    latents = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, *latent_size), dtype=np.float32))
+    whole = np.asarray(nnx.jit(lambda model, z: model.decode(z))(model, latents))
+    for band_pixels in (20, 64, 300):
+        monkeypatch.setattr(vae, "DECODE_BAND_PIXELS", band_pixels)
+        streamed = np.asarray(nnx.jit(lambda model, z: model.decode(z))(model, latents))
+        assert relative_error(streamed, whole) <= FLOAT32_BOUND, band_pixels
+
+
+def randomize_nnx_(model: nnx.Module, seed: int) -> None:
+    """Every parameter random (norm scales around 1), in place."""
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 0.2 + (p.ndim == 1)), state
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("height, width, rows", [(16, 16, 16), (2048, 2048, 128), (1024, 1024, 256), (8, 2**17, 2),
+                                                  (13, 2**17, 1)])  # fmt: skip
+def test_band_rows_divide_the_height_within_the_band_size(height, width, rows):
+    assert vae.band_rows(height, width) == rows
 
 
 def test_attention_in_query_chunks_is_exact(monkeypatch):

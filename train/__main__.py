@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 COMMANDS = ("cache", "export", "eval")
 
@@ -33,11 +34,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.add_argument("--config", required=True, help="config name (train/configs/NAME.py) or file")
         parser.add_argument("overrides", nargs="*", help="field=value, e.g. steps=500 lr=3e-4")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the workdir)")
+        if command == "train":
+            plan = parser.add_argument_group("compile only: will the step fit on a Cloud TPU (no TPU, data or weights)")
+            plan.add_argument("--compile-only", action="store_true",
+                              help="compile the train step for --topology with the TPU compiler (pip install -e "
+                                   "'.[tpu]'), print its memory per chip, FLOPs and the largest batch that fits; "
+                                   "exit 1 if the config's batch does not fit")  # fmt: skip
+            plan.add_argument("--topology", help="the TPU slice: v5e-8, v6e-8, v5p-8, v5p-128, ... or a JAX topology")
+            plan.add_argument("--json", help="write the figures to this file")
+            plan.add_argument("--no-batch-search", action="store_true",
+                              help="skip the search for the largest batch (it compiles the step several times)")
         if command == "export":
             parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
             parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")
     args = parser.parse_args(rest)
     args.command = command
+    if getattr(args, "compile_only", False) and not args.topology:
+        parser.error("--compile-only needs --topology")
     return args
 
 
@@ -65,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "compile_only", False):
+        return compile_only(config, args)
     from lumina_jax.training import loop
 
     if args.command == "cache":
@@ -84,6 +99,35 @@ def main(argv: list[str] | None = None) -> int:
     if summary.export:
         print(f"pipeline with the EMA weights: {summary.export}")
     return 0
+
+
+def compile_only(config, args: argparse.Namespace) -> int:
+    from lumina_jax import tpu
+    from lumina_jax.training import compile_only as step_plan
+
+    try:
+        target = tpu.tpu_slice(args.topology)
+        plan = step_plan.plan_train_step(config, target)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    flops = plan.programs[0].flops
+    chips = target.chips
+    print(f"{args.config}: {config.batch_size} images of {config.image_size} px a step, remat {config.remat}, "
+          f"mesh data={config.mesh_data} fsdp={config.mesh_fsdp} tensor={config.mesh_tensor}")  # fmt: skip
+    print(plan.summary())
+    if flops:
+        print(f"step: {flops * chips / 1e12:.1f} TFLOP ({flops / 1e12:.2f} per chip)")
+    largest = None
+    if not args.no_batch_search:
+        print("largest batch per chip:")
+        largest = step_plan.largest_per_chip_batch(config, target, log=print)
+        print(f"largest batch that fits: {largest} per chip" if largest else "not even 1 image per chip fits")
+    if args.json:
+        figures = {"config": args.config, **plan.to_json(), "batch_size": config.batch_size,
+                   "flops_per_step": flops and flops * chips, "largest_per_chip_batch": largest}  # fmt: skip
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0 if plan.fits else 1
 
 
 if __name__ == "__main__":

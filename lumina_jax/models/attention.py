@@ -188,16 +188,20 @@ def _splash_local(query, key, value, scale, kv_mask):
     # The kernel takes no scale: it goes on the query, in float32 before the cast back.
     q = heads_major((query.astype(jnp.float32) * scale).astype(query.dtype), q_padded)
     k, v = heads_major(key, kv_padded), heads_major(value, kv_padded)
-    interpret = jax.default_backend() != "tpu"
-    kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret)
-    if kv_mask is None and kv_padded == kv_length:
-        out = jax.vmap(kernel)(q, k, v)
-    else:
+    segments = None
+    if kv_mask is not None or kv_padded != kv_length:
         keep = jnp.ones((batch, kv_length), jnp.int32) if kv_mask is None else kv_mask.astype(jnp.int32)
         segments = splash.SegmentIds(
             q=jnp.ones((batch, q_padded), jnp.int32), kv=jnp.pad(keep, ((0, 0), (0, kv_padded - kv_length)))
         )
-        out = jax.vmap(kernel)(q, k, v, segment_ids=segments)
+
+    def run(interpret: bool):
+        kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret)
+        return lambda q, k, v, segments: jax.vmap(kernel)(q, k, v, segment_ids=segments)
+
+    # Mosaic where the program is compiled for a TPU (also from a machine without one), Pallas'
+    # interpreter elsewhere: the platform of the compilation decides, not the machine's default.
+    out = jax.lax.platform_dependent(q, k, v, segments, tpu=run(interpret=False), default=run(interpret=True))
     return out[:, :, :length, :head_dim].transpose(0, 2, 1, 3)
 
 

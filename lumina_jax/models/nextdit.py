@@ -10,12 +10,13 @@ stacked and scanned, and kv heads are never repeated in memory.
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
 from lumina_jax.models.layers import (
@@ -31,6 +32,15 @@ from lumina_jax.models.layers import (
 from lumina_jax.models.rope import apply_rope, grid_positions, rope_frequencies
 
 TIMESTEP_FEATURES = 256
+# What training's backward pass keeps of each layer's forward pass (`NextDiT(remat=...)`), the rest
+# being recomputed: "none" keeps everything (no rematerialisation), "full" only the layer's input,
+# "attention_ffn" also the attention and feed-forward outputs, "dots" every matmul's output.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "attention_ffn": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+Remat = Literal["none", "full", "attention_ffn", "dots"]
 ROPE_MAX_GRID = 384  # the released RoPE table: 384 x 384 tokens, 6144 px per side at patch 2, VAE 8
 
 
@@ -269,9 +279,9 @@ class NextDiTBlock(nnx.Module):
             self.caption_keys_values(caption) if caption_kv is None else caption_kv,
             caption_mask, token_mask, cos, sin, self_scale, context_drop,
         )  # fmt: skip
-        x = x + jnp.tanh(gate_msa) * self.attention_norm2(h)
+        x = x + jnp.tanh(gate_msa) * self.attention_norm2(checkpoint_name(h, "attention_out"))
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + jnp.tanh(gate_mlp) * self.ffn_norm2(h)
+        return x + jnp.tanh(gate_mlp) * self.ffn_norm2(checkpoint_name(h, "ffn_out"))
 
 
 class NextDiT(nnx.Module):
@@ -285,10 +295,12 @@ class NextDiT(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         scan_layers: bool = True,
-        remat: bool = False,
+        remat: Remat = "none",
         attention_backend: Backend | None = None,
         rngs: nnx.Rngs,
     ):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of none, {', '.join(REMAT_POLICIES)}")
         cfg = self.config = config
         self.dtype, self.scan_layers, self.remat = dtype, scan_layers, remat
         dense = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -465,8 +477,8 @@ class NextDiT(nnx.Module):
             params, layer_caption_kv = layer
             return nnx.merge(graphdef, params)(x, layer_caption_kv, *args), None
 
-        if self.remat:
-            block = jax.checkpoint(block, prevent_cse=not self.scan_layers)
+        if self.remat != "none":
+            block = jax.checkpoint(block, prevent_cse=not self.scan_layers, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
             return jax.lax.scan(block, x, (stacked, caption_kv))[0]
         for i in range(self.config.num_layers):

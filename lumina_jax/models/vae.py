@@ -31,6 +31,9 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps t
 # Most queries per attention chunk: the float32 logits of a chunk take at most ATTENTION_QUERY_CHUNK x tokens x 4
 # bytes per image (512 MiB at 1024 px, 2 GiB at 2048 px).
 ATTENTION_QUERY_CHUNK = 8192
+# The decoder streams its large activations in bands of whole rows, at most this many pixels a band
+# (128 rows at 2048 px): `Decoder.__call__`.
+DECODE_BAND_PIXELS = 2**18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +132,39 @@ def conv(
     )
 
 
-def group_norm(features: int, groups: int, *, param_dtype: Dtype, rngs) -> nnx.GroupNorm:
-    """GroupNorm over NHWC with float32 statistics and output; two-pass variance, as PyTorch computes it."""
-    return nnx.GroupNorm(
+class GroupNorm(nnx.GroupNorm):
+    """PyTorch's GroupNorm over NHWC, float32 statistics (two-pass variance) and output.
+
+    The statistics are reduced per channel first, then over each group's channels (equal counts:
+    the same mean and variance), so x is never reshaped into [..., groups, channels per group]: on
+    TPUs that splits the lane dimension and copies the whole activation. A streamed decoder takes
+    the statistics of a whole activation and normalises it band by band (`statistics`, `normalize`).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.normalize(x, self.statistics(x))
+
+    def statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each channel's group mean and variance over x [B, H, W, C]: two [B, 1, 1, C] float32 arrays."""
+        batch, features = x.shape[0], x.shape[-1]
+
+        def per_group(channel_values):  # [B, C] -> the mean of each channel's group, [B, 1, 1, C]
+            groups = channel_values.reshape(batch, self.num_groups, features // self.num_groups).mean(-1)
+            return jnp.repeat(groups, features // self.num_groups, axis=-1)[:, None, None, :]
+
+        x = x.astype(jnp.float32)
+        mean = per_group(jnp.mean(x, axis=(1, 2)))
+        return mean, per_group(jnp.mean(jnp.square(x - mean), axis=(1, 2)))
+
+    def normalize(self, x: jax.Array, statistics: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """x [B, rows, W, C], any rows of the activation whose `statistics` are given."""
+        mean, variance = statistics
+        normalized = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        return normalized * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+def group_norm(features: int, groups: int, *, param_dtype: Dtype, rngs) -> GroupNorm:
+    return GroupNorm(
         features,
         num_groups=groups,
         epsilon=EPS,
@@ -142,6 +175,60 @@ def group_norm(features: int, groups: int, *, param_dtype: Dtype, rngs) -> nnx.G
         bias_metadata=logical_axes("vae_channels"),
         rngs=rngs,
     )
+
+
+def band_rows(height: int, width: int) -> int:
+    """Rows per band for a streamed activation: the most that keep a band within DECODE_BAND_PIXELS
+    and divide the height; the height itself (one band: not streamed) when it fits in one band."""
+    if height * width <= DECODE_BAND_PIXELS:
+        return height
+    return next(r for r in range(max(DECODE_BAND_PIXELS // width, 1), 0, -1) if height % r == 0)
+
+
+def stream_rows(
+    window_to_band, x: jax.Array | None, rows: int, out_rows: int, out: jax.Array, prepare=None, *, axis: int = 1
+) -> jax.Array:
+    """Write window_to_band(window, start, out) for each band of `rows` rows of x into `out` (band i at
+    output row i * out_rows, along `axis`). The window holds prepare(x)'s rows start-1 .. start+rows,
+    zero beyond the image, as a 3x3 convolution's (or the upsample's 2x2 phase convolution's) zero
+    padding reads them; `out` is the buffer as written so far, so a band may read rows it overwrites.
+
+    x None: x is `out` itself, overwritten band by band with same-sized results; the loop carries each
+    band's last input row, which the next band reads after it is overwritten.
+
+    A `lax.fori_loop` that writes into its carry in place: only one band's temporaries exist at a
+    time, never a whole prepared (normalised, activated) copy of x."""
+    in_place = x is None
+    height = (out if in_place else x).shape[1]
+
+    def band(i, carry):
+        out, above = carry
+        source = out if in_place else x
+        start = i * rows
+        middle = jax.lax.dynamic_slice_in_dim(source, start, rows, axis=1)
+        if not in_place:
+            above = jax.lax.dynamic_slice_in_dim(source, jnp.maximum(start - 1, 0), 1, axis=1)
+        below = jax.lax.dynamic_slice_in_dim(source, jnp.minimum(start + rows, height - 1), 1, axis=1)
+        window = jnp.concatenate([above, middle, below], axis=1)
+        window = window if prepare is None else prepare(window)
+        inside = jnp.concatenate([(start > 0)[None], jnp.ones(rows, bool), (start + rows < height)[None]])
+        window = jnp.where(inside[None, :, None, None], window, 0)
+        result = window_to_band(window, start, out)
+        out = jax.lax.dynamic_update_slice_in_dim(out, result.astype(out.dtype), i * out_rows, axis=axis)
+        return out, middle[:, -1:]
+
+    first_above = jnp.zeros_like((out if in_place else x)[:, :1])
+    return jax.lax.fori_loop(0, height // rows, band, (out, first_above))[0]
+
+
+def conv_valid_rows(conv: nnx.Conv, window: jax.Array) -> jax.Array:
+    """A stride-1 conv on a window whose rows already carry the padding (columns are padded here)."""
+    pad = conv.kernel_size[1] // 2
+    out = jax.lax.conv_general_dilated(
+        window.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), (1, 1), ((0, 0), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    return out + conv.bias[...].astype(conv.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -156,10 +243,41 @@ class ResnetBlock(nnx.Module):
         self.conv_shortcut = conv(in_features, out_features, 1, **layer) if in_features != out_features else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        rows = band_rows(x.shape[1], x.shape[2])
+        if rows < x.shape[1]:
+            return self.streamed(x, rows)
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut.astype(jnp.float32) + h.astype(jnp.float32)
+
+    def streamed(self, x: jax.Array, rows: int) -> jax.Array:
+        """The same block with its convolutions streamed in bands of rows (`stream_rows`): each norm's
+        statistics are a reduction over its whole input, then each band is normalised, activated and
+        convolved alone. Where the block keeps its width, the output overwrites x band by band (a
+        band's residual is read just before its rows are written)."""
+        batch, height, width, _ = x.shape
+        shape = (batch, height, width, self.conv1.out_features)
+
+        def activated(norm, statistics):
+            return lambda window: jax.nn.silu(norm.normalize(window, statistics))
+
+        h = stream_rows(lambda window, start, out: conv_valid_rows(self.conv1, window), x, rows, rows,
+                        jnp.zeros(shape, jnp.float32), activated(self.norm1, self.norm1.statistics(x)))  # fmt: skip
+        norm2 = activated(self.norm2, self.norm2.statistics(h))
+        if self.conv_shortcut is None:  # the output overwrites x; a band reads its residual rows first
+
+            def residual_band(window, start, out):
+                shortcut = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
+                return shortcut.astype(jnp.float32) + conv_valid_rows(self.conv2, window).astype(jnp.float32)
+
+            return stream_rows(residual_band, h, rows, rows, x.astype(jnp.float32), norm2)
+
+        def shortcut_band(window, start, out):  # the output overwrites h, whose rows the window has read
+            shortcut = self.conv_shortcut(jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1))
+            return shortcut.astype(jnp.float32) + conv_valid_rows(self.conv2, window).astype(jnp.float32)
+
+        return stream_rows(shortcut_band, None, rows, rows, h, norm2)
 
 
 class Downsample(nnx.Module):
@@ -196,11 +314,21 @@ class Upsample(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, features = x.shape
+        rows = band_rows(height, 4 * width)  # an input row gives 4 x width output pixels
+        if rows < height:
+            out = jnp.zeros((batch, 2 * height, 2 * width, features), self.conv.dtype)
+            return stream_rows(lambda window, start, out: self._upsample_rows(window), x, rows, 2 * rows, out)
+        return self._upsample_rows(jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))))
+
+    def _upsample_rows(self, window: jax.Array) -> jax.Array:
+        """Rows r .. r+n-1 of the input, x2: from a window of its rows r-1 .. r+n (zero beyond the image)."""
+        batch, height, width, features = window.shape
+        height -= 2
         dtype = self.conv.dtype
         taps = upsampled_taps(upsampled_taps(self.conv.kernel[...].astype(jnp.float32), 0), 1)  # [2,2,in,2,2,out]
         kernel = taps.reshape(2, 2, features, -1).astype(dtype)
         phases = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            window.astype(dtype), kernel, (1, 1), ((0, 0), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
         ).reshape(batch, height + 1, width + 1, 2, 2, -1)
         # Output pixel (2i + a, 2j + b) is phase (a, b) of the 2x2 window at padded position (i + a, j + b).
         rows = [jnp.stack([phases[:, a : a + height, b : b + width, a, b] for b in range(2)], axis=3) for a in range(2)]
@@ -309,7 +437,7 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Latents [B, h, w, latent] (after post_quant_conv) -> images [B, h*f, w*f, out]."""
+    """Latents [B, h, w, latent] (after post_quant_conv) -> images [B, out, h*f, w*f]."""
 
     def __init__(self, cfg: AutoencoderKLConfig, *, dtype, param_dtype, rngs):
         layer = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -326,10 +454,21 @@ class Decoder(nnx.Module):
         self.conv_out = conv(widths[-1], cfg.out_channels, 3, **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns NCHW [B, out, H, W]: an image with its few channels last would take a whole lane
+        (128 channels) per pixel on TPUs."""
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        batch, height, width, _ = x.shape
+        rows = band_rows(height, width)
+        if rows == height:
+            return jnp.transpose(self.conv_out(jax.nn.silu(self.conv_norm_out(x))), (0, 3, 1, 2))
+        statistics = self.conv_norm_out.statistics(x)
+        out = jnp.zeros((batch, self.conv_out.out_features, height, width), self.conv_out.dtype)
+        return stream_rows(
+            lambda window, start, out: jnp.transpose(conv_valid_rows(self.conv_out, window), (0, 3, 1, 2)), x, rows,
+            rows, out, lambda window: jax.nn.silu(self.conv_norm_out.normalize(window, statistics)), axis=2,
+        )  # fmt: skip
 
 
 class AutoencoderKL(nnx.Module):
@@ -374,4 +513,4 @@ class AutoencoderKL(nnx.Module):
         x = jnp.transpose(latents, (0, 2, 3, 1))
         if self.post_quant_conv is not None:
             x = self.post_quant_conv(x)
-        return jnp.transpose(self.decoder(x).astype(jnp.float32), (0, 3, 1, 2))
+        return self.decoder(x).astype(jnp.float32)

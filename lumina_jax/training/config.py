@@ -47,7 +47,8 @@ class TrainConfig:
     caption_dropout: float = 0.1
     snr_type: Literal["uniform", "lognorm"] = "uniform"
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    remat: bool = False
+    # What the backward pass recomputes: none, full, attention_ffn or dots (`models.nextdit.REMAT_POLICIES`).
+    remat: Literal["none", "full", "attention_ffn", "dots"] = "none"
 
     # Mesh: fsdp = -1 takes every device that data and tensor leave.
     mesh_data: int = 1

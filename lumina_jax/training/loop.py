@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lumina_jax import sharding
 from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
+from lumina_jax.pipeline import released_architecture
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
@@ -69,10 +70,12 @@ def initialize_distributed() -> None:
 
 
 def architecture(config: TrainConfig) -> NextDiTConfig:
-    """The config's Next-DiT, or the pipeline's for fine-tuning."""
-    if config.init == "pretrained":
-        return find_checkpoint(Path(config.pipeline) / "transformer").config
-    return config.transformer_config()
+    """The config's Next-DiT, or the pipeline's for fine-tuning (a released one's by name, for compiling only)."""
+    if config.init == "scratch":
+        return config.transformer_config()
+    if released := released_architecture(config.pipeline):  # not downloaded: known from its name
+        return released[0]
+    return find_checkpoint(Path(config.pipeline) / "transformer").config
 
 
 def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:

@@ -1,7 +1,7 @@
 """One training step of Next-DiT: the original trainer's recipe as a single compiled program.
 
 float32 master weights with the model's compute dtype (bfloat16 for training: build the model with
-`param_dtype=jnp.float32, dtype=jnp.bfloat16, remat=True`), AdamW (lr 1e-4, weight decay 0) after
+`param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full"`), AdamW (lr 1e-4, weight decay 0) after
 clipping the global gradient norm to 2, an EMA of the weights with decay 0.9999. A step whose loss
 or gradients are not finite changes no weights, optimizer state or EMA and is counted instead.
 

@@ -167,7 +167,7 @@ def load_transformer(
     param_dtype: str | None = None,
     ema: bool = False,
     scan_layers: bool = True,
-    remat: bool = False,
+    remat: str = "none",
     attention_backend: str | None = None,
     progress: bool = True,
 ) -> NextDiT:
@@ -183,7 +183,7 @@ def build_model(
     *,
     param_dtype: str | None = None,
     scan_layers: bool = True,
-    remat: bool = False,
+    remat: str = "none",
     attention_backend: str | None = None,
     progress: bool = True,
 ) -> NextDiT:

@@ -1,0 +1,82 @@
+"""The README's fit table: the released configuration compiled for Cloud TPU slices by the TPU
+compiler, on this machine (no TPU, no weights), through the same code as the two `--compile-only`
+commands. Slow on a small CPU (the released decoder and train step take minutes each to compile).
+
+    python benchmarks/tpu_plans.py --json out/tpu_plans.json [--only sample|train]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lumina_jax import tpu
+from lumina_jax.pipeline import LuminaPipeline
+from lumina_jax.sharding import make_mesh
+from lumina_jax.training.compile_only import largest_per_chip_batch, plan_train_step
+from lumina_jax.training.config import apply_overrides, load_config
+
+# (slice, height = width, images) of the pipeline, one chip each; 30 steps with CFG, bfloat16 transformer
+# and Gemma, the float32 VAE its config asks for.
+SAMPLING = [("v5e-1", 1024, 1), ("v5e-1", 2048, 1), ("v6e-1", 2048, 1), ("v5e-1", 1024, 4)]
+# (slice, overrides of train/configs/lumina_next_sft.py, whether to search the largest batch)
+TRAINING = [
+    ("v5e-8", ["batch_size=64"], True),
+    ("v6e-8", ["batch_size=128"], True),
+    ("v5p-8", ["batch_size=64"], True),
+    ("v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
+    ("v5e-8", ["batch_size=64", "remat=dots"], False),
+    ("v5p-128", ["batch_size=1024", "mesh_data=4", "mesh_fsdp=8", "mesh_tensor=2"], False),
+]
+
+
+def sampling_rows(log) -> list[dict]:
+    rows = []
+    for name, size, images in SAMPLING:
+        started = time.perf_counter()
+        target = tpu.tpu_slice(name)
+        pipe = LuminaPipeline.abstract("lumina-next-sft").shard(make_mesh(fsdp=1, devices=tpu.compile_devices(target)))
+        programs = pipe.lower(height=size, width=size, num_images_per_prompt=images)
+        models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+        plan = tpu.plan_programs(target, programs, models, log=log)
+        log(plan.summary())
+        rows.append({"command": f"python -m sample --compile-only --topology {name} --model lumina-next-sft "
+                                f"--height {size} --width {size} --num-images {images}",
+                     "seconds": time.perf_counter() - started, **plan.to_json()})  # fmt: skip
+    return rows
+
+
+def training_rows(log) -> list[dict]:
+    rows = []
+    for name, overrides, search in TRAINING:
+        started = time.perf_counter()
+        target = tpu.tpu_slice(name)
+        config = apply_overrides(load_config("lumina_next_sft"), overrides)
+        plan = plan_train_step(config, target)
+        log(plan.summary())
+        largest = largest_per_chip_batch(config, target, log=log) if search else None
+        flops = plan.programs[0].flops
+        rows.append({"command": f"python -m train --config lumina_next_sft {' '.join(overrides)} --compile-only "
+                                f"--topology {name}", "remat": config.remat, "batch_size": config.batch_size,
+                     "largest_per_chip_batch": largest, "flops_per_step": flops and flops * target.chips,
+                     "seconds": time.perf_counter() - started, **plan.to_json()})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("out/tpu_plans.json"))
+    parser.add_argument("--only", choices=["sample", "train"])
+    args = parser.parse_args()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if args.only != "train":
+        results["sample"] = sampling_rows(lambda line: print(line, flush=True))
+    if args.only != "sample":
+        results["train"] = training_rows(lambda line: print(line, flush=True))
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Will it fit? Cloud TPU slices, and per-chip memory plans from the real TPU compiler, without a TPU.
+
+libtpu (`pip install -e ".[tpu]"`) carries XLA's TPU compiler, and JAX hands it devices of any
+slice's topology on a machine that has no TPU (`jax.experimental.topologies`). A program lowered
+with arguments laid out on those devices compiles exactly as it would on the slice; the compiled
+program's `memory_analysis()` gives its bytes per chip. A program that needs more HBM than a chip
+has is sometimes refused at compile time and sometimes not, so a plan compares the figures itself:
+every model's weights stay resident, and the largest program's other bytes come on top of them.
+"""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+
+import jax
+import numpy as np
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    prefix: str  # of JAX's topology names
+    device_kind: str  # what jax.Device.device_kind says
+    hbm_bytes: int  # per chip: what XLA lets a program use (its RESOURCE_EXHAUSTED message names it)
+    megacore: bool  # two TensorCores act as one device; slice names count cores, not chips
+    peak_bf16_flops: float  # per chip, dense
+
+
+# The HBM figures are those the compiler states (libtpu 0.0.42.1): 16, 32, 95 and 32 GiB chips less a reserve.
+GENERATIONS = {
+    "v4": Generation("v4", "TPU v4", int(30.75 * GiB), True, 275e12),
+    "v5e": Generation("v5e", "TPU v5 lite", int(15.75 * GiB), False, 197e12),
+    "v5p": Generation("v5p", "TPU v5", int(95.74 * GiB), True, 459e12),
+    "v6e": Generation("v6e", "TPU v6 lite", int(31.25 * GiB), False, 918e12),
+}
+# Chip grids of the slices Cloud TPU sells: 2D for v5e and v6e, 3D for v4 and v5p.
+GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+CHIPS_PER_HOST = (2, 2, 1)  # the usual host of four chips; a one-chip slice is a host of one
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    name: str  # as Cloud TPU sells it: "v5e-8", "v5p-128"
+    generation: Generation
+    grid: str  # chips along each axis: "2x4", "4x4x4"
+
+    @property
+    def topology(self) -> str:
+        """JAX's topology name, e.g. "v5e:2x4"."""
+        return f"{self.generation.prefix}:{self.grid}"
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(n) for n in self.grid.split("x"))
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.generation.hbm_bytes
+
+
+def slice_names() -> list[str]:
+    """Every slice name `tpu_slice` knows."""
+    names = []
+    for key, generation in GENERATIONS.items():
+        grids = GRIDS_3D if generation.megacore else GRIDS_2D
+        names += [f"{key}-{chips * (2 if generation.megacore else 1)}" for chips in grids]
+    return names
+
+
+def tpu_slice(name: str) -> TpuSlice:
+    """A slice by its Cloud TPU name ("v5e-8": 8 chips; "v5p-8", "v4-8": 8 TensorCores, 4 chips) or by
+    JAX's topology name ("v5e:2x4")."""
+    if match := re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name):
+        generation = GENERATIONS[match[1]]
+        count = int(match[2])
+        chips = count // 2 if generation.megacore else count
+        grid = (GRIDS_3D if generation.megacore else GRIDS_2D).get(chips)
+        if grid is not None and (not generation.megacore or count % 2 == 0):
+            return TpuSlice(name, generation, grid)
+    elif match := re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+x\d+(?:x\d+)?)", name):
+        generation = GENERATIONS[match[1]]
+        if match[2].count("x") == (2 if generation.megacore else 1):
+            return TpuSlice(name, generation, match[2])
+    raise ValueError(f"unknown TPU slice {name!r}; known: {', '.join(slice_names())}, or a topology such as v5e:2x4")
+
+
+def compile_devices(tpu: TpuSlice) -> list[jax.Device]:
+    """The slice's devices for compiling only (no TPU needed), one per chip."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError('compiling for a TPU needs libtpu, the TPU compiler: pip install -e ".[tpu]"')
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: this is not a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling claims no chip: processes may share libtpu
+    from jax.experimental import topologies
+
+    per_host = (1, 1, 1) if tpu.chips == 1 else CHIPS_PER_HOST
+    description = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=tpu.topology,
+        chip_config_name="megacore" if tpu.generation.megacore else "default",
+        chips_per_host_bounds=per_host,
+    )
+    return description.devices
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes of a pytree of arrays (or ShapeDtypeStructs) on its most loaded device: each leaf's
+    shard, as its sharding splits it (a leaf without one counts whole)."""
+
+    def shard_bytes(leaf) -> int:
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        return math.prod(shape) * np.dtype(leaf.dtype).itemsize
+
+    return sum(shard_bytes(leaf) for leaf in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """One compiled program's bytes per chip, as the compiler allots them."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int  # outputs written over donated arguments
+    temporaries: int
+    code: int
+    weights: int  # of the arguments: model weights, resident across programs
+    flops: float | None  # per chip, from the compiler's cost analysis
+    refused: str | None = None  # the compiler's reason, when it would not compile the program for lack of HBM
+
+    @property
+    def transient(self) -> int:
+        """What the program needs beyond the resident weights while it runs."""
+        return self.arguments - self.weights + self.outputs - self.aliased + self.temporaries + self.code
+
+
+def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0) -> ProgramMemory:
+    """Compile a lowered program and read its per-chip memory; `weights` says how many argument
+    bytes are resident model weights. A program the compiler refuses for lack of HBM comes back
+    with its reason in `refused` and the temporaries the message names."""
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        required = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+        temporaries = int(float(required[1]) * 1024 ** "KMGT".index(required[2]) * 1024) if required else 0
+        reason = re.search(r"[^.:]*exceeds available HBM[^.]*\.\d*[^.]*", message)
+        return ProgramMemory(name, weights, 0, 0, temporaries, 0, weights, None,
+                             refused=reason[0].strip() if reason else message.splitlines()[0])  # fmt: skip
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return ProgramMemory(
+        name,
+        arguments=memory.argument_size_in_bytes,
+        outputs=memory.output_size_in_bytes,
+        aliased=memory.alias_size_in_bytes,
+        temporaries=memory.temp_size_in_bytes,
+        code=memory.generated_code_size_in_bytes,
+        weights=weights,
+        flops=(cost or {}).get("flops"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Programs that run one after another while every model's weights stay resident."""
+
+    tpu: TpuSlice
+    resident: dict[str, int]  # per chip: model name -> weight bytes
+    programs: list[ProgramMemory]
+
+    @property
+    def largest(self) -> ProgramMemory:
+        return max(self.programs, key=lambda p: p.transient)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.resident.values()) + self.largest.transient
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.tpu.hbm_bytes and not any(p.refused for p in self.programs)
+
+    def summary(self) -> str:
+        """The figures as a table, and the verdict."""
+        gb = lambda n: f"{n / GiB:7.2f}"  # noqa: E731
+        lines = [f"{self.tpu.name} ({self.tpu.topology}, {self.tpu.generation.device_kind}): "
+                 f"{self.tpu.hbm_bytes / GiB:.2f} GiB of HBM per chip", "",
+                 f"{'per chip, GiB':<28}{'weights':>8}{'args':>8}{'outputs':>8}{'temps':>8}{'code':>8}{'needs':>8}"]  # fmt: skip
+        for p in self.programs:
+            needs = sum(self.resident.values()) + p.transient
+            lines.append(f"{p.name:<28}{gb(p.weights)} {gb(p.arguments - p.weights)} {gb(p.outputs)} "
+                         f"{gb(p.temporaries)} {gb(p.code)} {gb(needs)}")  # fmt: skip
+        resident = ", ".join(f"{name} {n / GiB:.2f}" for name, n in self.resident.items())
+        lines += ["", f"resident weights: {resident} GiB",
+                  f"peak: {self.peak_bytes / GiB:.2f} GiB ({self.largest.name} on top of the weights) "
+                  f"of {self.tpu.hbm_bytes / GiB:.2f} GiB"]  # fmt: skip
+        lines += [f"{p.name}: refused by the compiler: {p.refused}" for p in self.programs if p.refused]
+        if self.fits:
+            lines.append(f"fits, {(self.tpu.hbm_bytes - self.peak_bytes) / GiB:.2f} GiB to spare")
+        else:
+            lines.append(f"does not fit: {self.largest.name} needs "
+                         f"{(self.peak_bytes - self.tpu.hbm_bytes) / GiB:.2f} GiB more than a chip has")  # fmt: skip
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "slice": self.tpu.name,
+            "topology": self.tpu.topology,
+            "chips": self.tpu.chips,
+            "fits": self.fits,
+            "peak_bytes": self.peak_bytes,
+            "hbm_bytes": self.tpu.hbm_bytes,
+            "resident_bytes": self.resident,
+            "programs": [{**dataclasses.asdict(p), "transient": p.transient} for p in self.programs],
+        }
+
+
+def abstract_on(tree, shardings):
+    """ShapeDtypeStructs of a pytree's leaves (arrays or structs) with these shardings (a pytree or one)."""
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+
+
+
+def plan_programs(
+    tpu: TpuSlice, programs: dict[str, tuple[jax.stages.Lowered, object]], models: dict[str, object], log=None
+) -> MemoryPlan:
+    """Compile each lowered program (name -> (lowered, the model whose weights it reads, or None))
+    for the slice; `models` (name -> module) are resident throughout."""
+    from flax import nnx
+
+    weights = lambda module: 0 if module is None else per_chip_bytes(nnx.state(module))  # noqa: E731
+    compiled = []
+    for name, (lowered, module) in programs.items():
+        if log:
+            log(f"compiling {name} for {tpu.name}")
+        compiled.append(compile_program(name, lowered, weights(module)))
+    return MemoryPlan(tpu, {name: weights(module) for name, module in models.items()}, compiled)

@@ -1,0 +1,95 @@
+"""The training step compiled for a TPU slice on a machine without one, without data or weights:
+its bytes and FLOPs per chip (`lumina_jax.tpu`), and the largest per-chip batch that fits.
+
+The step is the one `python -m train` runs, for the config's model, remat policy, mesh and
+optimizer, on square crops of `image_size` (the most tokens a multi-aspect batch holds) and
+captions of the longest bucket.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lumina_jax import sharding, tpu
+from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
+from lumina_jax.training.checkpoint import abstract_train_state
+from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.loop import make_run_optimizer, transformer_factory
+from lumina_jax.training.step import TrainBatch, train_step
+
+EMPTY_CAPTION_TOKENS = 8  # the text encoder's tokens for "" (caption dropout), padded
+
+
+def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
+    fsdp = None if config.mesh_fsdp == -1 else config.mesh_fsdp
+    return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
+
+
+def lower_train_step(config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: int) -> tuple[jax.stages.Lowered, int]:
+    """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
+    chip of its state (parameters, EMA and optimizer moments), resident across steps."""
+    latent_scale = LuminaPipeline.abstract(config.pipeline, config.compute_dtype).latent_scale
+    model = nnx.eval_shape(transformer_factory(config))
+    cfg = model.config
+    optimizer = make_run_optimizer(config)
+    state = abstract_train_state(model, optimizer, mesh)
+    side = config.image_size // (latent_scale * cfg.patch_size)
+    caption = CAPTION_BUCKETS[-1]
+    rows = sharding.batch_sharding(mesh)
+    everywhere = NamedSharding(mesh, PartitionSpec())
+
+    def struct(shape, dtype, where=rows):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+    batch = TrainBatch(
+        patches=struct((batch_size, side * side, cfg.in_channels * cfg.patch_size**2), jnp.float32),
+        positions=struct((batch_size, side * side, 2), jnp.int32),
+        token_mask=struct((batch_size, side * side), jnp.bool_),
+        caption=struct((batch_size, caption, cfg.cross_attention_dim), jnp.float32),
+        caption_mask=struct((batch_size, caption), jnp.bool_),
+    )
+    empty = (struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),
+             struct((EMPTY_CAPTION_TOKENS,), jnp.bool_, everywhere))  # fmt: skip
+    lowered = train_step.lower(
+        nnx.graphdef(model), state, batch, *empty, optimizer=optimizer, mesh=mesh, snr_type=config.snr_type,
+        caption_dropout=np.float32(config.caption_dropout), ema_decay=np.float32(config.ema_decay),
+    )  # fmt: skip
+    return lowered, tpu.per_chip_bytes(state)
+
+
+def plan_train_step(config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: int | None = None) -> tpu.MemoryPlan:
+    """The train step's plan for the slice with `per_chip_batch` images per batch shard (data x fsdp;
+    default: the config's batch)."""
+    mesh = run_mesh(config, tpu.compile_devices(target))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} does not split over data x fsdp = {shards} devices")
+    batch_size = config.batch_size if per_chip_batch is None else per_chip_batch * shards
+    lowered, resident = lower_train_step(config, mesh, batch_size)
+    # The state is donated: the step's arguments and its aliased outputs, resident between steps.
+    return tpu.MemoryPlan(target, {"train_state": resident}, [tpu.compile_program("train_step", lowered, resident)])
+
+
+def largest_per_chip_batch(config: TrainConfig, target: tpu.TpuSlice, log=None) -> int | None:
+    """The most images per batch shard whose step fits, by doubling then bisection; None if one does not."""
+    fits: dict[int, bool] = {}
+
+    def fits_with(per_chip: int) -> bool:
+        if per_chip not in fits:
+            plan = plan_train_step(config, target, per_chip)
+            fits[per_chip] = plan.fits
+            if log:
+                log(f"  {per_chip} per chip: {plan.peak_bytes / tpu.GiB:.2f} GiB, {'fits' if plan.fits else 'too big'}")
+        return fits[per_chip]
+
+    if not fits_with(1):
+        return None
+    low, high = 1, 2
+    while fits_with(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits_with(middle) else (low, middle)
+    return low

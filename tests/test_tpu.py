@@ -1,0 +1,183 @@
+"""Compiled for TPU topologies by the real TPU compiler (libtpu), on this machine without a TPU.
+
+Small configurations, a few seconds each: they fail when lowering for TPUs breaks (Mosaic for the
+splash attention kernel, the sampler loop, the streamed VAE decoder, a sharded train step) and
+check the memory plans that `python -m sample/train --compile-only` print.
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+pytest.importorskip("libtpu", reason='libtpu (the TPU compiler) is not installed: pip install -e ".[tpu]"')
+
+from lumina_jax import tpu  # noqa: E402
+from lumina_jax.models import vae as vae_module  # noqa: E402
+from lumina_jax.models.attention import dual_attention  # noqa: E402
+from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
+from lumina_jax.sharding import make_mesh  # noqa: E402
+from lumina_jax.training.compile_only import plan_train_step  # noqa: E402
+from lumina_jax.training.config import TrainConfig  # noqa: E402
+from sample.__main__ import main as sample_main  # noqa: E402
+from train.__main__ import main as train_main  # noqa: E402
+
+TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=144, num_layers=2,
+                        num_attention_heads=4, num_kv_heads=2, multiple_of=32, cross_attention_dim=64)  # fmt: skip
+TINY_GEMMA = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32)  # fmt: skip
+TINY_VAE = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, sample_size=32)  # fmt: skip
+
+
+def one_chip(name: str = "v5e-4") -> jax.sharding.Mesh:
+    return make_mesh(fsdp=1, devices=tpu.compile_devices(tpu.tpu_slice(name)))
+
+
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    """A pipeline folder of config files only, as `--compile-only` takes it."""
+    folder = tmp_path_factory.mktemp("configs")
+    index = {"_class_name": "LuminaPipeline", "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+             "text_encoder": ["transformers", "GemmaModel"], "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for name, config in (("transformer", TINY_TRANSFORMER), ("text_encoder", TINY_GEMMA), ("vae", TINY_VAE)):
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, topology, chips",
+    [("v5e-1", "v5e:1x1", 1), ("v5e-8", "v5e:2x4", 8), ("v6e-256", "v6e:16x16", 256), ("v5p-8", "v5p:2x2x1", 4),
+     ("v5p-128", "v5p:4x4x4", 64), ("v4-8", "v4:2x2x1", 4), ("v5e:4x4", "v5e:4x4", 16)],
+)  # fmt: skip
+def test_slices_as_cloud_tpu_names_them(name, topology, chips):
+    target = tpu.tpu_slice(name)
+    assert (target.topology, target.chips) == (topology, chips)
+    assert len(tpu.compile_devices(target)) == chips  # one device per chip, megacore ones included
+
+
+@pytest.mark.parametrize("name", ["v5e-3", "v5p-7", "v7-8", "tpu", "v5e:2x2x2"])
+def test_unknown_slices_are_refused_with_the_known_ones(name):
+    with pytest.raises(ValueError, match="unknown TPU slice .*v5e-8.*v5p-128"):
+        tpu.tpu_slice(name)
+
+
+@pytest.mark.parametrize("generation", sorted(tpu.GENERATIONS))
+def test_hbm_table_is_what_the_compiler_allows(generation):
+    target = tpu.tpu_slice(f"{generation}-{8 if tpu.GENERATIONS[generation].megacore else 4}")
+    mesh = one_chip(target.name)
+    assert tpu.compile_devices(target)[0].device_kind == target.generation.device_kind
+    huge = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    def needs_200_gib(x):  # a barrier keeps the 200 GiB buffer from being fused away
+        return jax.lax.optimization_barrier(jnp.broadcast_to(x, (200, 2**28)) + 1).sum()
+
+    refused = tpu.compile_program("huge", jax.jit(needs_200_gib).lower(huge))
+    available = re.search(r"available HBM \(([\d.]+)G\)", refused.refused)
+    assert available and round(float(available[1]) * tpu.GiB) == pytest.approx(target.hbm_bytes, abs=2**20)
+
+
+def test_splash_attention_compiles_through_mosaic_forward_and_backward():
+    """The released head layout (GQA 4:1, head_dim 72) with masked caption keys, bfloat16."""
+    mesh = one_chip()
+    where = NamedSharding(mesh, PartitionSpec())
+
+    def struct(*shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+    def loss(q, k, v, ck, cv, gate, mask):
+        out = dual_attention(q, k, v, ck, cv, scale=72**-0.5, caption_gate=gate, caption_mask=mask, backend="splash")
+        return jnp.sum(out**2)
+
+    args = (struct(2, 256, 8, 72), struct(2, 256, 2, 72), struct(2, 256, 2, 72), struct(2, 40, 2, 72),
+            struct(2, 40, 2, 72), struct(8, dtype=jnp.float32), struct(2, 40, dtype=jnp.bool_))  # fmt: skip
+    with jax.set_mesh(mesh):
+        forward = jax.jit(loss).lower(*args).compile()
+        backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
+    for compiled in (forward, backward):
+        assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not a fallback
+
+
+def test_pipeline_programs_compile_and_plan(config_folder):
+    pipe = LuminaPipeline.abstract(config_folder, "bfloat16").shard(one_chip())
+    programs = pipe.lower(height=128, width=192, num_images_per_prompt=2, num_inference_steps=3, caption_length=20)
+    assert list(programs) == ["text_encoder", "noise", "sampler", "decoder"]
+    plan = tpu.plan_programs(tpu.tpu_slice("v5e-1"), programs, {"transformer": pipe.transformer,
+                             "text_encoder": pipe.text_encoder, "vae": pipe.vae})  # fmt: skip
+    assert plan.fits and not any(p.refused for p in plan.programs)
+    weights = {p.name: p.weights for p in plan.programs}
+    assert weights["sampler"] == plan.resident["transformer"] == tpu.per_chip_bytes(nnx.state(pipe.transformer)) > 0
+    assert weights["noise"] == 0 and all(p.temporaries >= 0 and p.code > 0 for p in plan.programs)
+    assert plan.peak_bytes == sum(plan.resident.values()) + max(p.transient for p in plan.programs)
+
+
+def test_streamed_vae_decode_compiles(monkeypatch):
+    """Bands of 16 rows: the decoder's loops, in-place writes and NCHW output, lowered for a TPU."""
+    monkeypatch.setattr(vae_module, "DECODE_BAND_PIXELS", 16 * 64)
+    config = vae_module.AutoencoderKLConfig.from_dict(TINY_VAE)
+    model = nnx.eval_shape(lambda: vae_module.AutoencoderKL(config, rngs=nnx.Rngs(0)))
+    mesh = one_chip()
+    graphdef, state = nnx.split(model)
+    where = NamedSharding(mesh, PartitionSpec())
+    state = tpu.abstract_on(state, where)
+    latents = jax.ShapeDtypeStruct((1, 4, 32, 32), jnp.float32, sharding=where)
+    lowered = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z)).lower(state, latents)
+    assert "while" in lowered.as_text() and lowered.out_info.shape == (1, 3, 64, 64)
+    assert not tpu.compile_program("decoder", lowered).refused
+
+
+def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
+    config = TrainConfig(workdir="unused", pipeline=str(config_folder), manifest="unused", cache="unused",
+                         init="scratch", transformer=TINY_TRANSFORMER, image_size=64, batch_size=8, remat="full",
+                         mesh_data=2, mesh_fsdp=2, mesh_tensor=2)  # fmt: skip
+    plan = plan_train_step(config, tpu.tpu_slice("v5e-8"))
+    (step,) = plan.programs
+    assert plan.fits and step.flops > 0 and step.aliased > 0  # the state is donated
+    assert plan.resident["train_state"] > 0
+
+
+def test_sample_compile_only_cli(config_folder, tmp_path, capsys):
+    report = tmp_path / "plan.json"
+    code = sample_main(["--compile-only", "--topology", "v5e-1", "--model", str(config_folder), "--height", "64",
+                        "--width", "64", "--steps", "2", "--caption-length", "16", "--json", str(report)])  # fmt: skip
+    assert code == 0
+    figures = json.loads(report.read_text())
+    assert figures["fits"] and figures["hbm_bytes"] == tpu.GENERATIONS["v5e"].hbm_bytes
+    assert 0 < figures["peak_bytes"] < figures["hbm_bytes"]
+    assert {p["name"] for p in figures["programs"]} == {"text_encoder", "noise", "sampler", "decoder"}
+    assert "fits" in capsys.readouterr().out
+
+
+def test_train_compile_only_cli_says_when_the_batch_does_not_fit(config_folder, tmp_path, capsys):
+    """A tiny model at 2048 px in pixel-space patches of 2 with 4096 images per chip cannot fit 16 GB."""
+    report = tmp_path / "plan.json"
+    overrides = [f"pipeline={config_folder}", "init=scratch", "batch_size=4096", "image_size=512",
+                 *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items())]  # fmt: skip
+    code = train_main(["--config", "digits", *overrides, "--compile-only", "--topology", "v5e-1", "--no-batch-search",
+                       "--json", str(report)])  # fmt: skip
+    figures = json.loads(report.read_text())
+    assert code == 1 and not figures["fits"] and figures["peak_bytes"] > figures["hbm_bytes"]
+    assert "does not fit" in capsys.readouterr().out or any(p["refused"] for p in figures["programs"])
+
+
+def test_without_libtpu_the_error_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[tpu\]"'):
+        tpu.compile_devices(tpu.tpu_slice("v5e-1"))
+
+
+def test_per_chip_bytes_counts_each_device_its_shard():
+    mesh = make_mesh(fsdp=4, devices=tpu.compile_devices(tpu.tpu_slice("v5e-4")))
+    split = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+    whole = jax.ShapeDtypeStruct((8, 16), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+    assert tpu.per_chip_bytes([split, whole]) == 2 * 16 * 4 + 8 * 16 * 2
+    assert np.isclose(tpu.per_chip_bytes({"a": split}), 128)

@@ -1,0 +1,41 @@
+"""Fine-tune the released Lumina-Next-SFT (2B Next-DiT) at 1024x1024 on your own captioned images.
+
+The original trainer's recipe: AdamW (lr 1e-4, no weight decay), gradient norm clipped to 2,
+float32 master weights with bfloat16 compute, an EMA of decay 0.9999, captions dropped 10% of
+the time, multi-aspect crops near 1024^2 pixels. Before the first run:
+
+    huggingface-cli download Alpha-VLLM/Lumina-Next-SFT-diffusers --local-dir Lumina-Next-SFT-diffusers
+    # data/captions.jsonl: one {"path": "images/0001.jpg", "prompt": "..."} a line
+
+Sized for a v5e-8 (8 images per chip, FSDP over the 8 chips, every layer rematerialised): see
+`python -m train --config lumina_next_sft --compile-only --topology v5e-8` for what it needs, and
+override batch_size, mesh_* and remat for other slices.
+"""
+
+from lumina_jax.training.config import TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        workdir="out/lumina-next-sft",
+        pipeline="Lumina-Next-SFT-diffusers",
+        manifest="data/captions.jsonl",
+        cache="data/cache-lumina-next-sft",
+        init="pretrained",
+        image_size=1024,
+        max_aspect=4.0,
+        batch_size=64,
+        steps=10_000,
+        lr=1e-4,
+        weight_decay=0.0,
+        grad_clip=2.0,
+        ema_decay=0.9999,
+        caption_dropout=0.1,
+        compute_dtype="bfloat16",
+        remat="full",
+        mesh_data=1,
+        mesh_fsdp=-1,
+        mesh_tensor=1,
+        log_every=10,
+        save_every=500,
+    )
