@@ -90,6 +90,17 @@ def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+def _in_memory(tree, kind: str):
+    """Arrays (or ShapeDtypeStructs, for lowering) moved to a memory kind of their devices: "device" or "pinned_host"."""
+
+    def move(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding.with_memory_kind(kind))
+        return jax.device_put(leaf, leaf.sharding.with_memory_kind(kind))
+
+    return jax.tree.map(move, tree)
+
+
 class LuminaPipeline:
     def __init__(self, transformer: NextDiT | None, text_encoder: GemmaEncoder, vae: AutoencoderKL | None, tokenizer,
                  *, scheduler_shift: float = 1.0):  # fmt: skip
@@ -100,6 +111,7 @@ class LuminaPipeline:
         self.scheduler_shift = scheduler_shift
         self.mesh: Mesh | None = None
         self.weightless = False  # set by `abstract`: shapes only, programs can be lowered but not run
+        self.text_encoder_offloaded = False  # `offload_text_encoder`
         self.latent_scale = 1 if vae is None else VAE_SCALE  # image pixels per latent pixel
         self.default_sample_size = transformer and transformer.config.sample_size * self.latent_scale
 
@@ -189,7 +201,23 @@ class LuminaPipeline:
         self._text_encoder_split = nnx.split(self.text_encoder)
         self._vae_split = None if self.vae is None else nnx.split(self.vae)
         self.mesh = mesh
+        return self.offload_text_encoder() if self.text_encoder_offloaded else self
+
+    def offload_text_encoder(self) -> "LuminaPipeline":
+        """Keep the text encoder's weights in host memory (pinned) and copy them onto the accelerator
+        only while prompts are encoded: the sampler and the decoder get their memory (Gemma-2B: 4.7 GiB
+        in bfloat16), for one copy of them per call. The same numbers. Returns the pipeline."""
+        graphdef, params = self._text_encoder_split
+        host = _in_memory(params, "pinned_host")
+        nnx.update(self.text_encoder, host)
+        self._text_encoder_split = (graphdef, host)
+        self.text_encoder_offloaded = True
         return self
+
+    def _text_encoder_params(self):
+        """The text encoder's weights on the accelerator (a copy for this call, if they wait on the host)."""
+        params = self._text_encoder_split[1]
+        return _in_memory(params, "device") if self.text_encoder_offloaded else params
 
     def _on_mesh(self):
         """The pipeline's mesh as JAX's current one while its programs are traced and run: fused
@@ -220,12 +248,12 @@ class LuminaPipeline:
             )
         return tokens.input_ids, tokens.attention_mask
 
-    def _encode(self, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[jax.Array, jax.Array]:
+    def _encode(self, params, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[jax.Array, jax.Array]:
         pad = bucket - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id or 0)
         mask = np.pad(mask, ((0, 0), (0, pad)))
         with self._on_mesh():
-            embeds = _encode_text(*self._text_encoder_split, jnp.asarray(ids), jnp.asarray(mask))
+            embeds = _encode_text(self._text_encoder_split[0], params, jnp.asarray(ids), jnp.asarray(mask))
         return embeds, jnp.asarray(mask)
 
     def encode_prompt(
@@ -234,11 +262,12 @@ class LuminaPipeline:
         """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
         ids, mask = self._tokenize(_preprocess(prompt), None)
         bucket = _caption_bucket(ids.shape[1])
-        embeds, mask_out = self._encode(ids, mask, bucket)
+        params = self._text_encoder_params()
+        embeds, mask_out = self._encode(params, ids, mask, bucket)
         if negative_prompt is None:
             return embeds, mask_out, None, None
         neg_ids, neg_mask = self._tokenize(negative_prompt, ids.shape[1])  # diffusers does not clean these
-        return (embeds, mask_out, *self._encode(neg_ids, neg_mask, bucket))
+        return (embeds, mask_out, *self._encode(params, neg_ids, neg_mask, bucket))
 
     def __call__(
         self,
@@ -367,7 +396,7 @@ class LuminaPipeline:
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
         with self._on_mesh():
-            encode = _encode_text.lower(*self._text_encoder_split, tokens, tokens)
+            encode = _encode_text.lower(self._text_encoder_split[0], self._text_encoder_params(), tokens, tokens)
             features = encode.out_info
             programs = {
                 "text_encoder": (encode, self.text_encoder),

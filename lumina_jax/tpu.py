@@ -128,9 +128,10 @@ class ProgramMemory:
     aliased: int  # outputs written over donated arguments
     temporaries: int
     code: int
-    weights: int  # of the arguments: model weights, resident across programs
+    weights: int  # of the arguments: model weights
     flops: float | None  # per chip, from the compiler's cost analysis
     refused: str | None = None  # the compiler's reason, when it would not compile the program for lack of HBM
+    model: str | None = None  # whose weights those are
 
     @property
     def transient(self) -> int:
@@ -138,7 +139,7 @@ class ProgramMemory:
         return self.arguments - self.weights + self.outputs - self.aliased + self.temporaries + self.code
 
 
-def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0) -> ProgramMemory:
+def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0, model: str | None = None) -> ProgramMemory:
     """Compile a lowered program and read its per-chip memory; `weights` says how many argument
     bytes are resident model weights. A program the compiler refuses for lack of HBM comes back
     with its reason in `refused` and the temporaries the message names."""
@@ -150,9 +151,9 @@ def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0) ->
             raise
         required = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
         temporaries = int(float(required[1]) * 1024 ** "KMGT".index(required[2]) * 1024) if required else 0
-        reason = re.search(r"[^.:]*exceeds available HBM[^.]*\.\d*[^.]*", message)
+        reason = re.search(r"[^:]*\([\d.]+[KMGT]\)[^:(]*exceeds available HBM \([\d.]+[KMGT]\)", message)
         return ProgramMemory(name, weights, 0, 0, temporaries, 0, weights, None,
-                             refused=reason[0].strip() if reason else message.splitlines()[0])  # fmt: skip
+                             refused=reason[0].strip() if reason else message.splitlines()[0], model=model)  # fmt: skip
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -165,24 +166,31 @@ def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0) ->
         code=memory.generated_code_size_in_bytes,
         weights=weights,
         flops=(cost or {}).get("flops"),
+        model=model,
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Programs that run one after another while every model's weights stay resident."""
+    """Programs that run one after another; the `resident` models' weights stay on the chips
+    throughout, any other model's only while a program that reads them runs."""
 
     tpu: TpuSlice
     resident: dict[str, int]  # per chip: model name -> weight bytes
     programs: list[ProgramMemory]
 
+    def needs(self, program: ProgramMemory) -> int:
+        """Bytes per chip while the program runs."""
+        visiting = program.weights if program.model not in self.resident else 0
+        return sum(self.resident.values()) + visiting + program.transient
+
     @property
     def largest(self) -> ProgramMemory:
-        return max(self.programs, key=lambda p: p.transient)
+        return max(self.programs, key=self.needs)
 
     @property
     def peak_bytes(self) -> int:
-        return sum(self.resident.values()) + self.largest.transient
+        return self.needs(self.largest)
 
     @property
     def fits(self) -> bool:
@@ -195,12 +203,11 @@ class MemoryPlan:
                  f"{self.tpu.hbm_bytes / GiB:.2f} GiB of HBM per chip", "",
                  f"{'per chip, GiB':<28}{'weights':>8}{'args':>8}{'outputs':>8}{'temps':>8}{'code':>8}{'needs':>8}"]  # fmt: skip
         for p in self.programs:
-            needs = sum(self.resident.values()) + p.transient
             lines.append(f"{p.name:<28}{gb(p.weights)} {gb(p.arguments - p.weights)} {gb(p.outputs)} "
-                         f"{gb(p.temporaries)} {gb(p.code)} {gb(needs)}")  # fmt: skip
+                         f"{gb(p.temporaries)} {gb(p.code)} {gb(self.needs(p))}")  # fmt: skip
         resident = ", ".join(f"{name} {n / GiB:.2f}" for name, n in self.resident.items())
         lines += ["", f"resident weights: {resident} GiB",
-                  f"peak: {self.peak_bytes / GiB:.2f} GiB ({self.largest.name} on top of the weights) "
+                  f"peak: {self.peak_bytes / GiB:.2f} GiB (while {self.largest.name} runs) "
                   f"of {self.tpu.hbm_bytes / GiB:.2f} GiB"]  # fmt: skip
         lines += [f"{p.name}: refused by the compiler: {p.refused}" for p in self.programs if p.refused]
         if self.fits:
@@ -219,8 +226,9 @@ class MemoryPlan:
             "peak_bytes": self.peak_bytes,
             "hbm_bytes": self.tpu.hbm_bytes,
             "resident_bytes": self.resident,
-            "programs": [{**dataclasses.asdict(p), "transient": p.transient} for p in self.programs],
-        }
+            "programs": [{**dataclasses.asdict(p), "transient": p.transient, "needs": self.needs(p)}
+                         for p in self.programs],
+        }  # fmt: skip
 
 
 def abstract_on(tree, shardings):
@@ -232,16 +240,19 @@ def abstract_on(tree, shardings):
 
 
 def plan_programs(
-    tpu: TpuSlice, programs: dict[str, tuple[jax.stages.Lowered, object]], models: dict[str, object], log=None
-) -> MemoryPlan:
+    tpu: TpuSlice, programs: dict[str, tuple[jax.stages.Lowered, object]], models: dict[str, object],
+    offloaded: tuple[str, ...] = (), log=None,
+) -> MemoryPlan:  # fmt: skip
     """Compile each lowered program (name -> (lowered, the model whose weights it reads, or None))
-    for the slice; `models` (name -> module) are resident throughout."""
+    for the slice. `models` (name -> module) stay resident, but for those `offloaded` to the host."""
     from flax import nnx
 
     weights = lambda module: 0 if module is None else per_chip_bytes(nnx.state(module))  # noqa: E731
+    name_of = {id(module): name for name, module in models.items()}
     compiled = []
     for name, (lowered, module) in programs.items():
         if log:
             log(f"compiling {name} for {tpu.name}")
-        compiled.append(compile_program(name, lowered, weights(module)))
-    return MemoryPlan(tpu, {name: weights(module) for name, module in models.items()}, compiled)
+        compiled.append(compile_program(name, lowered, weights(module), name_of.get(id(module))))
+    resident = {name: weights(module) for name, module in models.items() if name not in offloaded}
+    return MemoryPlan(tpu, resident, compiled)

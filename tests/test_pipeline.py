@@ -84,6 +84,18 @@ def test_new_prompt_seed_or_guidance_does_not_recompile(pipelines):
         jax.monitoring.unregister_event_duration_listener(count)
 
 
+def test_offloaded_text_encoder_gives_the_same_latents(pipelines):
+    _, ours = pipelines
+    latents = np.random.default_rng(4).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    kwargs = dict(prompt=PROMPTS, latents=latents, num_inference_steps=2, output_type="latent")
+    expected = ours(**kwargs).images
+    text_encoder = nnx.clone(ours.text_encoder)  # offloading moves the module's own weights
+    offloaded = OurPipeline(ours.transformer, text_encoder, ours.vae, ours.tokenizer).offload_text_encoder()
+    np.testing.assert_array_equal(offloaded(**kwargs).images, expected)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(offloaded.text_encoder))}
+    assert kinds == {"pinned_host"}  # between calls, the weights wait in host memory
+
+
 def test_pil_output(pipelines):
     _, ours = pipelines
     images = ours(prompt=PROMPTS[0], height=128, width=192, num_inference_steps=2).images

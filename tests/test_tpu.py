@@ -22,7 +22,7 @@ from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
-from lumina_jax.training.compile_only import plan_train_step  # noqa: E402
+from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
 from lumina_jax.training.config import TrainConfig  # noqa: E402
 from sample.__main__ import main as sample_main  # noqa: E402
 from train.__main__ import main as train_main  # noqa: E402
@@ -137,10 +137,26 @@ def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
     config = TrainConfig(workdir="unused", pipeline=str(config_folder), manifest="unused", cache="unused",
                          init="scratch", transformer=TINY_TRANSFORMER, image_size=64, batch_size=8, remat="full",
                          mesh_data=2, mesh_fsdp=2, mesh_tensor=2)  # fmt: skip
-    plan = plan_train_step(config, tpu.tpu_slice("v5e-8"))
+    target = tpu.tpu_slice("v5e-8")
+    plan = plan_train_step(config, target)
     (step,) = plan.programs
     assert plan.fits and step.flops > 0 and step.aliased > 0  # the state is donated
     assert plan.resident["train_state"] > 0
+    # splash attention per device under shard_map, through Mosaic: the target's platform decides, not this host's
+    lowered, _ = lower_train_step(config, run_mesh(config, tpu.compile_devices(target)), 8)
+    assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_offloaded_text_encoder_is_resident_only_while_it_encodes(config_folder):
+    pipe = LuminaPipeline.abstract(config_folder, "bfloat16").shard(one_chip()).offload_text_encoder()
+    models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    programs = pipe.lower(height=64, width=64, num_inference_steps=2, caption_length=16)
+    plan = tpu.plan_programs(tpu.tpu_slice("v5e-1"), programs, models, offloaded=("text_encoder",))
+    encoder = next(p for p in plan.programs if p.name == "text_encoder")
+    sampler = next(p for p in plan.programs if p.name == "sampler")
+    assert "text_encoder" not in plan.resident and encoder.weights > 0
+    assert plan.needs(encoder) == sum(plan.resident.values()) + encoder.weights + encoder.transient
+    assert plan.needs(sampler) == sum(plan.resident.values()) + sampler.transient
 
 
 def test_sample_compile_only_cli(config_folder, tmp_path, capsys):

@@ -27,7 +27,15 @@ SPLASH_MAX_BLOCK = 512
 
 def default_backend() -> Backend:
     """cuDNN's fused attention on GPUs, splash attention on TPUs, XLA's elsewhere."""
-    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    return {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the current mesh's devices say (so a
+    program compiled for a TPU topology on another machine gets TPU kernels), else the default
+    backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
 
 
 def cudnn_supports(query: jax.Array, max_head_dim: int | None = None) -> bool:
@@ -195,13 +203,10 @@ def _splash_local(query, key, value, scale, kv_mask):
             q=jnp.ones((batch, q_padded), jnp.int32), kv=jnp.pad(keep, ((0, 0), (0, kv_padded - kv_length)))
         )
 
-    def run(interpret: bool):
-        kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret)
-        return lambda q, k, v, segments: jax.vmap(kernel)(q, k, v, segment_ids=segments)
-
-    # Mosaic where the program is compiled for a TPU (also from a machine without one), Pallas'
-    # interpreter elsewhere: the platform of the compilation decides, not the machine's default.
-    out = jax.lax.platform_dependent(q, k, v, segments, tpu=run(interpret=False), default=run(interpret=True))
+    # Mosaic when the program is for TPUs, Pallas' interpreter elsewhere. (Not `lax.platform_dependent`:
+    # under autodiff it would keep the residuals of both branches.)
+    kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret=target_platform() != "tpu")
+    out = jax.vmap(kernel)(q, k, v, segment_ids=segments)
     return out[:, :, :length, :head_dim].transpose(0, 2, 1, 3)
 
 

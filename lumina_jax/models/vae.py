@@ -146,15 +146,18 @@ class GroupNorm(nnx.GroupNorm):
 
     def statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each channel's group mean and variance over x [B, H, W, C]: two [B, 1, 1, C] float32 arrays."""
-        batch, features = x.shape[0], x.shape[-1]
+        return self.statistics_from(Held(x).channel_mean)
 
-        def per_group(channel_values):  # [B, C] -> the mean of each channel's group, [B, 1, 1, C]
-            groups = channel_values.reshape(batch, self.num_groups, features // self.num_groups).mean(-1)
+    def statistics_from(self, channel_mean) -> tuple[jax.Array, jax.Array]:
+        """The statistics from channel_mean(f), each channel's mean of f(x) over the pixels ([B, C])."""
+
+        def per_group(values):  # [B, C] -> the mean of each channel's group, [B, 1, 1, C]
+            batch, features = values.shape
+            groups = values.reshape(batch, self.num_groups, features // self.num_groups).mean(-1)
             return jnp.repeat(groups, features // self.num_groups, axis=-1)[:, None, None, :]
 
-        x = x.astype(jnp.float32)
-        mean = per_group(jnp.mean(x, axis=(1, 2)))
-        return mean, per_group(jnp.mean(jnp.square(x - mean), axis=(1, 2)))
+        mean = per_group(channel_mean(lambda x: x))
+        return mean, per_group(channel_mean(lambda x: jnp.square(x - mean)))
 
     def normalize(self, x: jax.Array, statistics: tuple[jax.Array, jax.Array]) -> jax.Array:
         """x [B, rows, W, C], any rows of the activation whose `statistics` are given."""
@@ -185,40 +188,81 @@ def band_rows(height: int, width: int) -> int:
     return next(r for r in range(max(DECODE_BAND_PIXELS // width, 1), 0, -1) if height % r == 0)
 
 
-def stream_rows(
-    window_to_band, x: jax.Array | None, rows: int, out_rows: int, out: jax.Array, prepare=None, *, axis: int = 1
-) -> jax.Array:
-    """Write window_to_band(window, start, out) for each band of `rows` rows of x into `out` (band i at
-    output row i * out_rows, along `axis`). The window holds prepare(x)'s rows start-1 .. start+rows,
-    zero beyond the image, as a 3x3 convolution's (or the upsample's 2x2 phase convolution's) zero
-    padding reads them; `out` is the buffer as written so far, so a band may read rows it overwrites.
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """An activation [B, H, W, C] held whole, read by rows."""
 
-    x None: x is `out` itself, overwritten band by band with same-sized results; the loop carries each
-    band's last input row, which the next band reads after it is overwritten.
+    array: jax.Array
 
-    A `lax.fori_loop` that writes into its carry in place: only one band's temporaries exist at a
-    time, never a whole prepared (normalised, activated) copy of x."""
-    in_place = x is None
-    height = (out if in_place else x).shape[1]
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
 
-    def band(i, carry):
-        out, above = carry
-        source = out if in_place else x
-        start = i * rows
-        middle = jax.lax.dynamic_slice_in_dim(source, start, rows, axis=1)
-        if not in_place:
-            above = jax.lax.dynamic_slice_in_dim(source, jnp.maximum(start - 1, 0), 1, axis=1)
-        below = jax.lax.dynamic_slice_in_dim(source, jnp.minimum(start + rows, height - 1), 1, axis=1)
-        window = jnp.concatenate([above, middle, below], axis=1)
-        window = window if prepare is None else prepare(window)
-        inside = jnp.concatenate([(start > 0)[None], jnp.ones(rows, bool), (start + rows < height)[None]])
-        window = jnp.where(inside[None, :, None, None], window, 0)
-        result = window_to_band(window, start, out)
-        out = jax.lax.dynamic_update_slice_in_dim(out, result.astype(out.dtype), i * out_rows, axis=axis)
-        return out, middle[:, -1:]
+    def rows(self, first: jax.Array, count: int) -> jax.Array:
+        """Rows first .. first + count - 1; where they fall outside the image, the edge rows."""
+        return jnp.take(self.array, jnp.clip(first + jnp.arange(count), 0, self.shape[1] - 1), axis=1)
 
-    first_above = jnp.zeros_like((out if in_place else x)[:, :1])
-    return jax.lax.fori_loop(0, height // rows, band, (out, first_above))[0]
+    def channel_mean(self, f) -> jax.Array:
+        """Each channel's mean of f(x) over the pixels, [B, C] float32."""
+        return jnp.mean(f(self.array.astype(jnp.float32)), axis=(1, 2))
+
+    def whole(self) -> jax.Array:
+        return self.array
+
+
+@dataclasses.dataclass(frozen=True)
+class Upsampled:
+    """Upsample(x) [B, 2H, 2W, C], never held whole: rows are computed from x's rows as they are read."""
+
+    upsample: "Upsample"
+    x: Held
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        batch, height, width, features = self.x.shape
+        return batch, 2 * height, 2 * width, features
+
+    def rows(self, first: jax.Array, count: int) -> jax.Array:
+        start = first - first % 2  # the first of the two output rows of the input row that gives `first`
+        pairs = (count + 2) // 2  # input rows whose output rows cover first .. first + count - 1
+        up = self.upsample.upsample_rows(zero_padded_rows(self.x, start // 2 - 1, pairs + 2))
+        return jax.lax.dynamic_slice_in_dim(up, first - start, count, axis=1)
+
+    def channel_mean(self, f) -> jax.Array:
+        """Summed band by band (`band_rows`), each computed as it is read."""
+        batch, height, width, features = self.shape
+        rows = band_rows(height, width)
+
+        def add_band(total, start):
+            return total + jnp.sum(f(self.rows(start, rows).astype(jnp.float32)), axis=(1, 2)), None
+
+        total = jax.lax.scan(add_band, jnp.zeros((batch, features), jnp.float32), jnp.arange(0, height, rows))[0]
+        return total / (height * width)
+
+    def whole(self) -> jax.Array:
+        return self.upsample(self.x.whole())
+
+
+Source = Held | Upsampled
+
+
+def zero_padded_rows(source: Source, first: jax.Array, count: int, prepare=None) -> jax.Array:
+    """prepare(source)'s rows first .. first + count - 1, zero outside the image: a window as a
+    convolution's zero padding reads it (prepare, e.g. normalise and activate, comes before the padding)."""
+    window = source.rows(first, count)
+    window = window if prepare is None else prepare(window)
+    index = first + jnp.arange(count)
+    inside = (index >= 0) & (index < source.shape[1])
+    return jnp.where(inside[None, :, None, None], window, 0)
+
+
+def stream_bands(band, height: int, rows: int, axis: int = 1) -> jax.Array:
+    """band(start) for start = 0, rows, 2 rows, ... < height, one at a time (`lax.map`), joined along
+    `axis` (the rows axis of the bands): only one band's temporaries exist at a time."""
+    bands = jax.lax.map(lambda i: band(i * rows), jnp.arange(height // rows))  # [bands, ..., rows, ...]
+    bands = jnp.moveaxis(bands, 0, axis)
+    shape = bands.shape
+    return bands.reshape(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2 :])
 
 
 def conv_valid_rows(conv: nnx.Conv, window: jax.Array) -> jax.Array:
@@ -243,41 +287,35 @@ class ResnetBlock(nnx.Module):
         self.conv_shortcut = conv(in_features, out_features, 1, **layer) if in_features != out_features else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        rows = band_rows(x.shape[1], x.shape[2])
-        if rows < x.shape[1]:
-            return self.streamed(x, rows)
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut.astype(jnp.float32) + h.astype(jnp.float32)
 
-    def streamed(self, x: jax.Array, rows: int) -> jax.Array:
-        """The same block with its convolutions streamed in bands of rows (`stream_rows`): each norm's
-        statistics are a reduction over its whole input, then each band is normalised, activated and
-        convolved alone. Where the block keeps its width, the output overwrites x band by band (a
-        band's residual is read just before its rows are written)."""
-        batch, height, width, _ = x.shape
-        shape = (batch, height, width, self.conv1.out_features)
+    def streamed(self, source: Source, rows: int) -> jax.Array:
+        """The same block computed in bands of rows (`stream_bands`), for activations too large to
+        hold several copies of: each norm's statistics are taken over its whole input first, then
+        each band is normalised, activated and convolved alone. The input may be one that is never
+        held whole (`Upsampled`)."""
+        height = source.shape[1]
 
         def activated(norm, statistics):
             return lambda window: jax.nn.silu(norm.normalize(window, statistics))
 
-        h = stream_rows(lambda window, start, out: conv_valid_rows(self.conv1, window), x, rows, rows,
-                        jnp.zeros(shape, jnp.float32), activated(self.norm1, self.norm1.statistics(x)))  # fmt: skip
-        norm2 = activated(self.norm2, self.norm2.statistics(h))
-        if self.conv_shortcut is None:  # the output overwrites x; a band reads its residual rows first
+        prepare1 = activated(self.norm1, self.norm1.statistics_from(source.channel_mean))
+        h = Held(stream_bands(
+            lambda start: conv_valid_rows(self.conv1, zero_padded_rows(source, start - 1, rows + 2, prepare1)),
+            height, rows,
+        ))  # fmt: skip
+        prepare2 = activated(self.norm2, self.norm2.statistics_from(h.channel_mean))
 
-            def residual_band(window, start, out):
-                shortcut = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
-                return shortcut.astype(jnp.float32) + conv_valid_rows(self.conv2, window).astype(jnp.float32)
+        def band(start):
+            shortcut = source.rows(start, rows)
+            shortcut = shortcut if self.conv_shortcut is None else self.conv_shortcut(shortcut)
+            h_window = zero_padded_rows(h, start - 1, rows + 2, prepare2)
+            return shortcut.astype(jnp.float32) + conv_valid_rows(self.conv2, h_window).astype(jnp.float32)
 
-            return stream_rows(residual_band, h, rows, rows, x.astype(jnp.float32), norm2)
-
-        def shortcut_band(window, start, out):  # the output overwrites h, whose rows the window has read
-            shortcut = self.conv_shortcut(jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1))
-            return shortcut.astype(jnp.float32) + conv_valid_rows(self.conv2, window).astype(jnp.float32)
-
-        return stream_rows(shortcut_band, None, rows, rows, h, norm2)
+        return stream_bands(band, height, rows)
 
 
 class Downsample(nnx.Module):
@@ -313,14 +351,9 @@ class Upsample(nnx.Module):
         self.conv = conv(features, features, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, height, width, features = x.shape
-        rows = band_rows(height, 4 * width)  # an input row gives 4 x width output pixels
-        if rows < height:
-            out = jnp.zeros((batch, 2 * height, 2 * width, features), self.conv.dtype)
-            return stream_rows(lambda window, start, out: self._upsample_rows(window), x, rows, 2 * rows, out)
-        return self._upsample_rows(jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))))
+        return self.upsample_rows(jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))))
 
-    def _upsample_rows(self, window: jax.Array) -> jax.Array:
+    def upsample_rows(self, window: jax.Array) -> jax.Array:
         """Rows r .. r+n-1 of the input, x2: from a window of its rows r-1 .. r+n (zero beyond the image)."""
         batch, height, width, features = window.shape
         height -= 2
@@ -406,10 +439,21 @@ class UpBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock(i, o, groups, **layer) for i, o in zip(widths, widths[1:])])
         self.upsample = Upsample(out_features, **layer) if add_upsample else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | Upsampled) -> jax.Array | Upsampled:
+        """Activations larger than DECODE_BAND_PIXELS stream (`ResnetBlock.streamed`); an upsampled one
+        that the next block streams is computed as that block reads it (`Upsampled`): the decoder's
+        largest activation is never held whole."""
         for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsample is None else self.upsample(x)
+            height, width = x.shape[1:3]
+            rows = band_rows(height, width)
+            if rows < height:
+                x = resnet.streamed(x if isinstance(x, Upsampled) else Held(x), rows)
+            else:
+                x = resnet(x.whole() if isinstance(x, Upsampled) else x)
+        if self.upsample is None:
+            return x
+        height, width = 2 * x.shape[1], 2 * x.shape[2]
+        return Upsampled(self.upsample, Held(x)) if band_rows(height, width) < height else self.upsample(x)
 
 
 class Encoder(nnx.Module):
@@ -459,16 +503,22 @@ class Decoder(nnx.Module):
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)
+        return self.output(x)
+
+    def output(self, x: jax.Array) -> jax.Array:
+        """The last norm, activation and convolution, to NCHW; band by band for a large x."""
         batch, height, width, _ = x.shape
         rows = band_rows(height, width)
         if rows == height:
             return jnp.transpose(self.conv_out(jax.nn.silu(self.conv_norm_out(x))), (0, 3, 1, 2))
         statistics = self.conv_norm_out.statistics(x)
-        out = jnp.zeros((batch, self.conv_out.out_features, height, width), self.conv_out.dtype)
-        return stream_rows(
-            lambda window, start, out: jnp.transpose(conv_valid_rows(self.conv_out, window), (0, 3, 1, 2)), x, rows,
-            rows, out, lambda window: jax.nn.silu(self.conv_norm_out.normalize(window, statistics)), axis=2,
-        )  # fmt: skip
+
+        def band(start):  # [B, out, rows, W]
+            prepare = lambda window: jax.nn.silu(self.conv_norm_out.normalize(window, statistics))  # noqa: E731
+            window = zero_padded_rows(Held(x), start - 1, rows + 2, prepare)
+            return jnp.transpose(conv_valid_rows(self.conv_out, window), (0, 3, 1, 2))
+
+        return stream_bands(band, height, rows, axis=2)
 
 
 class AutoencoderKL(nnx.Module):
