@@ -155,6 +155,7 @@ def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0, mo
         return ProgramMemory(name, weights, 0, 0, temporaries, 0, weights, None,
                              refused=reason[0].strip() if reason else message.splitlines()[0], model=model)  # fmt: skip
     memory = compiled.memory_analysis()
+    weights = min(weights, memory.argument_size_in_bytes)  # the program may read only part of a model (a VAE's decoder)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return ProgramMemory(
