@@ -91,7 +91,8 @@ def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _in_memory(tree, kind: str):
-    """Arrays (or ShapeDtypeStructs, for lowering) moved to a memory kind of their devices: "device" or "pinned_host"."""
+    """Arrays (or ShapeDtypeStructs, for lowering) moved to a memory kind of their devices ("device",
+    "pinned_host")."""
 
     def move(leaf):
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -178,6 +179,7 @@ class LuminaPipeline:
         compute = resolve_dtype(dtype)
         if vae_config is not None and vae_dtype is None:
             vae_dtype = "float32" if vae_config.force_upcast else dtype
+
         def shapes(model, config, dtype):
             return nnx.eval_shape(lambda: model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
 

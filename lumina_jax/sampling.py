@@ -177,7 +177,9 @@ def sample(
     return _integrate(*args, **static)
 
 
-def lower_sample(model: NextDiT, latents, caption, caption_mask, schedule: FlowSchedule, **options) -> jax.stages.Lowered:
+def lower_sample(
+    model: NextDiT, latents, caption, caption_mask, schedule: FlowSchedule, **options
+) -> jax.stages.Lowered:
     """The program `sample` runs, lowered for arrays or ShapeDtypeStructs (with shardings) of these
     shapes and an abstract model (`nnx.eval_shape`), e.g. to compile it for a TPU without one."""
     args, static = _integrate_arguments(model, latents, caption, caption_mask, schedule, **options)

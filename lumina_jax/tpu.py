@@ -139,7 +139,9 @@ class ProgramMemory:
         return self.arguments - self.weights + self.outputs - self.aliased + self.temporaries + self.code
 
 
-def compile_program(name: str, lowered: jax.stages.Lowered, weights: int = 0, model: str | None = None) -> ProgramMemory:
+def compile_program(
+    name: str, lowered: jax.stages.Lowered, weights: int = 0, model: str | None = None
+) -> ProgramMemory:
     """Compile a lowered program and read its per-chip memory; `weights` says how many argument
     bytes are resident model weights. A program the compiler refuses for lack of HBM comes back
     with its reason in `refused` and the temporaries the message names."""
@@ -200,9 +202,13 @@ class MemoryPlan:
     def summary(self) -> str:
         """The figures as a table, and the verdict."""
         gb = lambda n: f"{n / GiB:7.2f}"  # noqa: E731
-        lines = [f"{self.tpu.name} ({self.tpu.topology}, {self.tpu.generation.device_kind}): "
-                 f"{self.tpu.hbm_bytes / GiB:.2f} GiB of HBM per chip", "",
-                 f"{'per chip, GiB':<28}{'weights':>8}{'args':>8}{'outputs':>8}{'temps':>8}{'code':>8}{'needs':>8}"]  # fmt: skip
+        columns = "".join(f"{name:>8}" for name in ("weights", "args", "outputs", "temps", "code", "needs"))
+        heading = f"{self.tpu.name} ({self.tpu.topology}, {self.tpu.generation.device_kind})"
+        lines = [
+            f"{heading}: {self.tpu.hbm_bytes / GiB:.2f} GiB of HBM per chip",
+            "",
+            "per chip, GiB".ljust(28) + columns,
+        ]
         for p in self.programs:
             lines.append(f"{p.name:<28}{gb(p.weights)} {gb(p.arguments - p.weights)} {gb(p.outputs)} "
                          f"{gb(p.temporaries)} {gb(p.code)} {gb(self.needs(p))}")  # fmt: skip
@@ -237,7 +243,6 @@ def abstract_on(tree, shardings):
     if not isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-
 
 
 def plan_programs(

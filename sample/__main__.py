@@ -69,7 +69,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=4,tensor=1" -> {"data": 2, "fsdp": 4, "tensor": 1}; axes left out are 1."""
+    """A --mesh value, "data=2,fsdp=4,tensor=1", as mesh axis sizes; axes left out are 1."""
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for item in text.split(","):
         name, _, value = item.partition("=")

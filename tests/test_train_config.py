@@ -21,10 +21,10 @@ def test_shipped_configs_load_and_build_their_transformer(name):
 def test_overrides_take_the_fields_types():
     config = apply_overrides(
         BASE,
-        ["steps=25", "lr=3e-4", "remat=attention_ffn", "peak_flops=none", "snr_type=lognorm", "transformer.num_layers=3",
+        ["steps=25", "lr=3e-4", "remat=dots", "peak_flops=none", "snr_type=lognorm", "transformer.num_layers=3",
          "transformer.ffn_dim_multiplier=1.5", "workdir=/tmp/x"],
     )  # fmt: skip
-    assert (config.steps, config.lr, config.remat, config.peak_flops) == (25, 3e-4, "attention_ffn", None)
+    assert (config.steps, config.lr, config.remat, config.peak_flops) == (25, 3e-4, "dots", None)
     assert (config.snr_type, config.workdir) == ("lognorm", "/tmp/x")
     assert config.transformer == {"num_layers": 3, "ffn_dim_multiplier": 1.5}
     assert BASE.transformer == {} and BASE.steps == TrainConfig.steps  # the base is not modified

@@ -125,8 +125,9 @@ def test_streamed_decoder_matches_diffusers(saved_vae, monkeypatch, dtype, bound
 
 @pytest.mark.parametrize("latent_size", [(7, 5), (12, 10), (3, 16)])
 def test_streamed_decoder_equals_whole_decode_at_odd_sizes(monkeypatch, latent_size):
-    model = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64, 64), down_block_types=(vae.DOWN_BLOCK,) * 3,
-                                              up_block_types=(vae.UP_BLOCK,) * 3, norm_num_groups=8), rngs=nnx.Rngs(0))  # fmt: skip
+    config = AutoencoderKLConfig(block_out_channels=(32, 64, 64), down_block_types=(vae.DOWN_BLOCK,) * 3,
+                                 up_block_types=(vae.UP_BLOCK,) * 3, norm_num_groups=8)  # fmt: skip
+    model = AutoencoderKL(config, rngs=nnx.Rngs(0))
     randomize_nnx_(model, seed=1)
     latents = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, *latent_size), dtype=np.float32))
     whole = np.asarray(nnx.jit(lambda model, z: model.decode(z))(model, latents))

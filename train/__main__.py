@@ -43,7 +43,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
             plan.add_argument("--topology", help="the TPU slice: v5e-8, v6e-8, v5p-8, v5p-128, ... or a JAX topology")
             plan.add_argument("--json", help="write the figures to this file")
             plan.add_argument("--no-batch-search", action="store_true",
-                              help="skip the search for the largest batch (it compiles the step several times)")
+                              help="skip searching the largest batch (it compiles the step several times)")  # fmt: skip
         if command == "export":
             parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
             parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")

@@ -69,7 +69,8 @@ def plan_train_step(config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: i
     batch_size = config.batch_size if per_chip_batch is None else per_chip_batch * shards
     lowered, resident = lower_train_step(config, mesh, batch_size)
     # The state is donated: the step's arguments and its aliased outputs, resident between steps.
-    return tpu.MemoryPlan(target, {"train_state": resident}, [tpu.compile_program("train_step", lowered, resident, "train_state")])
+    step = tpu.compile_program("train_step", lowered, resident, "train_state")
+    return tpu.MemoryPlan(target, {"train_state": resident}, [step])
 
 
 def largest_per_chip_batch(config: TrainConfig, target: tpu.TpuSlice, log=None) -> int | None:
