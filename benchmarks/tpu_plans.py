@@ -28,7 +28,7 @@ TRAINING = [
     ("v5p-8", ["batch_size=64"], True),
     ("v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
     ("v5e-8", ["batch_size=64", "remat=dots"], False),
-    ("v5p-128", ["batch_size=1024", "mesh_data=4", "mesh_fsdp=8", "mesh_tensor=2"], False),
+    ("v5p-128", ["batch_size=128", "mesh_data=4", "mesh_fsdp=4", "mesh_tensor=4"], False),
 ]
 
 
