@@ -238,13 +238,6 @@ class MemoryPlan:
         }  # fmt: skip
 
 
-def abstract_on(tree, shardings):
-    """ShapeDtypeStructs of a pytree's leaves (arrays or structs) with these shardings (a pytree or one)."""
-    if not isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-
-
 def plan_programs(
     tpu: TpuSlice, programs: dict[str, tuple[jax.stages.Lowered, object]], models: dict[str, object],
     offloaded: tuple[str, ...] = (), log=None,
