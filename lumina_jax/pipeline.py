@@ -90,6 +90,12 @@ def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+def _scheduler_shift(pipeline: Path) -> float:
+    """The flow schedule's shift from a pipeline folder's scheduler config (1.0 without one)."""
+    scheduler = pipeline / "scheduler" / "scheduler_config.json"
+    return json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
+
+
 def _in_memory(tree, kind: str):
     """Arrays (or ShapeDtypeStructs, for lowering) moved to a memory kind of their devices ("device",
     "pinned_host")."""
@@ -149,9 +155,7 @@ class LuminaPipeline:
         from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        scheduler = path / "scheduler" / "scheduler_config.json"
-        shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
-        return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=shift)
+        return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
 
     @classmethod
     def abstract(
@@ -174,8 +178,7 @@ class LuminaPipeline:
             transformer_config = config("transformer", NextDiTConfig, "Next-DiT")
             encoder_config = config("text_encoder", GemmaConfig, "Gemma")
             vae_config = config("vae", AutoencoderKLConfig, "AutoencoderKL") if has_vae(path) else None
-            scheduler = path / "scheduler" / "scheduler_config.json"
-            shift = json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
+            shift = _scheduler_shift(path)
         compute = resolve_dtype(dtype)
         if vae_config is not None and vae_dtype is None:
             vae_dtype = "float32" if vae_config.force_upcast else dtype
