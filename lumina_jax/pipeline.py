@@ -6,7 +6,9 @@ digits model is such a one).
 
 Arguments shared with diffusers' `LuminaPipeline.__call__` mean the same; `latents` and
 `output_type="latent"` use its [B, 4, H/8, W/8] layout, so the same noise gives the same image.
-Unlike diffusers, prompt masks stay aligned with their embeddings when num_images_per_prompt > 1.
+Unlike diffusers, prompt masks stay aligned with their embeddings when num_images_per_prompt > 1,
+and an image never depends on the other prompts of its call: `seed` may give one seed per image, and
+each negative prompt is cut to its own prompt's length (diffusers cuts all to the longest).
 Captions are padded to a few length buckets (padding is masked, so results do not change) and
 guidance scale, seed and prompt are traced values: a new prompt or seed reuses the compiled programs.
 """
@@ -90,6 +92,12 @@ def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _noise_per_image(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Image i's noise from seeds[i] alone: what `_noise(seeds[i], (1, *shape))` draws for one image."""
+    return jax.vmap(lambda seed: _noise(seed, (1, *shape))[0])(seeds)
+
+
 def _scheduler_shift(pipeline: Path) -> float:
     """The flow schedule's shift from a pipeline folder's scheduler config (1.0 without one)."""
     scheduler = pipeline / "scheduler" / "scheduler_config.json"
@@ -125,7 +133,7 @@ class LuminaPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: str = "bfloat16", *, transformer: NextDiT | None | str = "load",
-        vae_dtype: str | None = None, progress: bool = True,
+        vae_dtype: str | None = None, mesh: Mesh | None = None, progress: bool = True,
     ) -> "LuminaPipeline":  # fmt: skip
         """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load).
 
@@ -133,7 +141,11 @@ class LuminaPipeline:
         the SDXL VAE does), else in `dtype`. vae_dtype="bfloat16" halves the decoder's memory (at
         1024 px its float32 activations reach several GB), as diffusers' LuminaPipeline decodes.
         As in diffusers, `transformer=` a model uses that one, and `transformer=None` loads none.
+        On a `mesh` (default: JAX's current one, if set) each weight loads straight into its sharding
+        and the pipeline runs there (`shard`).
         """
+        mesh = jax.sharding.get_mesh() if mesh is None else mesh
+        mesh = None if mesh.empty else mesh
         path = Path(path)
         expected = [
             c for c in COMPONENTS if (c != "vae" or has_vae(path)) and (c != "transformer" or transformer == "load")
@@ -144,18 +156,20 @@ class LuminaPipeline:
                 f"{path}: not a Lumina pipeline folder, missing {', '.join(m + '/' for m in missing)} "
                 f"(expected {', '.join(c + '/' for c in expected)})"
             )
+        placed = dict(mesh=mesh, progress=progress)
         if transformer == "load":
-            transformer = load_transformer(path / "transformer", dtype, progress=progress)
-        text_encoder = load_text_encoder(path / "text_encoder", dtype, progress=progress)
+            transformer = load_transformer(path / "transformer", dtype, **placed)
+        text_encoder = load_text_encoder(path / "text_encoder", dtype, **placed)
         vae = None
         if "vae" in expected:
             if vae_dtype is None:
                 vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
-            vae = load_vae(path / "vae", vae_dtype, progress=progress)
+            vae = load_vae(path / "vae", vae_dtype, **placed)
         from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
 
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        return cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
+        pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
+        return pipe if mesh is None else pipe.shard(mesh)
 
     @classmethod
     def abstract(
@@ -237,21 +251,28 @@ class LuminaPipeline:
         ways = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
         return batch_sharding(self.mesh) if rows % ways == 0 else NamedSharding(self.mesh, PartitionSpec())
 
-    def _tokenize(self, texts: list[str], length: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned);
-        negative prompts padded or cut to the prompts' `length`."""
-        if length is None:
-            tokens = self.tokenizer(texts, pad_to_multiple_of=8, max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                                    padding=True, return_tensors="np")  # fmt: skip
-            full = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
-            if full.shape[-1] > tokens.input_ids.shape[-1]:
-                removed = self.tokenizer.batch_decode(full[:, MAX_SEQUENCE_LENGTH - 1 : -1])
-                logger.warning(f"Gemma reads at most {MAX_SEQUENCE_LENGTH} tokens; this part was truncated: {removed}")
-        else:
-            tokens = self.tokenizer(
-                texts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
-            )
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned)."""
+        tokens = self.tokenizer(texts, pad_to_multiple_of=8, max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                padding=True, return_tensors="np")  # fmt: skip
+        full = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
+        if full.shape[-1] > tokens.input_ids.shape[-1]:
+            removed = self.tokenizer.batch_decode(full[:, MAX_SEQUENCE_LENGTH - 1 : -1])
+            logger.warning(f"Gemma reads at most {MAX_SEQUENCE_LENGTH} tokens; this part was truncated: {removed}")
         return tokens.input_ids, tokens.attention_mask
+
+    def _tokenize_negatives(self, texts: list[str], prompt_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each negative prompt cut, as diffusers cuts it, to the length its prompt pads to alone (its
+        tokens rounded up to 8), then padded to the prompts' length: a row never depends on the
+        other prompts of its call (diffusers cuts every negative to the longest prompt's length)."""
+        own_length = -(-prompt_mask.sum(axis=1) // 8) * 8
+        ids = np.full(prompt_mask.shape, self.tokenizer.pad_token_id or 0, np.int64)
+        mask = np.zeros(prompt_mask.shape, np.int64)
+        for row, (text, length) in enumerate(zip(texts, own_length)):
+            tokens = self.tokenizer(text, max_length=int(length), truncation=True, return_tensors="np")
+            ids[row, : tokens.input_ids.shape[1]] = tokens.input_ids[0]
+            mask[row, : tokens.input_ids.shape[1]] = tokens.attention_mask[0]
+        return ids, mask
 
     def _encode(self, params, ids: np.ndarray, mask: np.ndarray, bucket: int) -> tuple[jax.Array, jax.Array]:
         pad = bucket - ids.shape[1]
@@ -265,13 +286,13 @@ class LuminaPipeline:
         self, prompt: list[str], negative_prompt: list[str] | None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
         """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
-        ids, mask = self._tokenize(_preprocess(prompt), None)
+        ids, mask = self._tokenize(_preprocess(prompt))
         bucket = _caption_bucket(ids.shape[1])
         params = self._text_encoder_params()
         embeds, mask_out = self._encode(params, ids, mask, bucket)
         if negative_prompt is None:
             return embeds, mask_out, None, None
-        neg_ids, neg_mask = self._tokenize(negative_prompt, ids.shape[1])  # diffusers does not clean these
+        neg_ids, neg_mask = self._tokenize_negatives(negative_prompt, mask)  # diffusers does not clean these
         return (embeds, mask_out, *self._encode(params, neg_ids, neg_mask, bucket))
 
     def __call__(
@@ -283,7 +304,7 @@ class LuminaPipeline:
         num_inference_steps: int = 30,
         guidance_scale: float = 4.0,
         num_images_per_prompt: int = 1,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         latents: np.ndarray | jax.Array | None = None,
         prompt_embeds: jax.Array | None = None,
         prompt_attention_mask: jax.Array | None = None,
@@ -334,8 +355,12 @@ class LuminaPipeline:
         caption_mask = jnp.concatenate([mask, neg_mask]) if guided else mask
 
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
-        if latents is None:
+        if latents is None and isinstance(seed, int):
             latents = _noise(jnp.uint32(seed), shape)
+        elif latents is None:  # one seed per image: each image as its seed draws it alone
+            if len(seed) != batch:
+                raise ValueError(f"{len(seed)} seeds for {batch} images; give one seed, or one per image")
+            latents = _noise_per_image(jnp.asarray(seed, jnp.uint32), shape[1:])
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = jnp.asarray(latents)
@@ -422,17 +447,21 @@ class LuminaPipeline:
                 programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
         return programs
 
-    def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
-        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
-            raise ValueError("prompt is an empty list; give at least one prompt")
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless the model can draw images of this size (pixels)."""
         unit = self.latent_scale * self.transformer.config.patch_size
         largest = ROPE_MAX_GRID * unit
         if height % unit or width % unit or not (unit <= height <= largest and unit <= width <= largest):
             raise ValueError(
                 f"height and width must be multiples of {unit} between {unit} and {largest} px, got {height}x{width}"
             )
+
+    def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
+        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
+            raise ValueError("prompt is an empty list; give at least one prompt")
+        self.check_size(height, width)
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
         if num_images_per_prompt < 1:

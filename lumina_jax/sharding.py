@@ -7,10 +7,12 @@ inner width); batches are split over "data" and "fsdp" together.
 """
 
 import math
+import os
+from collections.abc import Callable
 
 import jax
 from flax import linen, nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -30,6 +32,18 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
 )
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host run when the environment describes one (a coordinator address, a SLURM job).
+    Call it before anything else asks JAX about devices; Cloud TPU pods need no call."""
+    if jax.distributed.is_initialized():
+        return
+    if any(
+        k in os.environ
+        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+    ):
+        jax.distributed.initialize()
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, devices=None) -> Mesh:
@@ -84,6 +98,21 @@ def parameter_shardings(module_or_tree, mesh: Mesh):
         tree,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def abstract_module(make_module: Callable[[], nnx.Module]) -> nnx.Module:
+    """`nnx.eval_shape(make_module)`, outside any current mesh (`jax.set_mesh`): the parameters' logical
+    axis names are not mesh axes until `parameter_shardings` maps them."""
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
+        return nnx.eval_shape(make_module)
+
+
+def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """A new module whose variables are created straight into their shardings on the mesh: one
+    jitted initialisation with out_shardings, so no device ever holds more than its share."""
+    graphdef, abstract = nnx.split(abstract_module(make_module))
+    state = jax.jit(lambda: nnx.state(make_module()), out_shardings=parameter_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
 
 
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:

@@ -2,18 +2,52 @@
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from PIL import PngImagePlugin
-from tqdm.auto import tqdm
-
-from lumina_jax import sampling
+from lumina_jax import jobs, sampling
 from sample import DEFAULT_MODEL
 
+# transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 CACHE = Path(os.environ.get("LUMINA_JAX_CACHE", Path.home() / ".cache" / "lumina_jax")) / "xla"
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def seed(text: str) -> int:
+    if not text.isdigit() or int(text) > jobs.MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {jobs.MAX_SEED}, got {text!r}")
+    return int(text)
+
+
+def guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (1 or less turns guidance off), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -24,20 +58,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "config files is enough, or a released name: lumina-next-sft")  # fmt: skip
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="what to draw")
-    prompts.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    prompts.add_argument("--prompts-file", type=Path,
+                         help="one prompt a line, or JSONL (.jsonl) with per-line prompt and any of "
+                              "negative_prompt, seed, height, width, guidance, steps, num_images")  # fmt: skip
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale; <= 1 turns it off")
-    parser.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="pixels, a multiple of 16 (default: the model's)")  # fmt: skip
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="pixels, a multiple of 16 (default: the model's)")  # fmt: skip
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--guidance", type=guidance, default=4.0,
+                        help="classifier-free guidance scale; <= 1 turns it off")  # fmt: skip
+    parser.add_argument("--seed", type=seed, default=0, help="image i of a prompt uses seed + i")
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="images per device per call: every local device draws this many at once")  # fmt: skip
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="resume: draw only the images whose file is not in --out yet")  # fmt: skip
     parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
     parser.add_argument("--schedule", choices=sampling.SCHEDULES, default="diffusers")
-    parser.add_argument("--scaling-watershed", type=float, default=1.0)
+    parser.add_argument("--scaling-watershed", type=fraction, default=1.0)
     parser.add_argument(
         "--context-drop",
-        type=int,
+        type=positive_int,
         default=1,
         help="Context Drop window: 2 merges 2x2 image keys/values (faster at 2048 px, approximate)",
     )
@@ -46,25 +89,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default=None,
                         help="the VAE's dtype (default: float32 where its config asks, as the SDXL VAE's does; "
                              "bfloat16 halves the decoder's memory)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs")
+    parser.add_argument("--out", type=Path, default=Path("out"),
+                        help="folder for the PNGs (NNNNN_SEED.png: the prompt's line and the seed) and "
+                             "index.jsonl, which lists them with their settings")  # fmt: skip
     parser.add_argument("--offload-text-encoder", action="store_true",
                         help="keep the text encoder's weights in host memory except while it encodes: frees their "
                              "accelerator memory (4.7 GiB for Gemma-2B) for the sampler and the decoder")  # fmt: skip
     parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=D,fsdp=F,tensor=T",
-                        help="run on a device mesh: the transformer's weights split over fsdp and tensor, the images "
-                             "over data and fsdp (default: one device)")  # fmt: skip
+                        help="this host's devices as a mesh: the transformer's weights split over fsdp and tensor, "
+                             "the images over data and fsdp (default: data = every local device, the weights "
+                             "whole on each)")  # fmt: skip
     plan = parser.add_argument_group("compile only: will it fit on a Cloud TPU (no TPU and no weights needed)")
     plan.add_argument("--compile-only", action="store_true",
                       help="compile every program of the run for --topology with the TPU compiler (pip install -e "
                            "'.[tpu]') and print each one's memory per chip; exit 1 if it does not fit")  # fmt: skip
     plan.add_argument("--topology", help="the TPU slice: v5e-1, v5e-8, v6e-8, v5p-8, v4-8, ... or a JAX topology name")
-    plan.add_argument("--caption-length", type=int, default=256, help="caption tokens to plan for (default: the most)")
+    plan.add_argument("--caption-length", type=positive_int, default=256,
+                      help="caption tokens to plan for, at most 256 (default: the most)")  # fmt: skip
     plan.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.compile_only and not args.topology:
         parser.error("--compile-only needs --topology")
     if not args.compile_only and not (args.prompt or args.prompts_file):
         parser.error("one of --prompt or --prompts-file is required")
+    if args.caption_length > 256:
+        parser.error(f"argument --caption-length: at most 256 tokens, got {args.caption_length}")
+    if args.prompts_file and not args.prompts_file.is_file():
+        parser.error(f"argument --prompts-file: {args.prompts_file} is not a file")
     return args
 
 
@@ -119,64 +170,67 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.compile_only:
         return compile_only(args)
+    try:
+        requests = jobs.read_requests(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
+        args.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except (OSError, ValueError) as e:
+        print(f"error: {e.strerror + ': ' + str(args.out) if isinstance(e, OSError) and e.strerror else e}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     import jax  # after argument parsing, so --help is instant
 
+    from lumina_jax.sharding import initialize_distributed, make_mesh
+
+    initialize_distributed()  # several hosts: each draws its own share of the jobs on its own devices
     # Compiled programs persist across runs: a second start skips compilation.
     jax.config.update("jax_compilation_cache_dir", str(CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from lumina_jax.pipeline import LuminaPipeline
 
     args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-
-    if args.prompts_file:
-        prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            print(f"error: {args.prompts_file} has no prompts", file=sys.stderr)
-            return 2
-    else:
-        prompts = [args.prompt]
+    devices = jax.local_devices()
     start = time.perf_counter()
     try:
-        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype)
+        mesh = make_mesh(**(args.mesh or {"data": len(devices)}), devices=devices)
+        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh)
+        defaults = dict(negative_prompt=args.negative_prompt, seed=args.seed, height=args.height or
+                        pipe.default_sample_size, width=args.width or pipe.default_sample_size,
+                        guidance=args.guidance, steps=args.steps, num_images=args.num_images)  # fmt: skip
+        todo = jobs.make_jobs(requests, defaults)
+        for height, width in sorted({(job.height, job.width) for job in todo}):
+            pipe.check_size(height, width)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
-    if args.mesh:
-        from lumina_jax.sharding import make_mesh
-
-        pipe.shard(make_mesh(**args.mesh))
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                    solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
+    images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in ("data", "fsdp"))
+    settings = dict(solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
                     context_drop=args.context_drop)  # fmt: skip
-    written, times = [], []
-    jobs = [(p, i) for p, prompt in enumerate(prompts) for i in range(args.num_images)]
-    for p, i in tqdm(jobs, desc="sampling", unit="image"):
-        seed = args.seed + i
-        start = time.perf_counter()
-        try:
-            image = pipe(prompt=prompts[p], negative_prompt=args.negative_prompt, seed=seed, **settings).images[0]
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        times.append(time.perf_counter() - start)
-        info = PngImagePlugin.PngInfo()
-        metadata = {"prompt": prompts[p], "negative_prompt": args.negative_prompt or "", "seed": seed,
-                    "model": str(args.model), "dtype": args.dtype, **settings}  # fmt: skip
-        info.add_text("parameters", json.dumps(metadata))
-        for key, value in metadata.items():
-            info.add_text(key, str(value))
-        path = args.out / f"{p:03d}_{seed}.png"
-        image.save(path, pnginfo=info)
-        written.append(path)
-    first, rest = times[0], times[1:]
-    per_image = f"{first:.2f} s for the first image (with compilation, unless cached)" + (
-        f", {sum(rest) / len(rest):.2f} s per image after" if rest else ""
+    try:
+        report = jobs.run_jobs(
+            pipe, todo, args.out, per_call=images_per_call, skip_existing=args.skip_existing,
+            metadata={"model": str(args.model), "dtype": args.dtype}, process_index=jax.process_index(),
+            process_count=jax.process_count(), **settings,
+        )  # fmt: skip
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: out of accelerator memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
+              "--offload-text-encoder, --vae-dtype bfloat16, or --mesh fsdp=N to split the weights",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    speed = (
+        f"{report.warm_images / report.warm_seconds:.2f} images/s after compilation "
+        f"({report.warm_images / report.warm_seconds / len(devices):.2f} per device)"
+        if report.warm_images
+        else "every call compiled a program (a second run reuses them)"
     )
-    print(f"wrote {len(written)} image(s) to {args.out}/: {per_image}")
+    share = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    print(f"wrote {report.written} image(s) to {args.out}/{share} in {report.seconds:.1f} s, "
+          f"{report.skipped} already there; {speed}")  # fmt: skip
     return 0
 
 

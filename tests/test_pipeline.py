@@ -60,6 +60,19 @@ def test_num_images_per_prompt_keeps_masks_with_their_prompts(pipelines):
         assert relative_error(both[2 * i : 2 * i + 2], alone) <= 1e-5
 
 
+def test_an_image_depends_on_its_own_prompt_negative_and_seed_only(pipelines):
+    """Per-image seeds draw each image's noise as its seed does alone, and each negative prompt is cut
+    to its own prompt's length (diffusers would cut this negative to the longer prompt's 16 tokens)."""
+    _, ours = pipelines
+    negative = "a photo of a cat the quick brown fox jumps over the lazy dog"
+    settings = dict(num_inference_steps=2, output_type="latent", guidance_scale=4.0)
+    alone = ours(prompt=PROMPTS[0], negative_prompt=negative, seed=7, **settings).images
+    batch = ours(prompt=[PROMPTS[0], PROMPTS[1]], negative_prompt=[negative, ""], seed=[7, 9], **settings).images
+    assert relative_error(batch[:1], alone) <= 1e-5
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        ours(prompt=PROMPTS[0], num_images_per_prompt=3, seed=[1, 2], **settings)
+
+
 def test_new_prompt_seed_or_guidance_does_not_recompile(pipelines):
     _, ours = pipelines
     compiles = []
@@ -170,9 +183,9 @@ def test_sample_command_writes_pngs_with_their_settings(pipelines, tmp_path, cap
             "--out", str(tmp_path / "out")]  # fmt: skip
     assert sample_main(args) == 0
     files = sorted((tmp_path / "out").glob("*.png"))
-    assert [f.name for f in files] == ["000_5.png", "000_6.png", "001_5.png", "001_6.png"]
+    assert [f.name for f in files] == ["00000_5.png", "00000_6.png", "00001_5.png", "00001_6.png"]
     image = Image.open(files[3])
     assert image.size == (160, 128)
     assert image.text["prompt"] == "A red fox in the snow" and image.text["seed"] == "6"
-    assert json.loads(image.text["parameters"])["num_inference_steps"] == 2
+    assert json.loads(image.text["parameters"])["steps"] == 2
     assert "wrote 4 image(s)" in capsys.readouterr().out

@@ -12,7 +12,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lumina_jax import sharding
@@ -58,17 +58,6 @@ class RunSummary:
     export: Path | None
 
 
-def initialize_distributed() -> None:
-    """Join a multi-host run when the environment describes one (coordinator address or a TPU pod / SLURM job)."""
-    if jax.process_count() > 1 or jax.distributed.is_initialized():
-        return
-    if any(
-        k in os.environ
-        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
-    ):
-        jax.distributed.initialize()
-
-
 def architecture(config: TrainConfig) -> NextDiTConfig:
     """The config's Next-DiT, or the pipeline's for fine-tuning (a released one's by name, for compiling only)."""
     if config.init == "scratch":
@@ -86,12 +75,13 @@ def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:
                            rngs=nnx.Rngs(config.seed))  # fmt: skip
 
 
-def initial_transformer(config: TrainConfig) -> NextDiT:
-    """The pipeline's transformer in float32 to fine-tune, or a new one."""
+def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT:
+    """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
+    loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
         return load_transformer(Path(config.pipeline) / "transformer", config.compute_dtype, param_dtype="float32",
-                                remat=config.remat, progress=False)  # fmt: skip
-    return nnx.jit(transformer_factory(config))()  # one compiled initialisation, not one per parameter shape
+                                remat=config.remat, mesh=mesh, progress=False)  # fmt: skip
+    return sharding.create_sharded(transformer_factory(config), mesh)
 
 
 def make_run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -172,7 +162,7 @@ class MetricsLog:
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
-    initialize_distributed()
+    sharding.initialize_distributed()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -188,7 +178,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     checkpoints = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                save_interval_steps=config.save_every)  # fmt: skip
     if checkpoints.latest_step() is None:
-        model = initial_transformer(config)
+        model = initial_transformer(config, mesh)
         graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
         del model
     else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
+from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer
 from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError, resolve_dtype
 
@@ -74,19 +76,23 @@ def load_text_encoder(
     *,
     param_dtype: str | None = None,
     scan_layers: bool = True,
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> GemmaEncoder:
     """The Gemma encoder of a transformers, diffusers pipeline or converted folder; `dtype` is the compute
-    dtype and, unless `param_dtype` says otherwise, the parameter dtype."""
+    dtype and, unless `param_dtype` says otherwise, the parameter dtype. Each parameter goes straight
+    into its sharding on `mesh` (default: the current mesh, else one device)."""
     checkpoint = find_text_encoder(path)
     compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(
+    abstract = abstract_module(
         lambda: GemmaEncoder(
             checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, rngs=nnx.Rngs(0)
         )
     )
     converted = checkpoint.path if checkpoint.tensors is None else None
-    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
+    return importer.materialize(
+        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
+    )
 
 
 def convert_text_encoder(

@@ -12,11 +12,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
+from lumina_jax.sharding import abstract_module, parameter_shardings
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.safetensors_io import read_safetensors_folder
 
@@ -149,7 +152,7 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def parameter_shapes(make_model: Callable[[], nnx.Module]) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Every parameter's path and shape, computed abstractly (nothing is allocated)."""
-    model = nnx.eval_shape(make_model)
+    model = abstract_module(make_model)
     return {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
@@ -222,22 +225,44 @@ def read_params(
     return arrays
 
 
-def to_device(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
-    """Move host arrays to the default device one at a time, emptying `arrays`, so that host and
-    device never hold two full copies; returns the nested parameter dict."""
-    return unflatten({path: jnp.asarray(arrays.pop(path)) for path in list(arrays)})
+def to_device(arrays: dict[tuple[str, ...], np.ndarray], placements: dict[tuple[str, ...], Any] | None = None) -> dict:
+    """Move host arrays to their devices one at a time, emptying `arrays`, so that host and devices
+    never hold two full copies; returns the nested parameter dict. Each array goes to its sharding
+    in `placements` (each device receives only its shard), by default to this process's first device."""
+    first = SingleDeviceSharding(jax.local_devices()[0])
+    placements = placements or {}
+    return unflatten({path: jax.device_put(arrays.pop(path), placements.get(path, first)) for path in list(arrays)})
+
+
+def parameter_placements(abstract: nnx.Module, mesh: Mesh | None = None) -> dict[tuple[str, ...], Any]:
+    """Where each parameter of a module lives, by path: its sharding on `mesh` (default: JAX's current
+    mesh, `jax.set_mesh`) by the sharding rules, or with no mesh this process's first device."""
+    params = nnx.state(abstract, nnx.Param)
+    mesh = jax.sharding.get_mesh() if mesh is None else mesh
+    if mesh.empty:
+        first = SingleDeviceSharding(jax.local_devices()[0])
+        return {path: first for path in flatten(nnx.to_pure_dict(params))}
+    return flatten(nnx.to_pure_dict(parameter_shardings(params, mesh)))
 
 
 def materialize(
-    abstract: nnx.Module, converted: Path | None, read_arrays: Callable[[], dict[tuple[str, ...], np.ndarray]]
+    abstract: nnx.Module,
+    converted: Path | None,
+    read_arrays: Callable[[], dict[tuple[str, ...], np.ndarray]],
+    mesh: Mesh | None = None,
 ) -> nnx.Module:
     """Fill an abstract module (`nnx.eval_shape`): from our Orbax folder `converted`, or else by
-    streaming a checkpoint through `read_arrays`."""
+    streaming a checkpoint through `read_arrays`. Each parameter goes straight into its place on
+    `mesh` (`parameter_placements`): no device ever holds more than its share."""
     graphdef, state = nnx.split(abstract)
+    placements = parameter_placements(abstract, mesh)
     if converted is not None:
-        params = orbax_io.restore_params(converted, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+        shapes = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+        target = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placements[path])
+                  for path, leaf in shapes.items()}  # fmt: skip
+        params = orbax_io.restore_params(converted, unflatten(target))
     else:
-        params = to_device(read_arrays())
+        params = to_device(read_arrays(), placements)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

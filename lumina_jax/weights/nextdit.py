@@ -16,8 +16,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
+from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.importer import LazyTensor, resolve_dtype
 from lumina_jax.weights.nextdit_keys import (
@@ -169,11 +171,14 @@ def load_transformer(
     scan_layers: bool = True,
     remat: str = "none",
     attention_backend: str | None = None,
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> NextDiT:
     """A Next-DiT with weights from any supported layout; `dtype` is the compute dtype and, unless
-    `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an original checkpoint."""
-    options = dict(scan_layers=scan_layers, remat=remat, attention_backend=attention_backend, progress=progress)
+    `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an original checkpoint.
+    Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
+    options = dict(scan_layers=scan_layers, remat=remat, attention_backend=attention_backend, mesh=mesh,
+                   progress=progress)  # fmt: skip
     return build_model(find_checkpoint(path, ema=ema), dtype, param_dtype=param_dtype, **options)
 
 
@@ -185,11 +190,12 @@ def build_model(
     scan_layers: bool = True,
     remat: str = "none",
     attention_backend: str | None = None,
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> NextDiT:
     """The model of a found checkpoint, its parameters read into place (see `load_transformer`)."""
     compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(
+    abstract = abstract_module(
         lambda: NextDiT(
             checkpoint.config,
             dtype=compute,
@@ -201,7 +207,9 @@ def build_model(
         )  # fmt: skip
     )
     converted = checkpoint.path if checkpoint.layout == "converted" else None
-    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
+    return importer.materialize(
+        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
+    )
 
 
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:

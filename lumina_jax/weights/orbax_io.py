@@ -75,10 +75,11 @@ def save_params(folder: Path, params: dict) -> None:
 def restore_params(folder: Path, abstract: dict) -> dict:
     """Restore folder/params into the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs).
 
-    Leaves without a sharding land on the default device; give NamedShardings for a sharded restore.
-    Dtypes are cast on read, so a float32 conversion loads as bfloat16 and back.
+    Leaves without a sharding land on this process's first device; give NamedShardings for a sharded
+    restore (each device reads only its shard). Dtypes are cast on read, so a float32 conversion loads
+    as bfloat16 and back.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or device),
         abstract,

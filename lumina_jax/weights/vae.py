@@ -13,8 +13,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer
 from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError, resolve_dtype
 
@@ -78,17 +80,21 @@ def import_params(checkpoint: importer.Checkpoint, param_dtype=jnp.float32, *, p
 
 
 def load_vae(
-    path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None, progress: bool = True
-) -> AutoencoderKL:
+    path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None, mesh: Mesh | None = None,
+    progress: bool = True,
+) -> AutoencoderKL:  # fmt: skip
     """An AutoencoderKL with weights from a diffusers vae or pipeline folder, or a converted folder;
-    `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype."""
+    `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype. Each
+    parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
     checkpoint = find_vae(path)
     compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(
+    abstract = abstract_module(
         lambda: AutoencoderKL(checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0))
     )
     converted = checkpoint.path if checkpoint.tensors is None else None
-    return importer.materialize(abstract, converted, lambda: import_params(checkpoint, storage, progress=progress))
+    return importer.materialize(
+        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
+    )
 
 
 def convert_vae(
