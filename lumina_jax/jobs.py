@@ -73,16 +73,16 @@ def read_requests(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
         if not isinstance(request, dict):
-            raise ValueError(f'{path}, line {number}: expected a JSON object with a "prompt", got {line[:60]}')
+            raise ValueError(f'{path}:{number}: expected a JSON object with a "prompt", got {line[:60]}')
         unknown = sorted(set(request) - set(REQUEST_FIELDS))
         if unknown:
             raise ValueError(f"{path}:{number}: unknown fields {unknown}; allowed: {', '.join(REQUEST_FIELDS)}")
         if "prompt" not in request:
-            raise ValueError(f'{path}, line {number}: no "prompt"')
+            raise ValueError(f'{path}:{number}: no "prompt"')
         for name, value in request.items():
             kinds = REQUEST_FIELDS[name]
             if not isinstance(value, kinds) or isinstance(value, bool):
-                raise ValueError(f'{path}, line {number}: "{name}" must be {_kind_name(kinds)}, got {value!r}')
+                raise ValueError(f'{path}:{number}: "{name}" must be {_kind_name(kinds)}, got {value!r}')
         requests.append(request)
     return requests
 
