@@ -1,4 +1,4 @@
-"""python -m sample --model PATH --prompt "..." [options]: text to image with lumina-jax."""
+"""python -m sample --model PATH_OR_HUB_ID --prompt "..." [options]: text to image with lumina-jax."""
 
 import argparse
 import json
@@ -19,9 +19,11 @@ CACHE = Path(os.environ.get("LUMINA_JAX_CACHE", Path.home() / ".cache" / "lumina
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="pipeline folder: diffusers layout or from `python -m convert` (default: the small "
+                        help="pipeline folder (diffusers layout or from `python -m convert`) or a hub id, e.g. "
+                        "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
                         "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
                         "config files is enough, or a released name: lumina-next-sft")  # fmt: skip
+    parser.add_argument("--revision", help="hub id: the branch, tag or commit to download (default: main)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="what to draw")
     prompts.add_argument("--prompts-file", type=Path, help="one prompt per line")
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [args.prompt]
     start = time.perf_counter()
     try:
-        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype)
-    except (FileNotFoundError, ValueError) as e:
+        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                                              revision=args.revision)  # fmt: skip
+    except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
