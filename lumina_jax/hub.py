@@ -102,8 +102,8 @@ def _cached_snapshot(repo_id: str, revision: str | None, choose: dict, *, reason
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
-        # No file patterns: huggingface_hub would otherwise check that the snapshot holds every file of
-        # the repo, and we download only some.
+        # An empty allow list, for huggingface_hub would otherwise check the snapshot against its cached
+        # listing of the whole repo, and we download only some files; the loaders check those they read.
         snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[]))
     except LocalEntryNotFoundError:
         at = "" if revision is None else f" at revision {revision!r}"
