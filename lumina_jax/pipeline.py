@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from lumina_jax import sampling
+from lumina_jax import hub, sampling
 from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
 from lumina_jax.models.nextdit import PRESETS, ROPE_MAX_GRID, NextDiT, NextDiTConfig
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
@@ -133,9 +133,10 @@ class LuminaPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: str = "bfloat16", *, transformer: NextDiT | None | str = "load",
-        vae_dtype: str | None = None, mesh: Mesh | None = None, progress: bool = True,
+        vae_dtype: str | None = None, mesh: Mesh | None = None, progress: bool = True, revision: str | None = None,
     ) -> "LuminaPipeline":  # fmt: skip
-        """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load).
+        """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load), or
+        a Hugging Face hub id ("Alpha-VLLM/Lumina-Next-SFT-diffusers"; its files at `revision`, cached).
 
         The VAE runs in vae_dtype; by default float32 when its config asks for it (force_upcast, as
         the SDXL VAE does), else in `dtype`. vae_dtype="bfloat16" halves the decoder's memory (at
@@ -146,7 +147,8 @@ class LuminaPipeline:
         """
         mesh = jax.sharding.get_mesh() if mesh is None else mesh
         mesh = None if mesh.empty else mesh
-        path = Path(path)
+        components = hub.PIPELINE_COMPONENTS if transformer == "load" else ("text_encoder", "vae")
+        path = hub.local_path(path, "pipeline", revision=revision, components=components)
         expected = [
             c for c in COMPONENTS if (c != "vae" or has_vae(path)) and (c != "transformer" or transformer == "load")
         ]

@@ -1,4 +1,4 @@
-"""python -m sample --model PATH --prompt "..." [options]: text to image with lumina-jax."""
+"""python -m sample --model PATH_OR_HUB_ID --prompt "..." [options]: text to image with lumina-jax."""
 
 import argparse
 import json
@@ -53,9 +53,11 @@ def fraction(text: str) -> float:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="pipeline folder: diffusers layout or from `python -m convert` (default: the small "
+                        help="pipeline folder (diffusers layout or from `python -m convert`) or a hub id, e.g. "
+                        "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
                         "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
                         "config files is enough, or a released name: lumina-next-sft")  # fmt: skip
+    parser.add_argument("--revision", help="hub id: the branch, tag or commit to download (default: main)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="what to draw")
     prompts.add_argument("--prompts-file", type=Path,
@@ -193,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         mesh = make_mesh(**(args.mesh or {"data": len(devices)}), devices=devices)
-        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh)
+        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh,
+                                              revision=args.revision)  # fmt: skip
         defaults = dict(negative_prompt=args.negative_prompt, seed=args.seed, height=args.height or
                         pipe.default_sample_size, width=args.width or pipe.default_sample_size,
                         guidance=args.guidance, steps=args.steps, num_images=args.num_images)  # fmt: skip
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lumina_jax import hub
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
 from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer
@@ -53,8 +54,10 @@ def gemma_keys(config: GemmaConfig) -> list[str]:
     return ["embed_tokens.weight", *layers, "norm.weight"]
 
 
-def find_text_encoder(path: str | Path) -> importer.Checkpoint:
-    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
+def find_text_encoder(path: str | Path, *, revision: str | None = None) -> importer.Checkpoint:
+    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
+    and tensor index (no tensor data)."""
+    path = hub.local_path(path, "text_encoder", revision=revision)
     return importer.find_component(path, subfolder="text_encoder", stem=_STEM, from_dict=GemmaConfig.from_dict,
                                    model_name="Gemma")  # fmt: skip
 
@@ -78,11 +81,12 @@ def load_text_encoder(
     scan_layers: bool = True,
     mesh: Mesh | None = None,
     progress: bool = True,
+    revision: str | None = None,
 ) -> GemmaEncoder:
-    """The Gemma encoder of a transformers, diffusers pipeline or converted folder; `dtype` is the compute
-    dtype and, unless `param_dtype` says otherwise, the parameter dtype. Each parameter goes straight
-    into its sharding on `mesh` (default: the current mesh, else one device)."""
-    checkpoint = find_text_encoder(path)
+    """The Gemma encoder of a transformers, diffusers pipeline or converted folder, or a hub id's (at
+    `revision`); `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype.
+    Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
+    checkpoint = find_text_encoder(path, revision=revision)
     compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
     abstract = abstract_module(
         lambda: GemmaEncoder(

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lumina_jax import hub
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer, orbax_io
@@ -111,9 +112,10 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
     return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers")
 
 
-def find_checkpoint(path: str | Path, *, ema: bool = False) -> NextDiTCheckpoint:
-    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
-    path = Path(path)
+def find_checkpoint(path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
+    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
+    and tensor index (no tensor data)."""
+    path = hub.local_path(path, "transformer", revision=revision, ema=ema)
     if path.is_file():
         return _from_file(path)
     stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
@@ -173,13 +175,15 @@ def load_transformer(
     attention_backend: str | None = None,
     mesh: Mesh | None = None,
     progress: bool = True,
+    revision: str | None = None,
 ) -> NextDiT:
-    """A Next-DiT with weights from any supported layout; `dtype` is the compute dtype and, unless
-    `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an original checkpoint.
-    Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
+    """A Next-DiT with weights from any supported layout, or a hub id's (at `revision`); `dtype` is the compute
+    dtype and, unless `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an
+    original checkpoint. Each parameter goes straight into its sharding on `mesh` (default: the current mesh,
+    else one device)."""
     options = dict(scan_layers=scan_layers, remat=remat, attention_backend=attention_backend, mesh=mesh,
                    progress=progress)  # fmt: skip
-    return build_model(find_checkpoint(path, ema=ema), dtype, param_dtype=param_dtype, **options)
+    return build_model(find_checkpoint(path, ema=ema, revision=revision), dtype, param_dtype=param_dtype, **options)
 
 
 def build_model(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from lumina_jax import hub
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer
@@ -59,8 +60,10 @@ def vae_key_to_target(key: str) -> Target:
     return Target(path + ("kernel",), permute=LINEAR if path[-1].startswith("to_") else CONV)
 
 
-def find_vae(path: str | Path) -> importer.Checkpoint:
-    """Recognise the layout at `path` and read its config and tensor index (no tensor data)."""
+def find_vae(path: str | Path, *, revision: str | None = None) -> importer.Checkpoint:
+    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
+    and tensor index (no tensor data)."""
+    path = hub.local_path(path, "vae", revision=revision)
     return importer.find_component(path, subfolder="vae", stem=WEIGHTS_STEM, from_dict=AutoencoderKLConfig.from_dict,
                                    model_name="AutoencoderKL")  # fmt: skip
 
@@ -80,13 +83,18 @@ def import_params(checkpoint: importer.Checkpoint, param_dtype=jnp.float32, *, p
 
 
 def load_vae(
-    path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None, mesh: Mesh | None = None,
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    mesh: Mesh | None = None,
     progress: bool = True,
-) -> AutoencoderKL:  # fmt: skip
-    """An AutoencoderKL with weights from a diffusers vae or pipeline folder, or a converted folder;
-    `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype. Each
-    parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
-    checkpoint = find_vae(path)
+    revision: str | None = None,
+) -> AutoencoderKL:
+    """An AutoencoderKL with weights from a diffusers vae or pipeline folder, or a converted folder, or a hub
+    id's (at `revision`); `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter
+    dtype. Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
+    checkpoint = find_vae(path, revision=revision)
     compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
     abstract = abstract_module(
         lambda: AutoencoderKL(checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0))
