@@ -26,7 +26,7 @@ def test_the_shipped_model_is_a_pixel_space_pipeline_folder():
 
 def test_sample_without_model_draws_a_digit(tmp_path, capsys):
     assert sample_main(["--prompt", "a handwritten digit three", "--steps", "20", "--out", str(tmp_path)]) == 0
-    image = Image.open(tmp_path / "000_0.png")
+    image = Image.open(tmp_path / "00000_0.png")
     assert image.size == (32, 32) and image.mode == "RGB"
     assert image.text["model"] == str(DEFAULT_MODEL)
     pixels = np.asarray(image)

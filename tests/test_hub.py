@@ -233,9 +233,9 @@ def test_sample_by_id(hub_cache, tmp_path):
     settings = ["--prompt", "a handwritten seven", "--steps", "2", "--dtype", "float32"]
     assert sample_main(["--model", "lumina-jax/digits", *settings, "--out", str(tmp_path / "by-id")]) == 0
     assert sample_main(["--model", str(DIGITS), *settings, "--out", str(tmp_path / "local")]) == 0
-    by_id, local = (np.asarray(Image.open(tmp_path / out / "000_0.png")) for out in ("by-id", "local"))
+    by_id, local = (np.asarray(Image.open(tmp_path / out / "00000_0.png")) for out in ("by-id", "local"))
     np.testing.assert_array_equal(by_id, local)
-    assert Image.open(tmp_path / "by-id" / "000_0.png").text["model"] == "lumina-jax/digits"
+    assert Image.open(tmp_path / "by-id" / "00000_0.png").text["model"] == "lumina-jax/digits"
 
 
 def test_a_local_folder_named_like_the_id_wins(hub_cache, tmp_path, monkeypatch):
