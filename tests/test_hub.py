@@ -229,12 +229,16 @@ def test_convert_by_id(hub_cache, tmp_path, capsys):
 
 
 def test_sample_by_id(hub_cache, tmp_path):
+    """The issue's finish line: `python -m sample --model ORG/NAME --prompts-file prompts.jsonl` on a hub cache."""
     cache_repo(hub_cache, "lumina-jax/digits", DIGITS)
-    settings = ["--prompt", "a handwritten seven", "--steps", "2", "--dtype", "float32"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a handwritten seven"}\n{"prompt": "a handwritten two", "seed": 4}\n')
+    settings = ["--prompts-file", str(prompts), "--steps", "2", "--dtype", "float32"]
     assert sample_main(["--model", "lumina-jax/digits", *settings, "--out", str(tmp_path / "by-id")]) == 0
     assert sample_main(["--model", str(DIGITS), *settings, "--out", str(tmp_path / "local")]) == 0
-    by_id, local = (np.asarray(Image.open(tmp_path / out / "00000_0.png")) for out in ("by-id", "local"))
-    np.testing.assert_array_equal(by_id, local)
+    for name in ("00000_0.png", "00001_4.png"):
+        by_id, local = (np.asarray(Image.open(tmp_path / out / name)) for out in ("by-id", "local"))
+        np.testing.assert_array_equal(by_id, local)
     assert Image.open(tmp_path / "by-id" / "00000_0.png").text["model"] == "lumina-jax/digits"
 
 
