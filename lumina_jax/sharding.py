@@ -35,14 +35,12 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def initialize_distributed() -> None:
-    """Join a multi-host run when the environment describes one (a coordinator address, a SLURM job).
-    Call it before anything else asks JAX about devices; Cloud TPU pods need no call."""
+    """Join a multi-host run when the environment describes one (a coordinator address, a SLURM job, a
+    TPU VM of a pod slice, which lists its workers); before anything else asks JAX about devices."""
     if jax.distributed.is_initialized():
         return
-    if any(
-        k in os.environ
-        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
-    ):
+    variables = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
+    if any(k in os.environ for k in variables) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
 
 
