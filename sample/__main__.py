@@ -132,6 +132,12 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def fail(message) -> int:
+    """A one-line error for the user; the exit status of a bad argument or input."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def compile_only(args: argparse.Namespace) -> int:
     """Compile the run's programs for a TPU slice without weights, print the per-chip plan."""
     from lumina_jax import tpu
@@ -152,8 +158,7 @@ def compile_only(args: argparse.Namespace) -> int:
             context_drop=args.context_drop,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
     models = {name: module for name, module in models.items() if module is not None}
     offloaded = ("text_encoder",) if args.offload_text_encoder else ()
@@ -174,15 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         return compile_only(args)
     try:
         requests = jobs.read_requests(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
+    except (FileNotFoundError, ValueError) as e:
+        return fail(e)
+    try:
         args.out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
-    except (OSError, ValueError) as e:
-        print(f"error: {e.strerror + ': ' + str(args.out) if isinstance(e, OSError) and e.strerror else e}",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    except OSError as e:
+        return fail(f"--out {args.out}: cannot write there ({e.strerror or e})")
     import jax  # after argument parsing, so --help is instant
 
-    from lumina_jax.sharding import initialize_distributed, make_mesh
+    from lumina_jax.sharding import BATCH_AXES, initialize_distributed, make_mesh
 
     initialize_distributed()  # several hosts: each draws its own share of the jobs on its own devices
     # Compiled programs persist across runs: a second start skips compilation.
@@ -204,12 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width)
     except (FileNotFoundError, PermissionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
-    images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in ("data", "fsdp"))
+    images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     settings = dict(solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
                     context_drop=args.context_drop)  # fmt: skip
     try:

@@ -149,7 +149,7 @@ def test_bad_flags_get_one_line_and_status_2(flags, message):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("unwritable_out", "error: Not a directory"),
+        ("unwritable_out", "cannot write there (Not a directory)"),
         ("bad_jsonl", 'prompts.jsonl:1: "steps" must be an integer'),
         ("bad_size", "error: height and width must be multiples of 8 between 8 and"),
     ],

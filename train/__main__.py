@@ -9,10 +9,13 @@ CONFIG is a name from train/configs/ (e.g. digits) or a path to a Python file de
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 COMMANDS = ("cache", "export", "eval")
+# transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

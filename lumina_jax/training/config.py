@@ -20,7 +20,7 @@ from lumina_jax.models.nextdit import NextDiTConfig
 class TrainConfig:
     # Where the run lives: checkpoints/, metrics.jsonl and the exported pipeline/ go here.
     workdir: str
-    # A pipeline folder (diffusers layout or converted) for the text encoder, tokenizer, VAE and, when
+    # A pipeline folder (diffusers layout or converted) or hub id for the text encoder, tokenizer, VAE and, when
     # init == "pretrained", the transformer weights to fine-tune.
     pipeline: str
     # JSONL of {"path"|"image", "prompt"|"conversations"}; encoded once into `cache`.

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from lumina_jax import sharding
+from lumina_jax import hub, sharding
 from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
 from lumina_jax.pipeline import released_architecture
 from lumina_jax.training import cache as latent_cache
@@ -58,13 +58,18 @@ class RunSummary:
     export: Path | None
 
 
+def base_pipeline(config: TrainConfig) -> Path:
+    """The config's pipeline folder: the local folder, or a hub id's snapshot in the Hugging Face cache."""
+    return hub.local_path(config.pipeline, "pipeline")
+
+
 def architecture(config: TrainConfig) -> NextDiTConfig:
     """The config's Next-DiT, or the pipeline's for fine-tuning (a released one's by name, for compiling only)."""
     if config.init == "scratch":
         return config.transformer_config()
     if released := released_architecture(config.pipeline):  # not downloaded: known from its name
         return released[0]
-    return find_checkpoint(Path(config.pipeline) / "transformer").config
+    return find_checkpoint(base_pipeline(config) / "transformer").config
 
 
 def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:
@@ -79,7 +84,7 @@ def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT:
     """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
     loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
-        return load_transformer(Path(config.pipeline) / "transformer", config.compute_dtype, param_dtype="float32",
+        return load_transformer(base_pipeline(config) / "transformer", config.compute_dtype, param_dtype="float32",
                                 remat=config.remat, mesh=mesh, progress=False)  # fmt: skip
     return sharding.create_sharded(transformer_factory(config), mesh)
 
@@ -118,7 +123,8 @@ def prepare_data(config: TrainConfig) -> None:
         raise FileNotFoundError(f"{config.cache}: no finished cache; build it first with `python -m train cache`")
     from lumina_jax.pipeline import LuminaPipeline
 
-    pipe = LuminaPipeline.from_pretrained(config.pipeline, dtype=config.compute_dtype, transformer=None, progress=False)
+    pipe = LuminaPipeline.from_pretrained(base_pipeline(config), dtype=config.compute_dtype, transformer=None,
+                                          progress=False)  # fmt: skip
     encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=architecture(config).in_channels)
     encode_images, encode_text, scaling_factor, shift_factor = encoders
     latent_cache.build_cache(config.manifest, config.cache, encode_images=encode_images, encode_text=encode_text,
@@ -130,7 +136,7 @@ def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path
     """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout."""
     model = nnx.merge(graphdef, jax.device_get(ema_params))
     with orbax_io.atomic_folder(destination, overwrite=True) as folder:
-        for item in Path(config.pipeline).iterdir():
+        for item in base_pipeline(config).iterdir():
             if item.name != "transformer":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         save_diffusers(model, folder / "transformer")

@@ -2,12 +2,13 @@
 
 The original trainer's recipe: AdamW (lr 1e-4, no weight decay), gradient norm clipped to 2,
 float32 master weights with bfloat16 compute, an EMA of decay 0.9999, captions dropped 10% of
-the time, multi-aspect crops near 1024^2 pixels. Before the first run:
+the time, multi-aspect crops near 1024^2 pixels. The pipeline downloads from the hub on the first
+run (into the Hugging Face cache); before it, write the data:
 
-    huggingface-cli download Alpha-VLLM/Lumina-Next-SFT-diffusers --local-dir Lumina-Next-SFT-diffusers
     # data/captions.jsonl: one {"path": "images/0001.jpg", "prompt": "..."} a line
 
-Sized for a v5e-8 (8 images per chip, FSDP over the 8 chips, every layer rematerialised): see
+Sized for a v5e-8 (4 images per chip, the most that fits there: 14.12 of 15.75 GiB per chip, from
+the TPU compiler; FSDP over the 8 chips, every layer rematerialised): see
 `python -m train --config lumina_next_sft --compile-only --topology v5e-8` for what it needs, and
 override batch_size, mesh_* and remat for other slices.
 """
@@ -18,13 +19,13 @@ from lumina_jax.training.config import TrainConfig
 def get_config() -> TrainConfig:
     return TrainConfig(
         workdir="out/lumina-next-sft",
-        pipeline="Lumina-Next-SFT-diffusers",
+        pipeline="Alpha-VLLM/Lumina-Next-SFT-diffusers",
         manifest="data/captions.jsonl",
         cache="data/cache-lumina-next-sft",
         init="pretrained",
         image_size=1024,
         max_aspect=4.0,
-        batch_size=64,
+        batch_size=32,
         steps=10_000,
         lr=1e-4,
         weight_decay=0.0,
