@@ -40,7 +40,9 @@ def initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     variables = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
-    if any(k in os.environ for k in variables) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    # TPU_WORKER_HOSTNAMES: "host1,host2,..." on a pod slice's VMs; elsewhere libtpu may fill it with a warning
+    tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if any(k in os.environ for k in variables) or ("," in tpu_workers and " " not in tpu_workers):
         jax.distributed.initialize()
 
 
