@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 256  # tokens; diffusers ignores its own max_sequence_length argument
 CAPTION_BUCKETS = (32, 64, 128, 256)
-VAE_SCALE = 8
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 # The released pipelines' architectures (transformer, text encoder, VAE), for planning without their
 # files (`LuminaPipeline.abstract`); found by name, hub id or download folder (`released_architecture`).
@@ -127,7 +126,7 @@ class LuminaPipeline:
         self.mesh: Mesh | None = None
         self.weightless = False  # set by `abstract`: shapes only, programs can be lowered but not run
         self.text_encoder_offloaded = False  # `offload_text_encoder`
-        self.latent_scale = 1 if vae is None else VAE_SCALE  # image pixels per latent pixel
+        self.latent_scale = 1 if vae is None else vae.config.downsample_factor  # image pixels per latent pixel
         self.default_sample_size = transformer and transformer.config.sample_size * self.latent_scale
 
     @classmethod

@@ -108,8 +108,10 @@ class NextDiTConfig:
 
     @property
     def base_sequence_length(self) -> int:
-        """Image tokens at the training resolution: the base of proportional attention."""
-        return (self.sample_size * 8 // 16) ** 2
+        """Image tokens at the training resolution (sample_size latent pixels a side), the base of
+        proportional attention: 4096 for the released model, diffusers' (1024 px // 16)^2; 16 for the
+        digits model (32 px, patch 8, no VAE), where diffusers' formula assumes a VAE and gives 256."""
+        return (self.sample_size // self.patch_size) ** 2
 
 
 # The released 2B model (Lumina-Next-SFT and Lumina-Next-T2I), named as the original code names it.
@@ -160,7 +162,7 @@ def check_grid(rows: int, cols: int, patch: int) -> None:
     if rows > ROPE_MAX_GRID or cols > ROPE_MAX_GRID:
         raise ValueError(
             f"a {rows}x{cols} token grid exceeds the RoPE table of {ROPE_MAX_GRID}x{ROPE_MAX_GRID} positions "
-            f"(latents at most {ROPE_MAX_GRID * patch} per side, images {ROPE_MAX_GRID * patch * 8} px)"
+            f"(latents at most {ROPE_MAX_GRID * patch} per side)"
         )
 
 
