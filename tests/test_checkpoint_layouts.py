@@ -151,6 +151,28 @@ def test_export_to_diffusers_round_trips(tmp_path, original_model):
     assert relative_error(run(original_model, IO["a_x"]), expected) <= FLOAT32_BOUND
 
 
+def test_original_checkpoint_trained_with_ffn_dim_multiplier(tmp_path):
+    """The FFN width int(1.3 * 256) rounded up to 32 = 352 matches no multiple_of alone: the loader
+    infers a multiplier that reproduces it. diffusers' module, the same architecture as the original's,
+    gives the weights (under the original's names) and the reference output; export writes it back."""
+    constructor = json.loads((ORIGINAL / "constructor_args.json").read_text())["constructor"]
+    reference = random_transformer(seed=5, hidden_size=96, num_layers=3, num_attention_heads=6, num_kv_heads=2,
+                                   multiple_of=32, ffn_dim_multiplier=1.3, cross_attention_dim=48)  # fmt: skip
+    assert constructor["dim"] == 96 and reference.layers[0].feed_forward.linear_1.weight.shape[0] == 352
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    original_keys = load_file(ORIGINAL / "consolidated.00-of-01.safetensors")
+    save_file({key: state[original_key_to_diffusers(key)] for key in original_keys},
+              str(tmp_path / "consolidated.00-of-01.safetensors"))  # fmt: skip
+    ours = load_transformer(tmp_path, progress=False)
+    assert ours.config.ffn_dim == 352
+    x, t, caption, mask = inputs(1, 2, 8, 12, 6, 48, [6, 3])
+    expected = transformer_forward(reference, x, t, caption, mask)
+    assert relative_error(run(ours, x, t, caption, mask), expected) <= FLOAT32_BOUND
+    save_diffusers(ours, tmp_path / "exported")
+    exported = LuminaNextDiT2DModel.from_pretrained(tmp_path / "exported").eval()
+    assert relative_error(transformer_forward(exported, x, t, caption, mask), expected) <= FLOAT32_BOUND
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 

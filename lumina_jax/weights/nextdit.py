@@ -86,7 +86,13 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
         config = NextDiTConfig(multiple_of=multiple_of, **base)
         if config.ffn_dim == ffn_dim:
             return config
-    raise ValueError(f"{path}: feed-forward width {ffn_dim} matches no multiple_of for hidden size {hidden}")
+    # Trained with ffn_dim_multiplier m: the width is int(m * int(8 * hidden / 3)) rounded up to
+    # multiple_of, and m is not in the tensors. Any m giving the same width computes the same model:
+    # take the one that lands halfway into the width's last unit, far from int()'s rounding edge.
+    config = NextDiTConfig(multiple_of=1, ffn_dim_multiplier=(ffn_dim + 0.5) / int(8 * hidden / 3), **base)
+    if config.ffn_dim != ffn_dim:
+        raise ValueError(f"{path}: feed-forward width {ffn_dim} matches no FFN configuration for hidden size {hidden}")
+    return config
 
 
 def _original_config(folder: Path, tensors: Mapping[str, LazyTensor], checkpoint: Path) -> NextDiTConfig:
