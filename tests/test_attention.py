@@ -39,8 +39,20 @@ def random_inputs(seed=0):
 
 def numpy_dual(inputs, scale, caption_scale, kv_mask, caption_mask):
     image = numpy_attention(inputs["query"], inputs["key"], inputs["value"], scale, kv_mask)
-    text = numpy_attention(inputs["query"], inputs["caption_key"], inputs["caption_value"], caption_scale, caption_mask)
+    caption_query = inputs.get("caption_query", inputs["query"])
+    text = numpy_attention(caption_query, inputs["caption_key"], inputs["caption_value"], caption_scale, caption_mask)
     return image + np.asarray(inputs["caption_gate"], np.float64)[:, None] * text
+
+
+@pytest.mark.parametrize("backend", ["xla", "splash"])
+def test_a_caption_query_of_its_own_replaces_the_query_in_the_caption_branch(backend):
+    inputs = random_inputs(7)
+    inputs["caption_query"] = jax.random.normal(jax.random.key(8), inputs["query"].shape)
+    caption_mask = np.arange(CAPTION)[None] < np.array([[5], [2]])
+    kwargs = dict(scale=0.4, caption_scale=HEAD_DIM**-0.5, kv_mask=None, caption_mask=caption_mask)
+    ours = dual_attention(**inputs, **kwargs, backend=backend)
+    expected = numpy_dual(inputs, **kwargs)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -1,6 +1,5 @@
 """Loading Next-DiT weights from every layout users bring, and the errors for the ones we refuse."""
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -101,7 +100,7 @@ def diffusers_from_original(folder: Path) -> LuminaNextDiT2DModel:
     for key in [k for k in state if ".attn1.to_q." in k or ".attn1.norm_q." in k]:
         state[key.replace("attn1", "attn2")] = state[key]
     config = find_checkpoint(ORIGINAL).config
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "sample_size"}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("_class_name", "sample_size")}
     model = LuminaNextDiT2DModel(**fields).eval()
     model.load_state_dict(state, strict=True)
     model.save_pretrained(folder)
@@ -165,28 +164,41 @@ def test_original_checkpoint_trained_with_ffn_dim_multiplier(tmp_path):
               str(tmp_path / "consolidated.00-of-01.safetensors"))  # fmt: skip
     ours = load_transformer(tmp_path, progress=False)
     assert ours.config.ffn_dim == 352
-    x, t, caption, mask = inputs(1, 2, 8, 12, 6, 48, [6, 3])
-    expected = transformer_forward(reference, x, t, caption, mask)
-    assert relative_error(run(ours, x, t, caption, mask), expected) <= FLOAT32_BOUND
-    save_diffusers(ours, tmp_path / "exported")
-    exported = LuminaNextDiT2DModel.from_pretrained(tmp_path / "exported").eval()
-    assert relative_error(transformer_forward(exported, x, t, caption, mask), expected) <= FLOAT32_BOUND
+    assert_computes_and_exports_as(ours, reference, inputs(1, 2, 8, 12, 6, 48, [6, 3]), tmp_path / "exported")
+
+
+def assert_computes_and_exports_as(ours, reference, arrays, folder: Path) -> None:
+    """Our model computes what diffusers' reference does, and so does diffusers' own load of its export."""
+    expected = transformer_forward(reference, *arrays)
+    assert relative_error(run(ours, *arrays), expected) <= FLOAT32_BOUND
+    save_diffusers(ours, folder)
+    exported = LuminaNextDiT2DModel.from_pretrained(folder).eval()
+    assert relative_error(transformer_forward(exported, *arrays), expected) <= FLOAT32_BOUND
+
+
+@pytest.mark.parametrize("differs", ["to_q", "norm_q"])
+def test_a_separate_caption_query_computes_what_diffusers_computes(tmp_path, differs):
+    """A model fine-tuned with diffusers, where attn2's query (projection or norm) is a parameter of its
+    own: loaded with the caption branch's own query, at float32 parity, and exported back."""
+    reference = random_transformer(seed=1, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                   multiple_of=16, cross_attention_dim=32)  # fmt: skip
+    with torch.no_grad():
+        getattr(reference.layers[1].attn2, differs).weight.mul_(1.5).add_(0.1)
+    reference.save_pretrained(tmp_path / "fine-tuned")
+    ours = load_transformer(tmp_path / "fine-tuned", progress=False)
+    assert ours.config.separate_caption_query
+    assert_computes_and_exports_as(ours, reference, inputs(2, 2, 8, 12, 6, 32, [6, 2]), tmp_path / "exported")
+    assert load_transformer(tmp_path / "exported", progress=False).config.separate_caption_query
+
+
+def test_released_layout_keeps_one_shared_query(tmp_path):
+    random_transformer(seed=1, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=4, multiple_of=16,
+                       cross_attention_dim=32).save_pretrained(tmp_path)  # fmt: skip
+    ours = load_transformer(tmp_path, progress=False)
+    assert not ours.config.separate_caption_query and ours.layers.attention.to_q_caption is None
 
 
 # --- refusals -------------------------------------------------------------------------------
-
-
-def test_two_different_query_copies_are_refused(tmp_path):
-    reference = random_transformer(seed=1, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=4,
-                                   multiple_of=16, cross_attention_dim=32)  # fmt: skip
-    with torch.no_grad():
-        reference.layers[0].attn2.to_q.weight.add_(1.0)
-    reference.save_pretrained(tmp_path)
-    with pytest.raises(
-        ValueError,
-        match=r"layers.0.attn2.to_q.weight differs from layers.0.attn1.to_q.weight, which fills the same parameter",
-    ):
-        load_transformer(tmp_path, progress=False)
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):

@@ -94,6 +94,7 @@ def dual_attention(
     scale: float,
     caption_scale: float = 1.0,
     caption_gate: jax.Array | None = None,
+    caption_query: jax.Array | None = None,
     kv_mask: jax.Array | None = None,
     caption_mask: jax.Array | None = None,
     backend: Backend | None = None,
@@ -104,6 +105,7 @@ def dual_attention(
 
     query [B, T, heads, D]; key/value [B, S, kv_heads, D]; caption_key/value [B, L, kv_heads, D];
     caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to.
+    caption_query, where the caption branch has a query of its own, replaces q there.
     Returns [B, T, heads, D] in float32. With XLA, a segment whose keys are all masked is attended
     uniformly (finite) rather than giving NaN; with splash attention it is finite too, but averages
     over the kernel's zero padding as well.
@@ -114,7 +116,8 @@ def dual_attention(
         out = attend(query, key, value, scale, kv_mask).astype(jnp.float32)
         if caption_key is None:
             return out
-        caption = attend(query, caption_key, caption_value, caption_scale, caption_mask)
+        caption_query = query if caption_query is None else caption_query
+        caption = attend(caption_query, caption_key, caption_value, caption_scale, caption_mask)
         return out + caption_gate[:, None] * caption.astype(jnp.float32)
 
     batch, length, heads, head_dim = query.shape
@@ -122,14 +125,19 @@ def dual_attention(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads evenly")
     groups = heads // kv_heads
-    # The query heads that share a kv head become rows of one matrix: [B, kv_heads, T * groups, D],
-    # the layout of a batched matmul, so neither the scores nor the probabilities are transposed.
-    grouped = query.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
-    grouped = grouped.reshape(batch, kv_heads, length * groups, head_dim)
-    out = _grouped_attention(grouped, key, value, scale, kv_mask)
+
+    def grouped(q):
+        # The query heads that share a kv head become rows of one matrix: [B, kv_heads, T * groups, D],
+        # the layout of a batched matmul, so neither the scores nor the probabilities are transposed.
+        q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+        return q.reshape(batch, kv_heads, length * groups, head_dim)
+
+    grouped_query = grouped(query)
+    out = _grouped_attention(grouped_query, key, value, scale, kv_mask)
     out = out.reshape(batch, kv_heads, length, groups, head_dim)
     if caption_key is not None:
-        caption = _grouped_attention(grouped, caption_key, caption_value, caption_scale, caption_mask)
+        caption_query = grouped_query if caption_query is None else grouped(caption_query)
+        caption = _grouped_attention(caption_query, caption_key, caption_value, caption_scale, caption_mask)
         gate = caption_gate.astype(jnp.float32).reshape(kv_heads, 1, groups, 1)
         out = out + gate * caption.reshape(out.shape)
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, head_dim)

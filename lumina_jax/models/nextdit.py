@@ -62,6 +62,9 @@ class NextDiTConfig:
     qk_norm: bool = True
     cross_attention_dim: int = 2048
     scaling_factor: float = 1.0
+    # The caption branch has its own query projection and norm (diffusers keeps two copies, attn1's
+    # and attn2's, equal in the released weights; fine-tuning with diffusers may make them differ).
+    separate_caption_query: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -80,7 +83,11 @@ class NextDiTConfig:
         return config_from_dict(cls, values, DIFFUSERS_BOOKKEEPING, "Next-DiT")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"_class_name": "LuminaNextDiT2DModel", **dataclasses.asdict(self)}
+        """diffusers' config.json; separate_caption_query, ours alone, only where it is set."""
+        values = dataclasses.asdict(self)
+        if not self.separate_caption_query:
+            del values["separate_caption_query"]
+        return {"_class_name": "LuminaNextDiT2DModel", **values}
 
     @property
     def head_dim(self) -> int:
@@ -180,7 +187,8 @@ def fused_dense(x: jax.Array, *layers: nnx.Linear) -> jax.Array:
 class Attention(nnx.Module):
     """Self-attention over image tokens plus tanh-gated cross-attention to the caption.
 
-    One normed, rotated query serves both branches; caption keys carry no RoPE.
+    One normed, rotated query serves both branches (the caption branch has its own where the config
+    says `separate_caption_query`); caption keys carry no RoPE.
     """
 
     def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
@@ -198,6 +206,9 @@ class Attention(nnx.Module):
         self.q_norm = layer_norm(heads, "heads", **norm) if cfg.qk_norm else None
         self.k_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
         self.k_caption_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
+        separate = cfg.separate_caption_query
+        self.to_q_caption = linear(d, heads, ("embed", "heads"), **dense) if separate else None
+        self.q_caption_norm = layer_norm(heads, "heads", **norm) if separate and cfg.qk_norm else None
         # Zero-initialised as in the original: training starts with the caption branch closed.
         self.gate = nnx.Param(jnp.zeros((cfg.num_attention_heads,), param_dtype), **logical_axes("q_heads"))
 
@@ -216,8 +227,13 @@ class Attention(nnx.Module):
     def __call__(self, x, caption_kv, caption_mask, token_mask, cos, sin, self_scale, context_drop):
         dtype = self.to_q.dtype
         heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = jnp.split(fused_dense(x, self.to_q, self.to_k, self.to_v), [heads, heads + kv], axis=-1)
+        caption_query = [self.to_q_caption] if self.to_q_caption else []
+        splits = [heads, heads + kv, heads + 2 * kv][: 2 + len(caption_query)]
+        q, k, v, *caption_q = jnp.split(fused_dense(x, self.to_q, self.to_k, self.to_v, *caption_query), splits, -1)
         q = apply_rope(self._heads(q, self.q_norm, self.num_heads, jnp.float32), cos, sin).astype(dtype)
+        if caption_q:
+            caption_q = self._heads(caption_q[0], self.q_caption_norm, self.num_heads, jnp.float32)
+            caption_q = [apply_rope(caption_q, cos, sin).astype(dtype)]
         k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
         v = self._heads(v, None, self.num_kv_heads, dtype)
         if context_drop is not None:
@@ -231,6 +247,7 @@ class Attention(nnx.Module):
             scale=self_scale,
             caption_scale=self.head_dim**-0.5,
             caption_gate=jnp.tanh(self.gate[...].astype(jnp.float32)),
+            caption_query=caption_q[0] if caption_q else None,
             kv_mask=token_mask,
             caption_mask=caption_mask,
             backend=self.backend,

@@ -8,6 +8,7 @@ import holds one copy of the weights.
 """
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -115,7 +116,7 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
         return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
     if not (path.parent / "config.json").exists():
         raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
-    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers")
+    return _diffusers_checkpoint(path, _read_config(path.parent / "config.json"), tensors)
 
 
 def find_checkpoint(path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
@@ -132,19 +133,37 @@ def find_checkpoint(path: str | Path, *, ema: bool = False, revision: str | None
         path, subfolder="transformer", stem="diffusion_pytorch_model", from_dict=NextDiTConfig.from_dict,
         model_name="Next-DiT", other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
     )  # fmt: skip
-    return NextDiTCheckpoint(
-        found.path, found.config, found.tensors, "converted" if found.tensors is None else "diffusers"
-    )
+    if found.tensors is None:
+        return NextDiTCheckpoint(found.path, found.config, None, "converted")
+    return _diffusers_checkpoint(found.path, found.config, found.tensors)
 
 
 def _read_config(path: Path) -> NextDiTConfig:
     return importer.read_config(path, NextDiTConfig.from_dict, "Next-DiT")
 
 
-def _to_target(layout: str):
-    if layout == "original":
-        return lambda key: diffusers_key_to_target(original_key_to_diffusers(key))
-    return diffusers_key_to_target
+def _to_target(checkpoint: NextDiTCheckpoint):
+    to_target = functools.partial(
+        diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
+    )
+    if checkpoint.layout == "original":
+        return lambda key: to_target(original_key_to_diffusers(key))
+    return to_target
+
+
+def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[str, LazyTensor]) -> NextDiTCheckpoint:
+    """A diffusers checkpoint; its caption branch has a query of its own where, in any layer, attn2's
+    query projection or norm differs from attn1's (diffusers keeps both; the released weights' agree)."""
+
+    def differs(layer: int, name: str) -> bool:
+        first, second = (tensors.get(f"layers.{layer}.attn{i}.{name}") for i in (1, 2))
+        return first is not None and second is not None and not np.array_equal(first.load(), second.load())
+
+    names = ("to_q.weight", "norm_q.weight", "norm_q.bias")
+    separate = any(differs(layer, name) for layer in range(config.num_layers) for name in names)
+    if separate:
+        config = dataclasses.replace(config, separate_caption_query=True)
+    return NextDiTCheckpoint(path, config, tensors, "diffusers")
 
 
 def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -154,7 +173,7 @@ def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, 
 def plan_import(checkpoint: NextDiTCheckpoint, shapes: dict | None = None) -> importer.Plan:
     """Match every tensor of the checkpoint to its parameter, from names and shapes alone."""
     shapes = shapes or parameter_shapes(checkpoint.config)
-    return importer.plan_import(checkpoint.tensors, _to_target(checkpoint.layout), shapes, checkpoint.path, "Next-DiT")
+    return importer.plan_import(checkpoint.tensors, _to_target(checkpoint), shapes, checkpoint.path, "Next-DiT")
 
 
 def import_params(
@@ -162,8 +181,8 @@ def import_params(
 ) -> dict[tuple[str, ...], np.ndarray]:
     """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
 
-    Every key is checked before any tensor is read. diffusers' two copies of the shared query
-    (attn1 and attn2) must be equal: Next-DiT has one query for both attention branches.
+    Every key is checked before any tensor is read. diffusers' two copies of a shared query (attn1
+    and attn2; see `_diffusers_checkpoint` for a separate one) fill one parameter and must agree.
     """
     shapes = parameter_shapes(checkpoint.config)
     plan = plan_import(checkpoint, shapes)
@@ -223,9 +242,10 @@ def build_model(
 
 
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
-    """Our parameters under diffusers' names and layouts; the shared query is written twice, as diffusers stores it."""
+    """Our parameters under diffusers' names and layouts; a shared query is written twice, as diffusers stores it."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return importer.export_state_dict(params, diffusers_keys(model.config.num_layers), diffusers_key_to_target)
+    to_target = functools.partial(diffusers_key_to_target, separate_caption_query=model.config.separate_caption_query)
+    return importer.export_state_dict(params, diffusers_keys(model.config.num_layers), to_target)
 
 
 def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:

@@ -55,8 +55,14 @@ _LAYER = {
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-def diffusers_key_to_target(key: str) -> Target:
-    """Map a diffusers `LuminaNextDiT2DModel` state-dict key to our parameter."""
+# A model whose two copies differ (fine-tuned with diffusers, where they are separate parameters)
+# keeps the second as the caption branch's own query.
+_CAPTION_QUERY = {"attn2.to_q": _linear("attention.to_q_caption"), "attn2.norm_q": _norm("attention.q_caption_norm")}
+
+
+def diffusers_key_to_target(key: str, *, separate_caption_query: bool = False) -> Target:
+    """Map a diffusers `LuminaNextDiT2DModel` state-dict key to our parameter (attn2's query to a
+    parameter of its own with `separate_caption_query`, else to the shared query)."""
     if key == "pad_token":
         return Target(("pad_token",))
     if match := _LAYER_KEY.fullmatch(key):
@@ -64,8 +70,9 @@ def diffusers_key_to_target(key: str) -> Target:
         if rest == "gate":
             return Target(("layers", "attention", "gate"), layer)
         module, _, leaf = rest.rpartition(".")
-        if module in _LAYER and leaf in _LAYER[module]:
-            path, permute = _LAYER[module][leaf]
+        table = {**_LAYER, **_CAPTION_QUERY} if separate_caption_query else _LAYER
+        if module in table and leaf in table[module]:
+            path, permute = table[module][leaf]
             return Target(("layers",) + path, layer, permute)
     else:
         module, _, leaf = key.rpartition(".")
