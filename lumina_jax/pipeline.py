@@ -65,7 +65,10 @@ class LuminaPipelineOutput:
     images: list[Image.Image] | np.ndarray  # PIL images, [B, H, W, 3] floats in [0, 1], or latents
 
 
-def _caption_bucket(length: int) -> int:
+def caption_bucket(length: int) -> int:
+    """The length captions are padded to when the longest has `length` tokens (sampling and training alike)."""
+    if length > CAPTION_BUCKETS[-1]:
+        raise ValueError(f"captions have at most {CAPTION_BUCKETS[-1]} tokens (Gemma's limit here), got {length}")
     return next(b for b in CAPTION_BUCKETS if b >= length)
 
 
@@ -288,7 +291,7 @@ class LuminaPipeline:
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
         """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
         ids, mask = self._tokenize(_preprocess(prompt))
-        bucket = _caption_bucket(ids.shape[1])
+        bucket = caption_bucket(ids.shape[1])
         params = self._text_encoder_params()
         embeds, mask_out = self._encode(params, ids, mask, bucket)
         if negative_prompt is None:
@@ -423,7 +426,7 @@ class LuminaPipeline:
 
         batch = prompts * num_images_per_prompt
         rows = batch * (2 if guidance_scale > 1.0 else 1)
-        bucket = _caption_bucket(caption_length)
+        bucket = caption_bucket(caption_length)
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
         with self._on_mesh():

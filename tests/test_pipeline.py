@@ -13,6 +13,7 @@ from reference import random_pipeline, relative_error
 
 from convert.__main__ import main as convert_main
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
+from lumina_jax.pipeline import caption_bucket
 from lumina_jax.weights.vae import load_vae
 from sample.__main__ import main as sample_main
 
@@ -189,3 +190,9 @@ def test_sample_command_writes_pngs_with_their_settings(pipelines, tmp_path, cap
     assert image.text["prompt"] == "A red fox in the snow" and image.text["seed"] == "6"
     assert json.loads(image.text["parameters"])["steps"] == 2
     assert "wrote 4 image(s)" in capsys.readouterr().out
+
+
+def test_one_caption_bucketing_for_sampling_and_training():
+    assert [caption_bucket(n) for n in (1, 32, 33, 64, 65, 129, 256)] == [32, 32, 64, 64, 128, 256, 256]
+    with pytest.raises(ValueError, match="at most 256 tokens"):
+        caption_bucket(257)

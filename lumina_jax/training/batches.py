@@ -15,7 +15,7 @@ import sys
 import grain
 import numpy as np
 
-from lumina_jax.pipeline import CAPTION_BUCKETS
+from lumina_jax.pipeline import caption_bucket
 from lumina_jax.training.cache import LatentCache
 
 _SHUFFLE, _POSTERIOR = 0, 1  # keep the two random streams apart
@@ -53,16 +53,10 @@ class BatchPlan:
         return self.epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
 
 
-def caption_length(longest: int) -> int:
-    """The padded caption length for a batch whose longest caption has `longest` tokens."""
-    largest = CAPTION_BUCKETS[-1]
-    return next((b for b in CAPTION_BUCKETS if b >= longest), -(-longest // largest) * largest)
-
-
 def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> dict[str, np.ndarray]:
     """This process's `rows` of global batch `step`: scaled latent samples and padded captions."""
     indices = plan(step)
-    length = caption_length(int(cache.caption_lengths[indices].max()))
+    length = caption_bucket(int(cache.caption_lengths[indices].max()))
     latents, captions, masks = [], [], []
     for index in indices[rows]:
         item = cache[int(index)]
