@@ -56,9 +56,11 @@ from lumina_jax.weights.nextdit import NextDiTCheckpoint, build_model  # noqa: E
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic light"
 CAPTION_TOKENS = 128
-RELEASED = {k: v for k, v in vars(PRESETS["NextDiT_2B_GQA_patch2"]).items() if k != "sample_size"}
+RELEASED = {
+    k: v for k, v in PRESETS["NextDiT_2B_GQA_patch2"].to_dict().items() if k not in ("_class_name", "sample_size")
+}
 SETUPS = {
-    # The CPU config: hidden 576, 8 layers, 8/2 heads, 256 image tokens (32x32 latents), batch 2.
+    # REFERENCE.md's CPU figure: hidden 576, 8 layers, 8/2 heads, 256 image tokens (32x32 latents), batch 2.
     "cpu": dict(transformer=dict(hidden_size=576, num_layers=8, num_attention_heads=8, num_kv_heads=2,
                                  multiple_of=256, cross_attention_dim=2048),
                 latent_sizes=[32], dtype="float32", step_repeats=10, pipeline_repeats={256: 5},

@@ -1,7 +1,7 @@
 """python -m convert.demo [OUT]: the converter end to end on a small Next-DiT this command builds.
 
-Until a trained model ships, this is the quickest proof the stack works on a fresh machine: random
-weights are written in diffusers' layout, converted to our Orbax format, loaded back and run.
+The quickest check of the converter on a fresh machine, with no download: random weights are
+written in diffusers' layout, converted to our Orbax format, loaded back and run.
 """
 
 import argparse

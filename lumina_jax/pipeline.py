@@ -215,9 +215,9 @@ class LuminaPipeline:
         return pipe
 
     def shard(self, mesh: Mesh) -> "LuminaPipeline":
-        """Run on a device mesh: the transformer's parameters laid out by the sharding rules (the text
-        encoder and VAE by theirs, replicated where they name no axes), and each call's images spread
-        over the mesh's batch axes. Returns the pipeline."""
+        """Run on a device mesh: the transformer's and text encoder's parameters laid out by the
+        sharding rules, the VAE's replicated (its axes name no mesh axis), and each call's images
+        spread over the mesh's batch axes. Returns the pipeline."""
         for module in (self.transformer, self.text_encoder, self.vae):
             if module is not None:
                 shard_module(module, mesh)

@@ -6,6 +6,8 @@ sharded over "fsdp" (ZeRO-3 style) and "tensor" (Megatron style: attention heads
 inner width); batches are split over "data" and "fsdp" together.
 """
 
+import functools
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -13,6 +15,8 @@ from collections.abc import Callable
 import jax
 from flax import linen, nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -74,12 +78,21 @@ def mesh_partition_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Me
     """
     names = [name if name not in logical[:i] else None for i, name in enumerate(logical)]
     sizes = dict(zip(names, shape))
-    rules = tuple(
-        (name, axis)
-        for name, axis in LOGICAL_RULES
-        if name in sizes and (axis is None or (axis in mesh.shape and sizes[name] % mesh.shape[axis] == 0))
-    )
-    return linen.logical_to_mesh_axes(names, rules)
+    rules = []
+    for name, axis in LOGICAL_RULES:
+        if name not in sizes or (axis is not None and axis not in mesh.shape):
+            continue
+        if axis is not None and sizes[name] % mesh.shape[axis]:
+            _log_replicated(name, sizes[name], axis, mesh.shape[axis])
+            continue
+        rules.append((name, axis))
+    return linen.logical_to_mesh_axes(names, tuple(rules))
+
+
+@functools.cache
+def _log_replicated(name: str, size: int, axis: str, ways: int) -> None:
+    """Once per case: a dimension left whole on every device costs memory the user may not expect."""
+    logger.info(f"a '{name}' dimension of {size} is replicated: the mesh's '{axis}' axis ({ways}) does not divide it")
 
 
 def parameter_shardings(module_or_tree, mesh: Mesh):

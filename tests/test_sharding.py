@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from lumina_jax.sharding import attention_partition
+from lumina_jax.sharding import MESH_AXES, attention_partition, mesh_partition_spec
 
 SCRIPT = Path(__file__).parent / "sharding_checks.py"
 REORDERED_SUMS = 2.0**-18
@@ -136,3 +137,14 @@ def test_attention_partition_splits_only_what_divides():
         P(("fsdp",), None, None, None),
         P(("fsdp",), None),
     )
+
+
+def test_a_replicated_dimension_is_logged_once(caplog):
+    mesh = AbstractMesh((1, 1, 8), MESH_AXES)
+    with caplog.at_level("INFO", logger="lumina_jax.sharding"):
+        for _ in range(3):
+            assert mesh_partition_spec(P("q_heads"), (12,), mesh) == P(None)
+        assert mesh_partition_spec(P("q_heads"), (16,), mesh) == P("tensor")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a 'q_heads' dimension of 12 is replicated: the mesh's 'tensor' axis (8) does not divide it"
+    ]
