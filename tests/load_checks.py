@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.sharding import make_mesh
 from lumina_jax.training.config import TrainConfig
@@ -126,7 +127,7 @@ def main() -> dict:
 
         results["transformer_current_mesh"] = measure(under_current_mesh, one_device[:1])
 
-        transformer = dict(sample_size=16, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+        transformer = NextDiTConfig(sample_size=16, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
                            multiple_of=16, cross_attention_dim=32)  # fmt: skip
         config = TrainConfig(workdir=tmp, pipeline="", manifest="", cache="", init="scratch", transformer=transformer)
         one_device_init = initial_transformer(config, make_mesh(fsdp=1))

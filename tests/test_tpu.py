@@ -20,6 +20,7 @@ pytest.importorskip("libtpu", reason='libtpu (the TPU compiler) is not installed
 from lumina_jax import tpu  # noqa: E402
 from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
@@ -135,8 +136,8 @@ def test_streamed_vae_decode_compiles(monkeypatch):
 
 def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
     config = TrainConfig(workdir="unused", pipeline=str(config_folder), manifest="unused", cache="unused",
-                         init="scratch", transformer=TINY_TRANSFORMER, image_size=64, batch_size=8, remat="full",
-                         mesh_data=2, mesh_fsdp=2, mesh_tensor=2)  # fmt: skip
+                         init="scratch", transformer=NextDiTConfig(**TINY_TRANSFORMER), image_size=64, batch_size=8,
+                         remat="full", mesh_data=2, mesh_fsdp=2, mesh_tensor=2)  # fmt: skip
     target = tpu.tpu_slice("v5e-8")
     plan = plan_train_step(config, target)
     (step,) = plan.programs

@@ -1,21 +1,21 @@
 """Training configs: the shipped configs load, and command-line overrides parse to the fields' types."""
 
 import dataclasses
+import json
 
 import pytest
 
 from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.training import objective, step
 from lumina_jax.training.config import CONFIG_FOLDER, TrainConfig, apply_overrides, load_config
 
 BASE = TrainConfig(workdir="w", pipeline="p", manifest="m.jsonl", cache="c")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_FOLDER.glob("*.py")))
-def test_shipped_configs_load_and_build_their_transformer(name):
+def test_shipped_configs_load(name):
     config = load_config(name)
-    assert isinstance(config, TrainConfig)
-    if config.init == "scratch":
-        assert isinstance(config.transformer_config(), NextDiTConfig)
+    assert isinstance(config, TrainConfig) and isinstance(config.transformer, NextDiTConfig)
 
 
 def test_overrides_take_the_fields_types():
@@ -26,8 +26,8 @@ def test_overrides_take_the_fields_types():
     )  # fmt: skip
     assert (config.steps, config.lr, config.remat, config.peak_flops) == (25, 3e-4, "dots", None)
     assert (config.snr_type, config.workdir) == ("lognorm", "/tmp/x")
-    assert config.transformer == {"num_layers": 3, "ffn_dim_multiplier": 1.5}
-    assert BASE.transformer == {} and BASE.steps == TrainConfig.steps  # the base is not modified
+    assert config.transformer == NextDiTConfig(num_layers=3, ffn_dim_multiplier=1.5)
+    assert BASE.transformer == NextDiTConfig() and BASE.steps == TrainConfig.steps  # the base is not modified
     assert dataclasses.replace(config, steps=1).steps == 1
 
 
@@ -40,6 +40,8 @@ def test_overrides_take_the_fields_types():
         ("snr_type=gaussian", "not a valid"),
         ("remat=perhaps", "not a valid"),
         ("transformer.depth=3", "NextDiTConfig has no field 'depth'"),
+        ("transformer.num_layers.x=3", "NextDiTConfig.num_layers has no fields"),
+        ("transformer.num_layers=many", "not a valid"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -54,3 +56,15 @@ def test_unknown_config_lists_the_known_ones(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ValueError, match="get_config"):
         load_config(str(empty))
+
+
+def test_training_defaults_are_the_libraries_defaults():
+    """One home each: the config's defaults are the ones step.py and objective.py use when not told."""
+    assert (BASE.lr, BASE.weight_decay, BASE.grad_clip) == (step.LEARNING_RATE, step.WEIGHT_DECAY, step.GRAD_CLIP)
+    assert (BASE.ema_decay, BASE.caption_dropout) == (step.EMA_DECAY, objective.CAPTION_DROPOUT)
+
+
+def test_a_config_round_trips_through_its_json():
+    """The run's config.json (nested transformer as a dict) builds the same config."""
+    config = apply_overrides(BASE, ["transformer.num_layers=3", "steps=7"])
+    assert TrainConfig(**json.loads(config.to_json())) == config

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training import digits, loop
 from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from train.__main__ import main as train_main
 
-TINY = dict(sample_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=2, num_attention_heads=2,
+TINY = NextDiTConfig(sample_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=2, num_attention_heads=2,
             num_kv_heads=1, multiple_of=16, learn_sigma=False, cross_attention_dim=32)  # fmt: skip
 
 

@@ -13,7 +13,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig, Remat
+from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
+from lumina_jax.training.step import EMA_DECAY, GRAD_CLIP, LEARNING_RATE, WEIGHT_DECAY
 
 
 @dataclasses.dataclass
@@ -27,8 +29,8 @@ class TrainConfig:
     manifest: str
     cache: str
     init: Literal["pretrained", "scratch"] = "pretrained"
-    # For init == "scratch": the Next-DiT to build (NextDiTConfig fields; the rest keep their defaults).
-    transformer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # For init == "scratch": the Next-DiT to build.
+    transformer: NextDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
     # A function "module:name" run before anything else, taking this config (e.g. writes a dataset).
     prepare: str | None = None
 
@@ -38,17 +40,17 @@ class TrainConfig:
     steps: int = 10_000
     seed: int = 0
 
-    lr: float = 1e-4
+    lr: float = LEARNING_RATE
     warmup_steps: int = 0
     lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at `steps`
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
-    ema_decay: float = 0.9999
-    caption_dropout: float = 0.1
-    snr_type: Literal["uniform", "lognorm"] = "uniform"
+    weight_decay: float = WEIGHT_DECAY
+    grad_clip: float = GRAD_CLIP
+    ema_decay: float = EMA_DECAY
+    caption_dropout: float = CAPTION_DROPOUT
+    snr_type: SnrType = "uniform"
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     # What the backward pass recomputes: none, full, attention_ffn or dots (`models.nextdit.REMAT_POLICIES`).
-    remat: Literal["none", "full", "attention_ffn", "dots"] = "none"
+    remat: Remat = "none"
 
     # Mesh: fsdp = -1 takes every device that data and tensor leave.
     mesh_data: int = 1
@@ -61,8 +63,9 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     peak_flops: float | None = None  # per device, for MFU where the device is not in the built-in table
 
-    def transformer_config(self) -> NextDiTConfig:
-        return NextDiTConfig.from_dict(self.transformer)
+    def __post_init__(self):
+        if isinstance(self.transformer, dict):  # as the run's config.json holds it
+            self.transformer = NextDiTConfig.from_dict(self.transformer)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -89,26 +92,27 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    changes: dict[str, Any] = {}
+    """`field=value` overrides; `field.name=value` reaches into a field that is a dataclass itself."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: expected field=value")
-        if key.startswith("transformer."):
-            name = key.removeprefix("transformer.")
-            known = {f.name: f.type for f in dataclasses.fields(NextDiTConfig)}
-            if name not in known:
-                raise ValueError(f"override {item!r}: NextDiTConfig has no field {name!r}; fields: {sorted(known)}")
-            transformer = dict(changes.get("transformer", config.transformer))
-            transformer[name] = _parse(text, typing.get_type_hints(NextDiTConfig)[name], item)
-            changes["transformer"] = transformer
-            continue
-        if key not in fields:
-            raise ValueError(f"override {item!r}: TrainConfig has no field {key!r}; fields: {sorted(fields)}")
-        changes[key] = _parse(text, hints[key], item)
-    return dataclasses.replace(config, **changes)
+        config = _override(config, key.split("."), text, item)
+    return config
+
+
+def _override(node, path: list[str], text: str, item: str):
+    """`node` (a dataclass) with the field at `path` set to `text` parsed as that field's type."""
+    kind = type(node)
+    hints = typing.get_type_hints(kind)
+    if path[0] not in hints:
+        raise ValueError(f"override {item!r}: {kind.__name__} has no field {path[0]!r}; fields: {sorted(hints)}")
+    if len(path) > 1:
+        child = getattr(node, path[0])
+        if not dataclasses.is_dataclass(child):
+            raise ValueError(f"override {item!r}: {kind.__name__}.{path[0]} has no fields")
+        return dataclasses.replace(node, **{path[0]: _override(child, path[1:], text, item)})
+    return dataclasses.replace(node, **{path[0]: _parse(text, hints[path[0]], item)})
 
 
 def _parse(text: str, kind, item: str) -> Any:

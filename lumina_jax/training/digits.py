@@ -303,4 +303,4 @@ def prepare(config) -> None:
     if manifest.name != MANIFEST:
         raise ValueError(f"the digits data set's manifest is named {MANIFEST}, got {manifest}")
     write_dataset(manifest.parent, size=config.image_size, seed=config.seed)
-    write_base_pipeline(config.pipeline, text_hidden=config.transformer_config().cross_attention_dim, seed=config.seed)
+    write_base_pipeline(config.pipeline, text_hidden=config.transformer.cross_attention_dim, seed=config.seed)

@@ -66,7 +66,7 @@ def base_pipeline(config: TrainConfig) -> Path:
 def architecture(config: TrainConfig) -> NextDiTConfig:
     """The config's Next-DiT, or the pipeline's for fine-tuning (a released one's by name, for compiling only)."""
     if config.init == "scratch":
-        return config.transformer_config()
+        return config.transformer
     if released := released_architecture(config.pipeline):  # not downloaded: known from its name
         return released[0]
     return find_checkpoint(base_pipeline(config) / "transformer").config

@@ -32,6 +32,10 @@ from lumina_jax.training.objective import (
     velocity_loss,
 )
 
+# The original trainer's recipe, and `TrainConfig`'s defaults.
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 2.0
 EMA_DECAY = 0.9999
 
 
@@ -92,7 +96,7 @@ class LearningRate:
 # object for a second run in one process (a test, a notebook) to reuse the compiled step.
 @functools.cache
 def make_optimizer(
-    lr: float | optax.Schedule = 1e-4, weight_decay: float = 0.0, clip: float = 2.0
+    lr: float | optax.Schedule = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY, clip: float = GRAD_CLIP
 ) -> optax.GradientTransformation:
     """AdamW after global-norm gradient clipping; the learning rate (a number or a hashable schedule of the
     optimizer's step count, e.g. `LearningRate`) is kept in the optimizer state, where `train_step` reads it."""

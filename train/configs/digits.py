@@ -5,6 +5,7 @@ with a tiny random-weight Gemma text encoder and a word-level tokenizer. The shi
 sample/lumina-next-digits/. Needs scikit-learn: pip install -e ".[digits]".
 """
 
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training.config import TrainConfig
 
 
@@ -19,7 +20,7 @@ def get_config() -> TrainConfig:
         # 32x32 grey pixels in 8x8 patches: 16 tokens, as many as the 8x8 source digits have 2x2 blocks.
         # A token's 64 values fit the 128 wide model: a velocity target carries the noise of every pixel,
         # and RGB patches (192 values) would not fit through it.
-        transformer=dict(
+        transformer=NextDiTConfig(
             sample_size=32,
             patch_size=8,
             in_channels=1,
