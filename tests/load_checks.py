@@ -8,7 +8,6 @@ starts: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/load_che
 import collections
 import json
 import math
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from reference import random_pipeline
 
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
@@ -24,9 +24,6 @@ from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.loop import initial_transformer
 from lumina_jax.weights.convert import convert_pipeline
 from lumina_jax.weights.nextdit import load_transformer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from reference import random_pipeline  # noqa: E402
 
 CORPUS = ["a red cube", "a blue sphere on a table"]
 

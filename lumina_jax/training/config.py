@@ -6,6 +6,7 @@ transformer.num_layers=4` does what it says.
 """
 
 import dataclasses
+import importlib.resources
 import importlib.util
 import json
 import types
@@ -71,7 +72,12 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-CONFIG_FOLDER = Path(__file__).resolve().parents[2] / "train" / "configs"
+# The shipped configs (train/configs/NAME.py), found through their package wherever it is installed.
+CONFIG_FOLDER = Path(str(importlib.resources.files("train.configs")))
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_FOLDER.glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
@@ -80,8 +86,7 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
     if not path.suffix:
         path = CONFIG_FOLDER / f"{name_or_path}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_FOLDER.glob("*.py") if not p.stem.startswith("_"))
-        raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {known}")
+        raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {shipped_configs()}")
     spec = importlib.util.spec_from_file_location(f"lumina_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
