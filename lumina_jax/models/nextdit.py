@@ -15,7 +15,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
@@ -184,6 +184,21 @@ def fused_dense(x: jax.Array, *layers: nnx.Linear) -> jax.Array:
     return jnp.dot(x.astype(dtype), kernel)
 
 
+@struct.dataclass
+class BlockInputs:
+    """What every layer reads besides the residual stream and its own caption keys and values; a
+    pytree (arrays are leaves), so it passes through `jax.checkpoint` and the layer scan whole."""
+
+    cond: jax.Array  # [B, cond_dim]: timestep plus pooled caption, float32
+    caption: jax.Array  # [B, L, cross_attention_dim] in the compute dtype
+    caption_mask: jax.Array  # [B, L] bool: caption tokens to attend to
+    token_mask: jax.Array | None  # [B, T] bool: real image tokens (None: all are)
+    cos: jax.Array  # RoPE tables [B or 1, T, head_dim / 2]
+    sin: jax.Array
+    self_scale: float = struct.field(pytree_node=False)  # self-attention's softmax scale (proportional)
+    context_drop: ContextDrop | None = struct.field(pytree_node=False, default=None)
+
+
 class Attention(nnx.Module):
     """Self-attention over image tokens plus tanh-gated cross-attention to the caption.
 
@@ -224,8 +239,8 @@ class Attention(nnx.Module):
         return jnp.stack([self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
                           self._heads(cv, None, self.num_kv_heads, dtype)])  # fmt: skip
 
-    def __call__(self, x, caption_kv, caption_mask, token_mask, cos, sin, self_scale, context_drop):
-        dtype = self.to_q.dtype
+    def __call__(self, x: jax.Array, caption_kv: jax.Array, inputs: BlockInputs) -> jax.Array:
+        dtype, cos, sin = self.to_q.dtype, inputs.cos, inputs.sin
         heads, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         caption_query = [self.to_q_caption] if self.to_q_caption else []
         splits = [heads, heads + kv, heads + 2 * kv][: 2 + len(caption_query)]
@@ -236,20 +251,20 @@ class Attention(nnx.Module):
             caption_q = [apply_rope(caption_q, cos, sin).astype(dtype)]
         k = apply_rope(self._heads(k, self.k_norm, self.num_kv_heads, jnp.float32), cos, sin)
         v = self._heads(v, None, self.num_kv_heads, dtype)
-        if context_drop is not None:
-            k, v = context_drop(k), context_drop(v)
+        if inputs.context_drop is not None:
+            k, v = inputs.context_drop(k), inputs.context_drop(v)
         mixed = dual_attention(
             q,
             k.astype(dtype),
             v,
             caption_kv[0],
             caption_kv[1],
-            scale=self_scale,
+            scale=inputs.self_scale,
             caption_scale=self.head_dim**-0.5,
             caption_gate=jnp.tanh(self.gate[...].astype(jnp.float32)),
             caption_query=caption_q[0] if caption_q else None,
-            kv_mask=token_mask,
-            caption_mask=caption_mask,
+            kv_mask=inputs.token_mask,
+            caption_mask=inputs.caption_mask,
             backend=self.backend,
         )
         return self.to_out(mixed.reshape(*x.shape[:2], -1))
@@ -289,15 +304,15 @@ class NextDiTBlock(nnx.Module):
     def caption_keys_values(self, caption: jax.Array) -> jax.Array:
         return self.attention.caption_keys_values(self.caption_norm(caption))
 
-    def __call__(self, x, caption_kv, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop):
+    def __call__(self, x: jax.Array, caption_kv: jax.Array | None, inputs: BlockInputs) -> jax.Array:
         """caption_kv: this layer's `caption_keys_values(caption)`, or None to compute it here."""
-        modulation = self.modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
+        modulation = self.modulation(jax.nn.silu(inputs.cond)).astype(jnp.float32)[:, None, :]
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
         h = self.attention(
             self.attention_norm1(x) * (1 + scale_msa),
-            self.caption_keys_values(caption) if caption_kv is None else caption_kv,
-            caption_mask, token_mask, cos, sin, self_scale, context_drop,
-        )  # fmt: skip
+            self.caption_keys_values(inputs.caption) if caption_kv is None else caption_kv,
+            inputs,
+        )
         x = x + jnp.tanh(gate_msa) * self.attention_norm2(checkpoint_name(h, "attention_out"))
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
         return x + jnp.tanh(gate_mlp) * self.ffn_norm2(checkpoint_name(h, "ffn_out"))
@@ -458,15 +473,15 @@ class NextDiT(nnx.Module):
         x = self.patch_embedder(patches).astype(jnp.float32)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
-        cos, sin = rope
         self_scale = cfg.head_dim**-0.5
         if base_sequence_length is not None:
             self_scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))
 
         cond = self._conditioning(timestep, caption, caption_mask)
-        caption = caption.astype(self.dtype)
-        caption_mask = caption_mask.astype(bool)
-        x = self._run_layers(x, caption_kv, cond, caption, caption_mask, token_mask, cos, sin, self_scale, context_drop)
+        inputs = BlockInputs(cond=cond, caption=caption.astype(self.dtype), caption_mask=caption_mask.astype(bool),
+                             token_mask=token_mask, cos=rope[0], sin=rope[1], self_scale=self_scale,
+                             context_drop=context_drop)  # fmt: skip
+        x = self._run_layers(x, caption_kv, inputs)
 
         scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
@@ -489,12 +504,12 @@ class NextDiT(nnx.Module):
         caption = caption.astype(self.dtype)
         return jax.vmap(lambda params: nnx.merge(graphdef, params).caption_keys_values(caption))(stacked)
 
-    def _run_layers(self, x, caption_kv, *args) -> jax.Array:
+    def _run_layers(self, x: jax.Array, caption_kv: jax.Array | None, inputs: BlockInputs) -> jax.Array:
         graphdef, stacked = nnx.split(self.layers)
 
         def block(x, layer):
             params, layer_caption_kv = layer
-            return nnx.merge(graphdef, params)(x, layer_caption_kv, *args), None
+            return nnx.merge(graphdef, params)(x, layer_caption_kv, inputs), None
 
         if self.remat != "none":
             block = jax.checkpoint(block, prevent_cse=not self.scan_layers, policy=REMAT_POLICIES[self.remat])
