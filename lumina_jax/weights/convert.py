@@ -9,24 +9,10 @@ from pathlib import Path
 
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.gemma import convert_text_encoder
-from lumina_jax.weights.nextdit import find_checkpoint, import_params
+from lumina_jax.weights.nextdit import convert_transformer
 from lumina_jax.weights.vae import convert_vae
 
 PIPELINE_FILES = ("model_index.json", "tokenizer", "scheduler")
-
-
-def convert_transformer(
-    source: str | Path,
-    destination: str | Path,
-    *,
-    dtype: str = "float32",
-    ema: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Convert a diffusers or original Next-DiT checkpoint; returns the written folder."""
-    return importer.convert_checkpoint(find_checkpoint(source, ema=ema), import_params, destination, dtype=dtype,
-                                       overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def convert_pipeline(

@@ -8,19 +8,13 @@ is refused like any other unknown key.
 """
 
 import re
-from pathlib import Path
 
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
-from lumina_jax import hub
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
-from lumina_jax.sharding import abstract_module
-from lumina_jax.weights import importer
-from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError, resolve_dtype
+from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
 
-_STEM = "model"
 _CAUSAL_LM_PREFIX = "model."
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.weight)")
 _LAYER_NORM_KEY = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight")
@@ -54,61 +48,16 @@ def gemma_keys(config: GemmaConfig) -> list[str]:
     return ["embed_tokens.weight", *layers, "norm.weight"]
 
 
-def find_text_encoder(path: str | Path, *, revision: str | None = None) -> importer.Checkpoint:
-    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
-    and tensor index (no tensor data)."""
-    path = hub.local_path(path, "text_encoder", revision=revision)
-    return importer.find_component(path, subfolder="text_encoder", stem=_STEM, from_dict=GemmaConfig.from_dict,
-                                   model_name="Gemma")  # fmt: skip
-
-
-def parameter_shapes(config: GemmaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return importer.parameter_shapes(lambda: GemmaEncoder(config, rngs=nnx.Rngs(0)))
-
-
-def import_params(checkpoint: importer.Checkpoint, param_dtype, *, progress: bool = True) -> dict:
-    """Check every key and shape, then stream the tensors into numpy arrays by parameter path."""
-    shapes = parameter_shapes(checkpoint.config)
-    plan = importer.plan_import(checkpoint.tensors, gemma_key_to_target, shapes, checkpoint.path, "Gemma")
-    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
-
-
-def load_text_encoder(
-    path: str | Path,
-    dtype: str = "float32",
-    *,
-    param_dtype: str | None = None,
-    scan_layers: bool = True,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    revision: str | None = None,
-) -> GemmaEncoder:
-    """The Gemma encoder of a transformers, diffusers pipeline or converted folder, or a hub id's (at
-    `revision`); `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter dtype.
-    Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
-    checkpoint = find_text_encoder(path, revision=revision)
-    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = abstract_module(
-        lambda: GemmaEncoder(
-            checkpoint.config, dtype=compute, param_dtype=storage, scan_layers=scan_layers, rngs=nnx.Rngs(0)
-        )
-    )
-    converted = checkpoint.path if checkpoint.tensors is None else None
-    return importer.materialize(
-        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
-    )
-
-
-def convert_text_encoder(
-    source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
-    progress: bool = True,
-) -> Path:  # fmt: skip
-    """Convert a transformers or diffusers pipeline Gemma text encoder to our Orbax folder; returns it."""
-    return importer.convert_checkpoint(find_text_encoder(source), import_params, destination, dtype=dtype,
-                                       overwrite=overwrite, progress=progress)  # fmt: skip
+GEMMA = ModelFamily(
+    name="Gemma", model=GemmaEncoder, config=GemmaConfig, key_to_target=gemma_key_to_target,
+    subfolder="text_encoder", stem="model", hub_kind="text_encoder",
+)  # fmt: skip
+find_text_encoder = GEMMA.find
+parameter_shapes = GEMMA.parameter_shapes
+load_text_encoder = GEMMA.load  # (path, dtype, *, param_dtype=, scan_layers=, mesh=, revision=)
+convert_text_encoder = GEMMA.convert
 
 
 def transformers_state_dict(encoder: GemmaEncoder) -> dict[str, np.ndarray]:
     """Every parameter, the unused last layer and final norm included, under GemmaModel's names and layouts."""
-    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-    return importer.export_state_dict(params, gemma_keys(encoder.config), gemma_key_to_target)
+    return GEMMA.export_state_dict(encoder, gemma_keys(encoder.config))

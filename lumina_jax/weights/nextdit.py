@@ -14,16 +14,13 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
 from lumina_jax import hub
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
-from lumina_jax.sharding import abstract_module
 from lumina_jax.weights import importer, orbax_io
-from lumina_jax.weights.importer import LazyTensor, resolve_dtype
+from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.importer import LazyTensor
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -119,36 +116,8 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
     return _diffusers_checkpoint(path, _read_config(path.parent / "config.json"), tensors)
 
 
-def find_checkpoint(path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
-    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
-    and tensor index (no tensor data)."""
-    path = hub.local_path(path, "transformer", revision=revision, ema=ema)
-    if path.is_file():
-        return _from_file(path)
-    stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
-    for suffix in (".safetensors", ".pth"):
-        if (path / f"{stem}{suffix}").exists():
-            return _from_file(path / f"{stem}{suffix}")
-    found = importer.find_component(
-        path, subfolder="transformer", stem="diffusion_pytorch_model", from_dict=NextDiTConfig.from_dict,
-        model_name="Next-DiT", other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
-    )  # fmt: skip
-    if found.tensors is None:
-        return NextDiTCheckpoint(found.path, found.config, None, "converted")
-    return _diffusers_checkpoint(found.path, found.config, found.tensors)
-
-
 def _read_config(path: Path) -> NextDiTConfig:
     return importer.read_config(path, NextDiTConfig.from_dict, "Next-DiT")
-
-
-def _to_target(checkpoint: NextDiTCheckpoint):
-    to_target = functools.partial(
-        diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
-    )
-    if checkpoint.layout == "original":
-        return lambda key: to_target(original_key_to_diffusers(key))
-    return to_target
 
 
 def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[str, LazyTensor]) -> NextDiTCheckpoint:
@@ -166,86 +135,62 @@ def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[st
     return NextDiTCheckpoint(path, config, tensors, "diffusers")
 
 
-def parameter_shapes(config: NextDiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return importer.parameter_shapes(lambda: NextDiT(config, rngs=nnx.Rngs(0)))
+class NextDiTFamily(ModelFamily):
+    """Next-DiT: its layouts are found by their files, and the original's keys map through diffusers'."""
 
-
-def plan_import(checkpoint: NextDiTCheckpoint, shapes: dict | None = None) -> importer.Plan:
-    """Match every tensor of the checkpoint to its parameter, from names and shapes alone."""
-    shapes = shapes or parameter_shapes(checkpoint.config)
-    return importer.plan_import(checkpoint.tensors, _to_target(checkpoint), shapes, checkpoint.path, "Next-DiT")
-
-
-def import_params(
-    checkpoint: NextDiTCheckpoint, param_dtype=jnp.float32, *, progress: bool = True
-) -> dict[tuple[str, ...], np.ndarray]:
-    """Stream a diffusers or original checkpoint into numpy arrays in our layout, by parameter path.
-
-    Every key is checked before any tensor is read. diffusers' two copies of a shared query (attn1
-    and attn2; see `_diffusers_checkpoint` for a separate one) fill one parameter and must agree.
-    """
-    shapes = parameter_shapes(checkpoint.config)
-    plan = plan_import(checkpoint, shapes)
-    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
-
-
-def load_transformer(
-    path: str | Path,
-    dtype: str = "float32",
-    *,
-    param_dtype: str | None = None,
-    ema: bool = False,
-    scan_layers: bool = True,
-    remat: str = "none",
-    attention_backend: str | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    revision: str | None = None,
-) -> NextDiT:
-    """A Next-DiT with weights from any supported layout, or a hub id's (at `revision`); `dtype` is the compute
-    dtype and, unless `param_dtype` says otherwise, the parameter dtype. `ema` picks the EMA weights of an
-    original checkpoint. Each parameter goes straight into its sharding on `mesh` (default: the current mesh,
-    else one device)."""
-    options = dict(scan_layers=scan_layers, remat=remat, attention_backend=attention_backend, mesh=mesh,
-                   progress=progress)  # fmt: skip
-    return build_model(find_checkpoint(path, ema=ema, revision=revision), dtype, param_dtype=param_dtype, **options)
-
-
-def build_model(
-    checkpoint: NextDiTCheckpoint,
-    dtype: str = "float32",
-    *,
-    param_dtype: str | None = None,
-    scan_layers: bool = True,
-    remat: str = "none",
-    attention_backend: str | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-) -> NextDiT:
-    """The model of a found checkpoint, its parameters read into place (see `load_transformer`)."""
-    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = abstract_module(
-        lambda: NextDiT(
-            checkpoint.config,
-            dtype=compute,
-            param_dtype=storage,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_backend=attention_backend,
-            rngs=nnx.Rngs(0),
+    def find(self, path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
+        """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its
+        config and tensor index (no tensor data); `ema` picks an original checkpoint's EMA weights."""
+        path = hub.local_path(path, self.hub_kind, revision=revision, ema=ema)
+        if path.is_file():
+            return _from_file(path)
+        stem = "consolidated_ema.00-of-01" if ema else "consolidated.00-of-01"
+        for suffix in (".safetensors", ".pth"):
+            if (path / f"{stem}{suffix}").exists():
+                return _from_file(path / f"{stem}{suffix}")
+        found = importer.find_component(
+            path, subfolder=self.subfolder, stem=self.stem, from_dict=NextDiTConfig.from_dict, model_name=self.name,
+            other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
         )  # fmt: skip
-    )
-    converted = checkpoint.path if checkpoint.layout == "converted" else None
-    return importer.materialize(
-        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
-    )
+        if found.tensors is None:
+            return NextDiTCheckpoint(found.path, found.config, None, "converted")
+        return _diffusers_checkpoint(found.path, found.config, found.tensors)
+
+    def key_map(self, checkpoint: NextDiTCheckpoint):
+        """diffusers' keys (attn2's query to its own parameter where the checkpoint has one); the
+        original's through their diffusers names."""
+        to_target = functools.partial(
+            diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
+        )
+        if checkpoint.layout == "original":
+            return lambda key: to_target(original_key_to_diffusers(key))
+        return to_target
+
+    def load(self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None,
+             **options) -> NextDiT:  # fmt: skip
+        """A Next-DiT with weights from any supported layout, or a hub id's (at `revision`); `ema` picks the
+        EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
+        the model's scan_layers, remat and attention_backend."""
+        return self.build(self.find(path, ema=ema, revision=revision), dtype, **options)
+
+
+NEXT_DIT = NextDiTFamily(
+    name="Next-DiT", model=NextDiT, config=NextDiTConfig, key_to_target=diffusers_key_to_target,
+    subfolder="transformer", stem="diffusion_pytorch_model", hub_kind="transformer",
+)  # fmt: skip
+find_checkpoint = NEXT_DIT.find
+parameter_shapes = NEXT_DIT.parameter_shapes
+plan_import = NEXT_DIT.plan
+import_params = NEXT_DIT.import_params
+build_model = NEXT_DIT.build
+load_transformer = NEXT_DIT.load
+convert_transformer = NEXT_DIT.convert
 
 
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
     """Our parameters under diffusers' names and layouts; a shared query is written twice, as diffusers stores it."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     to_target = functools.partial(diffusers_key_to_target, separate_caption_query=model.config.separate_caption_query)
-    return importer.export_state_dict(params, diffusers_keys(model.config.num_layers), to_target)
+    return NEXT_DIT.export_state_dict(model, diffusers_keys(model.config.num_layers), to_target)
 
 
 def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:

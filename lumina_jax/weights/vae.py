@@ -5,21 +5,11 @@ folder (its vae/), or a folder written by `convert_vae` (config.json and an Orba
 Tensors stream one at a time into preallocated arrays, through the shared strict importer.
 """
 
-import functools
 import re
-import types
-from collections.abc import Mapping
-from pathlib import Path
 
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import Mesh
-
-from lumina_jax import hub
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from lumina_jax.sharding import abstract_module
-from lumina_jax.weights import importer
-from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError, resolve_dtype
+from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 # Checkpoints saved before diffusers' attention refactor name the mid-block attention's projections
@@ -60,55 +50,12 @@ def vae_key_to_target(key: str) -> Target:
     return Target(path + ("kernel",), permute=LINEAR if path[-1].startswith("to_") else CONV)
 
 
-def find_vae(path: str | Path, *, revision: str | None = None) -> importer.Checkpoint:
-    """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its config
-    and tensor index (no tensor data)."""
-    path = hub.local_path(path, "vae", revision=revision)
-    return importer.find_component(path, subfolder="vae", stem=WEIGHTS_STEM, from_dict=AutoencoderKLConfig.from_dict,
-                                   model_name="AutoencoderKL")  # fmt: skip
-
-
-@functools.cache
-def parameter_shapes(config: AutoencoderKLConfig) -> Mapping[tuple, tuple[int, ...]]:
-    """Cached: tracing the VAE's hundreds of parameter initialisers takes seconds (flax reads each traced
-    RNG counter's `sharding`, and the failed read formats an error message that scans the whole trace)."""
-    return types.MappingProxyType(importer.parameter_shapes(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-
-
-def import_params(checkpoint: importer.Checkpoint, param_dtype=jnp.float32, *, progress: bool = True) -> dict:
-    """Check every key and shape of a diffusers checkpoint, then stream it into arrays by parameter path."""
-    shapes = parameter_shapes(checkpoint.config)
-    plan = importer.plan_import(checkpoint.tensors, vae_key_to_target, shapes, checkpoint.path, "AutoencoderKL")
-    return importer.read_params(plan, shapes, param_dtype, checkpoint.path, progress=progress)
-
-
-def load_vae(
-    path: str | Path,
-    dtype: str = "float32",
-    *,
-    param_dtype: str | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    revision: str | None = None,
-) -> AutoencoderKL:
-    """An AutoencoderKL with weights from a diffusers vae or pipeline folder, or a converted folder, or a hub
-    id's (at `revision`); `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the parameter
-    dtype. Each parameter goes straight into its sharding on `mesh` (default: the current mesh, else one device)."""
-    checkpoint = find_vae(path, revision=revision)
-    compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
-    abstract = abstract_module(
-        lambda: AutoencoderKL(checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0))
-    )
-    converted = checkpoint.path if checkpoint.tensors is None else None
-    return importer.materialize(
-        abstract, converted, lambda: import_params(checkpoint, storage, progress=progress), mesh
-    )
-
-
-def convert_vae(
-    source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
-    progress: bool = True,
-) -> Path:  # fmt: skip
-    """Convert a diffusers VAE to our format (config.json and Orbax params/), written atomically."""
-    return importer.convert_checkpoint(find_vae(source), import_params, destination, dtype=dtype, overwrite=overwrite,
-                                       progress=progress)  # fmt: skip
+VAE = ModelFamily(
+    name="AutoencoderKL", model=AutoencoderKL, config=AutoencoderKLConfig, key_to_target=vae_key_to_target,
+    subfolder="vae", stem=WEIGHTS_STEM, hub_kind="vae",
+)  # fmt: skip
+find_vae = VAE.find
+parameter_shapes = VAE.parameter_shapes
+import_params = VAE.import_params
+load_vae = VAE.load  # (path, dtype, *, param_dtype=, mesh=, revision=)
+convert_vae = VAE.convert
