@@ -21,10 +21,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"original": "keys_original_next_dit_2b.json", "diffusers": "keys_diffusers_transformer_2b.json"}
 FILES = {"original": "consolidated.00-of-01.safetensors", "diffusers": "diffusion_pytorch_model.safetensors"}
-DIFFUSERS_CONFIG = {"_class_name": "LuminaNextDiT2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 4,
-                    "hidden_size": 2304, "num_layers": 24, "num_attention_heads": 32, "num_kv_heads": 8,
-                    "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5, "learn_sigma": True,
-                    "qk_norm": True, "cross_attention_dim": 2048, "scaling_factor": 1.0}  # fmt: skip
+DIFFUSERS_CONFIG = {
+    "_class_name": "LuminaNextDiT2DModel",
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 4,
+    "hidden_size": 2304,
+    "num_layers": 24,
+    "num_attention_heads": 32,
+    "num_kv_heads": 8,
+    "multiple_of": 256,
+    "ffn_dim_multiplier": None,
+    "norm_eps": 1e-5,
+    "learn_sigma": True,
+    "qk_norm": True,
+    "cross_attention_dim": 2048,
+    "scaling_factor": 1.0,
+}
 
 
 def random_tensor(name: str, shape: list[int]) -> np.ndarray:
@@ -60,8 +73,9 @@ def measured(args: list[str]) -> tuple[float, float]:
         "import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
     )
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, *args], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, sys.executable, *args], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split()
     if out[-1] != "0":
         raise SystemExit(f"{args} failed")
     return float(out[-3]), int(out[-2]) / 2**20

@@ -61,13 +61,30 @@ RELEASED = {
 }
 SETUPS = {
     # REFERENCE.md's CPU figure: hidden 576, 8 layers, 8/2 heads, 256 image tokens (32x32 latents), batch 2.
-    "cpu": dict(transformer=dict(hidden_size=576, num_layers=8, num_attention_heads=8, num_kv_heads=2,
-                                 multiple_of=256, cross_attention_dim=2048),
-                latent_sizes=[32], dtype="float32", step_repeats=10, pipeline_repeats={256: 5},
-                context_drop={64: 2}),
-    "gpu": dict(transformer=RELEASED, latent_sizes=[128, 256], dtype="bfloat16", step_repeats=10,
-                pipeline_repeats={1024: 3, 2048: 1}, context_drop={256: 2}),
-}  # fmt: skip
+    "cpu": dict(
+        transformer=dict(
+            hidden_size=576,
+            num_layers=8,
+            num_attention_heads=8,
+            num_kv_heads=2,
+            multiple_of=256,
+            cross_attention_dim=2048,
+        ),
+        latent_sizes=[32],
+        dtype="float32",
+        step_repeats=10,
+        pipeline_repeats={256: 5},
+        context_drop={64: 2},
+    ),
+    "gpu": dict(
+        transformer=RELEASED,
+        latent_sizes=[128, 256],
+        dtype="bfloat16",
+        step_repeats=10,
+        pipeline_repeats={1024: 3, 2048: 1},
+        context_drop={256: 2},
+    ),
+}
 STEPS = 30
 PAUSE_S = 0.5
 
@@ -176,14 +193,20 @@ def transformer_rows(setup: dict, device: str, results: dict) -> None:
 
     for latent in setup["latent_sizes"]:
         inputs = step_inputs(latent, config["cross_attention_dim"])
-        fns = {"diffusers": diffusers_step(reference, device, torch_dtype, inputs, base),
-               "ours": ours_step(ours, inputs, base),
-               "as_sampled": ours_step(ours, inputs, base, as_sampled=True)}  # fmt: skip
+        fns = {
+            "diffusers": diffusers_step(reference, device, torch_dtype, inputs, base),
+            "ours": ours_step(ours, inputs, base),
+            "as_sampled": ours_step(ours, inputs, base, as_sampled=True),
+        }
         compile_s = {name: timed(fn) for name, fn in fns.items()}
         medians = alternate(fns, setup["step_repeats"] if latent <= 128 else 4)
         for name, label in [("ours", ""), ("as_sampled", ", caption k/v once per image")]:
-            row = dict(name=f"transformer step {latent * 8}px{label}", diffusers_s=medians["diffusers"],
-                       ours_s=medians[name], ours_first_call_s=compile_s[name])  # fmt: skip
+            row = dict(
+                name=f"transformer step {latent * 8}px{label}",
+                diffusers_s=medians["diffusers"],
+                ours_s=medians[name],
+                ours_first_call_s=compile_s[name],
+            )
             results["rows"].append(row)
             print_row(row)
     context_drop_rows(ours, setup, base, results)
@@ -195,13 +218,20 @@ def context_drop_rows(ours: NextDiT, setup: dict, base: int, results: dict) -> N
         fns = {"exact": ours_step(ours, inputs, base), "dropped": ours_step(ours, inputs, base, context_drop=window)}
         velocity = {name: np.asarray(fn(), np.float32) for name, fn in fns.items()}  # compiles both
         medians = alternate(fns, setup["step_repeats"] if latent <= 128 else 4)
-        row = dict(name=f"transformer step {latent * 8}px, Context Drop {window}", ours_exact_s=medians["exact"],
-                   ours_context_drop_s=medians["dropped"], speedup=medians["exact"] / medians["dropped"],
-                   relative_change=relative_error(velocity["dropped"], velocity["exact"]))  # fmt: skip
+        row = dict(
+            name=f"transformer step {latent * 8}px, Context Drop {window}",
+            ours_exact_s=medians["exact"],
+            ours_context_drop_s=medians["dropped"],
+            speedup=medians["exact"] / medians["dropped"],
+            relative_change=relative_error(velocity["dropped"], velocity["exact"]),
+        )
         results["rows"].append(row)
-        print(f"| {row['name']:<52} | ours exact {1e3 * row['ours_exact_s']:.1f} ms, with Context Drop "
-              f"{1e3 * row['ours_context_drop_s']:.1f} ms: {row['speedup']:.2f}x; velocity moves "
-              f"{row['relative_change']:.3f} (max-relative) |", flush=True)  # fmt: skip
+        print(
+            f"| {row['name']:<52} | ours exact {1e3 * row['ours_exact_s']:.1f} ms, with Context Drop "
+            f"{1e3 * row['ours_context_drop_s']:.1f} ms: {row['speedup']:.2f}x; velocity moves "
+            f"{row['relative_change']:.3f} (max-relative) |",
+            flush=True,
+        )
 
 
 def tiny_pipelines(folder: Path, vae_dtype: str):
@@ -217,8 +247,13 @@ def released_pipelines(device: str, vae_dtype: str):
         transformer = LuminaNextDiT2DModel(sample_size=128, **RELEASED).to(torch.bfloat16).eval()
         gemma = GemmaModel(TorchGemmaConfig(**vars(GEMMA_2B))).to(torch.bfloat16).eval()
         vae = TorchVAE(**vars(SDXL_VAE)).to(torch.bfloat16).eval()
-    reference = TorchPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                              text_encoder=gemma, tokenizer=tokenizer)  # fmt: skip
+    reference = TorchPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=gemma,
+        tokenizer=tokenizer,
+    )
     reference.set_progress_bar_config(disable=True)
     bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     ours = LuminaPipeline(
@@ -258,24 +293,33 @@ def pipeline_rows(setup_name: str, setup: dict, device: str, results: dict, vae_
         first_s = timed(mine)
         theirs(steps=2)  # warm-up: kernels and allocator, not a whole image
         medians = alternate({"diffusers": theirs, "ours": mine}, repeats)
-        row = dict(name=f"pipeline {size}px, {STEPS} steps, CFG", diffusers_s=medians["diffusers"],
-                   ours_s=medians["ours"], ours_first_call_s=first_s)  # fmt: skip
+        row = dict(
+            name=f"pipeline {size}px, {STEPS} steps, CFG",
+            diffusers_s=medians["diffusers"],
+            ours_s=medians["ours"],
+            ours_first_call_s=first_s,
+        )
         results["rows"].append(row)
         print_row(row)
 
 
 def peak_memory(device: str) -> dict[str, float]:
     if device == "cuda":
-        return {"ours_device_gb": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 1e9,
-                "diffusers_device_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
+        return {
+            "ours_device_gb": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 1e9,
+            "diffusers_device_gb": torch.cuda.max_memory_allocated() / 1e9,
+        }
     # ru_maxrss is in KiB on Linux; one process holds both frameworks.
     return {"process_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
 
 
 def print_row(row: dict) -> None:
     row["speedup"] = row["diffusers_s"] / row["ours_s"]
-    print(f"| {row['name']:<52} | {1e3 * row['diffusers_s']:>12.1f} | {1e3 * row['ours_s']:>10.1f} | "
-          f"{row['speedup']:>6.2f}x | {row['ours_first_call_s']:>14.1f} |", flush=True)  # fmt: skip
+    print(
+        f"| {row['name']:<52} | {1e3 * row['diffusers_s']:>12.1f} | {1e3 * row['ours_s']:>10.1f} | "
+        f"{row['speedup']:>6.2f}x | {row['ours_first_call_s']:>14.1f} |",
+        flush=True,
+    )
 
 
 def report(values: dict) -> None:
@@ -287,16 +331,30 @@ def main():
     parser.add_argument("--setup", choices=sorted(SETUPS), default="cpu")
     parser.add_argument("--only", choices=["transformer", "pipeline"], help="run one part")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="our VAE's dtype (float32 as the SDXL config asks; diffusers' is bfloat16)")  # fmt: skip
+    parser.add_argument(
+        "--vae-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="our VAE's dtype (float32 as the SDXL config asks; diffusers' is bfloat16)",
+    )
     args = parser.parse_args()
     setup = SETUPS[args.setup]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"device": jax.devices()[0].device_kind, "torch_device": device, "jax": jax.__version__,
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "setup": args.setup,
-               "dtype": setup["dtype"], "vae_dtype": args.vae_dtype, "rows": []}  # fmt: skip
-    print(f"{results['device']} ({device} for torch, {results['torch_threads']} threads), {setup['dtype']}, "
-          f"our VAE in {args.vae_dtype}")  # fmt: skip
+    results = {
+        "device": jax.devices()[0].device_kind,
+        "torch_device": device,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "setup": args.setup,
+        "dtype": setup["dtype"],
+        "vae_dtype": args.vae_dtype,
+        "rows": [],
+    }
+    print(
+        f"{results['device']} ({device} for torch, {results['torch_threads']} threads), {setup['dtype']}, "
+        f"our VAE in {args.vae_dtype}"
+    )
     print(f"| {'':<52} | {'diffusers ms':>12} | {'ours ms':>10} | {'ratio':>7} | {'ours 1st call s':>14} |")
     print(f"|{'-' * 54}|{'-' * 14}|{'-' * 12}|{'-' * 9}|{'-' * 16}|", flush=True)
     if args.only != "pipeline":

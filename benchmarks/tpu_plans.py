@@ -42,8 +42,10 @@ def sampling_rows(log) -> list[dict]:
         models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         plan = tpu.plan_programs(target, programs, models, log=log)
         offloaded = dataclasses.replace(plan, resident={k: v for k, v in plan.resident.items() if k != "text_encoder"})
-        command = (f"python -m sample --compile-only --topology {name} --model lumina-next-sft --height {size} "
-                   f"--width {size} --num-images {images}")  # fmt: skip
+        command = (
+            f"python -m sample --compile-only --topology {name} --model lumina-next-sft --height {size} "
+            f"--width {size} --num-images {images}"
+        )
         for variant, flag in ((plan, ""), (offloaded, " --offload-text-encoder")):
             log(variant.summary())
             rows.append({"command": command + flag, "seconds": time.perf_counter() - started, **variant.to_json()})
@@ -60,10 +62,18 @@ def training_rows(log) -> list[dict]:
         log(plan.summary())
         largest = largest_per_chip_batch(config, target, log=log) if search else None
         flops = plan.programs[0].flops
-        rows.append({"command": f"python -m train --config lumina_next_sft {' '.join(overrides)} --compile-only "
-                                f"--topology {name}", "remat": config.remat, "batch_size": config.batch_size,
-                     "largest_per_chip_batch": largest, "flops_per_step": flops and flops * target.chips,
-                     "seconds": time.perf_counter() - started, **plan.to_json()})  # fmt: skip
+        rows.append(
+            {
+                "command": f"python -m train --config lumina_next_sft {' '.join(overrides)} --compile-only "
+                f"--topology {name}",
+                "remat": config.remat,
+                "batch_size": config.batch_size,
+                "largest_per_chip_batch": largest,
+                "flops_per_step": flops and flops * target.chips,
+                "seconds": time.perf_counter() - started,
+                **plan.to_json(),
+            }
+        )
     return rows
 
 

@@ -17,8 +17,15 @@ from convert.__main__ import main as convert_main
 from lumina_jax import NextDiT, NextDiTConfig, load_transformer
 from lumina_jax.weights.nextdit import save_diffusers
 
-DEMO = NextDiTConfig(hidden_size=256, num_layers=4, num_attention_heads=8, num_kv_heads=2, multiple_of=64,
-                     cross_attention_dim=128, sample_size=32)  # fmt: skip
+DEMO = NextDiTConfig(
+    hidden_size=256,
+    num_layers=4,
+    num_attention_heads=8,
+    num_kv_heads=2,
+    multiple_of=64,
+    cross_attention_dim=128,
+    sample_size=32,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = NextDiT(DEMO, rngs=nnx.Rngs(0))
     save_diffusers(model, out / "diffusers", overwrite=True)
-    print(f"built a {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,}-parameter Next-DiT "
-          f"in diffusers' layout: {out / 'diffusers'}")  # fmt: skip
+    print(
+        f"built a {sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))):,}-parameter Next-DiT "
+        f"in diffusers' layout: {out / 'diffusers'}"
+    )
     if convert_main([str(out / "diffusers"), str(out / "converted"), "--overwrite"]):
         return 1
 
@@ -43,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     forward(converted, latents, jnp.array([0.2, 0.8]), caption, mask).block_until_ready()
     start = time.perf_counter()
     velocity = forward(converted, latents, jnp.array([0.2, 0.8]), caption, mask).block_until_ready()
-    print(f"forward of the converted model on latents {latents.shape}: output {velocity.shape}, "
-          f"{(time.perf_counter() - start) * 1e3:.1f} ms on {jax.devices()[0].platform}")  # fmt: skip
+    print(
+        f"forward of the converted model on latents {latents.shape}: output {velocity.shape}, "
+        f"{(time.perf_counter() - start) * 1e3:.1f} ms on {jax.devices()[0].platform}"
+    )
     return 0
 
 

@@ -187,8 +187,9 @@ def _original_files(repo_id: str, files: set[str], ema: bool) -> list[str]:
         if stem + suffix in files:
             return [stem + suffix, *(["model_args.pth"] if "model_args.pth" in files else [])]
     found = sorted(filter(ORIGINAL_CHECKPOINT.fullmatch, files))
-    raise ValueError(f"{repo_id}: an original Lumina-Next checkpoint without {stem}.safetensors or .pth (it has "
-                     f"{', '.join(found)})")  # fmt: skip
+    raise ValueError(
+        f"{repo_id}: an original Lumina-Next checkpoint without {stem}.safetensors or .pth (it has {', '.join(found)})"
+    )
 
 
 def _folders(files: set[str]) -> str:

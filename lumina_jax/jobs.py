@@ -24,9 +24,15 @@ from tqdm.auto import tqdm
 
 # A request (a line of a prompts file) and the type of each of its fields.
 REQUEST_FIELDS = {
-    "prompt": str, "negative_prompt": (str, type(None)), "seed": int, "height": (int, type(None)),
-    "width": (int, type(None)), "guidance": (int, float), "steps": int, "num_images": int,
-}  # fmt: skip
+    "prompt": str,
+    "negative_prompt": (str, type(None)),
+    "seed": int,
+    "height": (int, type(None)),
+    "width": (int, type(None)),
+    "guidance": (int, float),
+    "steps": int,
+    "num_images": int,
+}
 MAX_SEED = 2**32 - 1  # seeds are uint32 keys
 
 
@@ -107,11 +113,23 @@ def make_jobs(requests: list[dict], defaults: dict) -> list[Job]:
         if not (math.isfinite(fields["guidance"]) and fields["guidance"] >= 0):
             raise ValueError(f"{where}: guidance must be >= 0 (1 or less turns it off), got {fields['guidance']}")
         if not 0 <= fields["seed"] <= MAX_SEED - fields["num_images"] + 1:
-            raise ValueError(f"{where}: seeds must lie in [0, {MAX_SEED}], got seed {fields['seed']} "
-                             f"with {fields['num_images']} images")  # fmt: skip
+            raise ValueError(
+                f"{where}: seeds must lie in [0, {MAX_SEED}], got seed {fields['seed']} "
+                f"with {fields['num_images']} images"
+            )
         for i in range(fields["num_images"]):
-            jobs.append(Job(line, fields["prompt"], fields["negative_prompt"], fields["seed"] + i, fields["height"],
-                            fields["width"], float(fields["guidance"]), fields["steps"]))  # fmt: skip
+            jobs.append(
+                Job(
+                    line,
+                    fields["prompt"],
+                    fields["negative_prompt"],
+                    fields["seed"] + i,
+                    fields["height"],
+                    fields["width"],
+                    float(fields["guidance"]),
+                    fields["steps"],
+                )
+            )
     return jobs
 
 
@@ -155,9 +173,18 @@ class RunReport:
 
 
 def run_jobs(
-    pipe, jobs: list[Job], out: Path, *, per_call: int, skip_existing: bool = False, metadata: dict | None = None,
-    process_index: int = 0, process_count: int = 1, progress: bool = True, **settings,
-) -> RunReport:  # fmt: skip
+    pipe,
+    jobs: list[Job],
+    out: Path,
+    *,
+    per_call: int,
+    skip_existing: bool = False,
+    metadata: dict | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: bool = True,
+    **settings,
+) -> RunReport:
     """Draw this process's share of `jobs` (every process_count-th, from process_index) into `out`,
     per_call images per pipeline call; `settings` are further pipeline arguments, `metadata` extra
     fields for each PNG. Writes out/index.jsonl (index.I-of-N.jsonl with several processes) listing
@@ -181,10 +208,15 @@ def run_jobs(
             height, width, steps, guidance = batch[0].settings
             start, compiled_before = time.perf_counter(), len(compilations)
             images = pipe(
-                prompt=[job.prompt for job in batch], negative_prompt=[job.negative_prompt or "" for job in batch],
-                seed=[job.seed for job in batch], height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance, **settings,
-            ).images  # fmt: skip
+                prompt=[job.prompt for job in batch],
+                negative_prompt=[job.negative_prompt or "" for job in batch],
+                seed=[job.seed for job in batch],
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                **settings,
+            ).images
             for job, image in zip(batch[:real], images):
                 write_png(image, out / job.file_name, {**_record(job), **(metadata or {}), **settings})
             if len(compilations) == compiled_before:
@@ -196,8 +228,11 @@ def run_jobs(
         jax.monitoring.unregister_event_duration_listener(listener)
         bar.close()
         report.seconds = time.perf_counter() - started
-        lines = [json.dumps({"file": job.file_name, **_record(job), **(metadata or {}), **settings})
-                 for job in mine if (out / job.file_name).exists()]  # fmt: skip
+        lines = [
+            json.dumps({"file": job.file_name, **_record(job), **(metadata or {}), **settings})
+            for job in mine
+            if (out / job.file_name).exists()
+        ]
         index = out / index_name(process_index, process_count)
         partial = index.with_name(f".{index.name}.partial-{uuid.uuid4().hex[:8]}")
         partial.write_text("".join(line + "\n" for line in lines))
@@ -206,5 +241,12 @@ def run_jobs(
 
 
 def _record(job: Job) -> dict:
-    return {"prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "seed": job.seed,
-            "height": job.height, "width": job.width, "guidance": job.guidance, "steps": job.steps}  # fmt: skip
+    return {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt or "",
+        "seed": job.seed,
+        "height": job.height,
+        "width": job.width,
+        "guidance": job.guidance,
+        "steps": job.steps,
+    }

@@ -119,8 +119,15 @@ def _in_memory(tree, kind: str):
 
 
 class LuminaPipeline:
-    def __init__(self, transformer: NextDiT | None, text_encoder: GemmaEncoder, vae: AutoencoderKL | None, tokenizer,
-                 *, scheduler_shift: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        transformer: NextDiT | None,
+        text_encoder: GemmaEncoder,
+        vae: AutoencoderKL | None,
+        tokenizer,
+        *,
+        scheduler_shift: float = 1.0,
+    ):
         """vae None: pixel space. transformer None: only the encoders (e.g. to build a training cache)."""
         self.transformer, self.text_encoder, self.vae, self.tokenizer = transformer, text_encoder, vae, tokenizer
         self._text_encoder_split = nnx.split(text_encoder)
@@ -134,9 +141,16 @@ class LuminaPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str = "bfloat16", *, transformer: NextDiT | None | str = "load",
-        vae_dtype: str | None = None, mesh: Mesh | None = None, progress: bool = True, revision: str | None = None,
-    ) -> "LuminaPipeline":  # fmt: skip
+        cls,
+        path: str | Path,
+        dtype: str = "bfloat16",
+        *,
+        transformer: NextDiT | None | str = "load",
+        vae_dtype: str | None = None,
+        mesh: Mesh | None = None,
+        progress: bool = True,
+        revision: str | None = None,
+    ) -> "LuminaPipeline":
         """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load), or
         a Hugging Face hub id ("Alpha-VLLM/Lumina-Next-SFT-diffusers"; its files at `revision`, cached).
 
@@ -257,8 +271,14 @@ class LuminaPipeline:
 
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned)."""
-        tokens = self.tokenizer(texts, pad_to_multiple_of=8, max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                                padding=True, return_tensors="np")  # fmt: skip
+        tokens = self.tokenizer(
+            texts,
+            pad_to_multiple_of=8,
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            padding=True,
+            return_tensors="np",
+        )
         full = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
         if full.shape[-1] > tokens.input_ids.shape[-1]:
             removed = self.tokenizer.batch_decode(full[:, MAX_SEQUENCE_LENGTH - 1 : -1])
@@ -327,8 +347,10 @@ class LuminaPipeline:
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
         if self.weightless:
-            raise ValueError("this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
-                             ".lower(...), or load one with from_pretrained")  # fmt: skip
+            raise ValueError(
+                "this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
+                ".lower(...), or load one with from_pretrained"
+            )
         height = height or self.default_sample_size
         width = width or self.default_sample_size
         self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
@@ -373,10 +395,18 @@ class LuminaPipeline:
         schedule_ = sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift, sigmas=sigmas)
         with self._on_mesh():
             latents = sampling.sample(
-                self.transformer, latents, caption, caption_mask, schedule_,
-                guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
-                proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels, context_drop=context_drop,
-            )  # fmt: skip
+                self.transformer,
+                latents,
+                caption,
+                caption_mask,
+                schedule_,
+                guidance_scale=guidance_scale,
+                solver=solver,
+                scaling_watershed=scaling_watershed,
+                proportional_attn=proportional_attn,
+                cfg_all_channels=cfg_all_channels,
+                context_drop=context_drop,
+            )
             if output_type == "latent":
                 return LuminaPipelineOutput(np.asarray(latents))
             if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
@@ -437,16 +467,21 @@ class LuminaPipeline:
                 "noise": (_noise.lower(np.uint32(0), shape), None),
                 "sampler": (
                     sampling.lower_sample(
-                        self.transformer, struct(shape, jnp.float32), struct((rows, bucket, features.shape[-1]),
-                        features.dtype), struct((rows, bucket), jnp.int32),
+                        self.transformer,
+                        struct(shape, jnp.float32),
+                        struct((rows, bucket, features.shape[-1]), features.dtype),
+                        struct((rows, bucket), jnp.int32),
                         sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift),
-                        guidance_scale=guidance_scale, solver=solver, scaling_watershed=scaling_watershed,
-                        proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+                        guidance_scale=guidance_scale,
+                        solver=solver,
+                        scaling_watershed=scaling_watershed,
+                        proportional_attn=proportional_attn,
+                        cfg_all_channels=cfg_all_channels,
                         context_drop=context_drop,
                     ),
                     self.transformer,
                 ),
-            }  # fmt: skip
+            }
             if self.vae is not None:
                 programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
         return programs

@@ -116,9 +116,22 @@ def resolution_scale(model: NextDiT, height: int, width: int) -> float:
     jax.jit, static_argnames=("graphdef", "solver", "guided_channels", "base_sequence_length", "scale", "context_drop")
 )
 def _integrate(
-    graphdef, params, latents, caption, caption_mask, guidance_scale, times, steps, scaling_watershed,
-    *, solver, guided_channels, base_sequence_length, scale, context_drop,
-):  # fmt: skip
+    graphdef,
+    params,
+    latents,
+    caption,
+    caption_mask,
+    guidance_scale,
+    times,
+    steps,
+    scaling_watershed,
+    *,
+    solver,
+    guided_channels,
+    base_sequence_length,
+    scale,
+    context_drop,
+):
     model = nnx.merge(graphdef, params)
     batch, channels, height, width = latents.shape
     guided = guided_channels > 0
@@ -130,8 +143,16 @@ def _integrate(
         rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
         inputs = jnp.concatenate([x, x]) if guided else x
         t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
-        out = model(inputs, t_batch, caption, caption_mask, base_sequence_length=base_sequence_length, rope=rope,
-                    caption_kv=caption_kv, context_drop=context_drop)  # fmt: skip
+        out = model(
+            inputs,
+            t_batch,
+            caption,
+            caption_mask,
+            base_sequence_length=base_sequence_length,
+            rope=rope,
+            caption_kv=caption_kv,
+            context_drop=context_drop,
+        )
         out = out[:, :channels].astype(jnp.float32)
         if not guided:
             return out
@@ -170,10 +191,18 @@ def sample(
     cfg_all_channels. context_drop > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`).
     """
     args, static = _integrate_arguments(
-        model, latents, caption, caption_mask, schedule, guidance_scale=guidance_scale, solver=solver,
-        scaling_watershed=scaling_watershed, proportional_attn=proportional_attn, cfg_all_channels=cfg_all_channels,
+        model,
+        latents,
+        caption,
+        caption_mask,
+        schedule,
+        guidance_scale=guidance_scale,
+        solver=solver,
+        scaling_watershed=scaling_watershed,
+        proportional_attn=proportional_attn,
+        cfg_all_channels=cfg_all_channels,
         context_drop=context_drop,
-    )  # fmt: skip
+    )
     return _integrate(*args, **static)
 
 
@@ -187,9 +216,19 @@ def lower_sample(
 
 
 def _integrate_arguments(
-    model, latents, caption, caption_mask, schedule, *, guidance_scale=4.0, solver="euler", scaling_watershed=1.0,
-    proportional_attn=True, cfg_all_channels=False, context_drop=1,
-) -> tuple[tuple, dict]:  # fmt: skip
+    model,
+    latents,
+    caption,
+    caption_mask,
+    schedule,
+    *,
+    guidance_scale=4.0,
+    solver="euler",
+    scaling_watershed=1.0,
+    proportional_attn=True,
+    cfg_all_channels=False,
+    context_drop=1,
+) -> tuple[tuple, dict]:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     guided = float(guidance_scale) > 1.0
@@ -202,9 +241,16 @@ def _integrate_arguments(
     _, channels, height, width = latents.shape
     graphdef, params = nnx.split(model)
     args = (
-        graphdef, params, latents, caption, caption_mask, np.float32(guidance_scale), schedule.times, schedule.steps,
+        graphdef,
+        params,
+        latents,
+        caption,
+        caption_mask,
+        np.float32(guidance_scale),
+        schedule.times,
+        schedule.steps,
         np.float32(scaling_watershed),
-    )  # fmt: skip
+    )
     static = dict(
         solver=solver,
         guided_channels=(channels if cfg_all_channels else GUIDED_CHANNELS) if guided else 0,

@@ -66,8 +66,12 @@ def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, device
     size = data * fsdp * tensor
     if min(sizes) < 1 or count % size:
         raise ValueError(f"a mesh data={data} x fsdp={fsdp} x tensor={tensor} does not divide the {count} devices")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=None if devices is None else list(devices)[:size])  # fmt: skip
+    return jax.make_mesh(
+        sizes,
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=None if devices is None else list(devices)[:size],
+    )
 
 
 def mesh_partition_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -154,8 +154,18 @@ def compile_program(
         required = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
         temporaries = int(float(required[1]) * 1024 ** "KMGT".index(required[2]) * 1024) if required else 0
         reason = re.search(r"[^:]*\([\d.]+[KMGT]\)[^:(]*exceeds available HBM \([\d.]+[KMGT]\)", message)
-        return ProgramMemory(name, weights, 0, 0, temporaries, 0, weights, None,
-                             refused=reason[0].strip() if reason else message.splitlines()[0], model=model)  # fmt: skip
+        return ProgramMemory(
+            name,
+            weights,
+            0,
+            0,
+            temporaries,
+            0,
+            weights,
+            None,
+            refused=reason[0].strip() if reason else message.splitlines()[0],
+            model=model,
+        )
     memory = compiled.memory_analysis()
     weights = min(weights, memory.argument_size_in_bytes)  # the program may read only part of a model (a VAE's decoder)
     cost = compiled.cost_analysis()
@@ -210,18 +220,25 @@ class MemoryPlan:
             "per chip, GiB".ljust(28) + columns,
         ]
         for p in self.programs:
-            lines.append(f"{p.name:<28}{gb(p.weights)} {gb(p.arguments - p.weights)} {gb(p.outputs)} "
-                         f"{gb(p.temporaries)} {gb(p.code)} {gb(self.needs(p))}")  # fmt: skip
+            lines.append(
+                f"{p.name:<28}{gb(p.weights)} {gb(p.arguments - p.weights)} {gb(p.outputs)} "
+                f"{gb(p.temporaries)} {gb(p.code)} {gb(self.needs(p))}"
+            )
         resident = ", ".join(f"{name} {n / GiB:.2f}" for name, n in self.resident.items())
-        lines += ["", f"resident weights: {resident} GiB",
-                  f"peak: {self.peak_bytes / GiB:.2f} GiB (while {self.largest.name} runs) "
-                  f"of {self.tpu.hbm_bytes / GiB:.2f} GiB"]  # fmt: skip
+        lines += [
+            "",
+            f"resident weights: {resident} GiB",
+            f"peak: {self.peak_bytes / GiB:.2f} GiB (while {self.largest.name} runs) "
+            f"of {self.tpu.hbm_bytes / GiB:.2f} GiB",
+        ]
         lines += [f"{p.name}: refused by the compiler: {p.refused}" for p in self.programs if p.refused]
         if self.fits:
             lines.append(f"fits, {(self.tpu.hbm_bytes - self.peak_bytes) / GiB:.2f} GiB to spare")
         else:
-            lines.append(f"does not fit: {self.largest.name} needs "
-                         f"{(self.peak_bytes - self.tpu.hbm_bytes) / GiB:.2f} GiB more than a chip has")  # fmt: skip
+            lines.append(
+                f"does not fit: {self.largest.name} needs "
+                f"{(self.peak_bytes - self.tpu.hbm_bytes) / GiB:.2f} GiB more than a chip has"
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -233,15 +250,19 @@ class MemoryPlan:
             "peak_bytes": self.peak_bytes,
             "hbm_bytes": self.tpu.hbm_bytes,
             "resident_bytes": self.resident,
-            "programs": [{**dataclasses.asdict(p), "transient": p.transient, "needs": self.needs(p)}
-                         for p in self.programs],
-        }  # fmt: skip
+            "programs": [
+                {**dataclasses.asdict(p), "transient": p.transient, "needs": self.needs(p)} for p in self.programs
+            ],
+        }
 
 
 def plan_programs(
-    tpu: TpuSlice, programs: dict[str, tuple[jax.stages.Lowered, object]], models: dict[str, object],
-    offloaded: tuple[str, ...] = (), log=None,
-) -> MemoryPlan:  # fmt: skip
+    tpu: TpuSlice,
+    programs: dict[str, tuple[jax.stages.Lowered, object]],
+    models: dict[str, object],
+    offloaded: tuple[str, ...] = (),
+    log=None,
+) -> MemoryPlan:
     """Compile each lowered program (name -> (lowered, the model whose weights it reads, or None))
     for the slice. `models` (name -> module) stay resident, but for those `offloaded` to the host."""
     from flax import nnx

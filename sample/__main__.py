@@ -52,31 +52,45 @@ def fraction(text: str) -> float:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="pipeline folder (diffusers layout or from `python -m convert`) or a hub id, e.g. "
-                        "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
-                        "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
-                        "config files is enough, or a released name: lumina-next-sft")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="pipeline folder (diffusers layout or from `python -m convert`) or a hub id, e.g. "
+        "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
+        "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
+        "config files is enough, or a released name: lumina-next-sft",
+    )
     parser.add_argument("--revision", help="hub id: the branch, tag or commit to download (default: main)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="what to draw")
-    prompts.add_argument("--prompts-file", type=Path,
-                         help="one prompt a line, or JSONL (.jsonl) with per-line prompt and any of "
-                              "negative_prompt, seed, height, width, guidance, steps, num_images")  # fmt: skip
+    prompts.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="one prompt a line, or JSONL (.jsonl) with per-line prompt and any of "
+        "negative_prompt, seed, height, width, guidance, steps, num_images",
+    )
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--height", type=positive_int, default=None,
-                        help="pixels, a multiple of 16 (default: the model's)")  # fmt: skip
-    parser.add_argument("--width", type=positive_int, default=None,
-                        help="pixels, a multiple of 16 (default: the model's)")  # fmt: skip
+    parser.add_argument(
+        "--height", type=positive_int, default=None, help="pixels, a multiple of 16 (default: the model's)"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=None, help="pixels, a multiple of 16 (default: the model's)"
+    )
     parser.add_argument("--steps", type=positive_int, default=30)
-    parser.add_argument("--guidance", type=guidance, default=4.0,
-                        help="classifier-free guidance scale; <= 1 turns it off")  # fmt: skip
+    parser.add_argument(
+        "--guidance", type=guidance, default=4.0, help="classifier-free guidance scale; <= 1 turns it off"
+    )
     parser.add_argument("--seed", type=seed, default=0, help="image i of a prompt uses seed + i")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
-    parser.add_argument("--batch-size", type=positive_int, default=1,
-                        help="images per device per call: every local device draws this many at once")  # fmt: skip
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="resume: draw only the images whose file is not in --out yet")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="images per device per call: every local device draws this many at once",
+    )
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="resume: draw only the images whose file is not in --out yet"
+    )
     parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
     parser.add_argument("--schedule", choices=sampling.SCHEDULES, default="diffusers")
     parser.add_argument("--scaling-watershed", type=fraction, default=1.0)
@@ -86,28 +100,55 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="Context Drop window: 2 merges 2x2 image keys/values (faster at 2048 px, approximate)",
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="compute dtype (default: bfloat16 on GPUs and TPUs, float32 on CPUs)")  # fmt: skip
-    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default=None,
-                        help="the VAE's dtype (default: float32 where its config asks, as the SDXL VAE's does; "
-                             "bfloat16 halves the decoder's memory)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("out"),
-                        help="folder for the PNGs (NNNNN_SEED.png: the prompt's line and the seed) and "
-                             "index.jsonl, which lists them with their settings")  # fmt: skip
-    parser.add_argument("--offload-text-encoder", action="store_true",
-                        help="keep the text encoder's weights in host memory except while it encodes: frees their "
-                             "accelerator memory (4.7 GiB for Gemma-2B) for the sampler and the decoder")  # fmt: skip
-    parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=D,fsdp=F,tensor=T",
-                        help="this host's devices as a mesh: the transformer's weights split over fsdp and tensor, "
-                             "the images over data and fsdp (default: data = every local device, the weights "
-                             "whole on each)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="compute dtype (default: bfloat16 on GPUs and TPUs, float32 on CPUs)",
+    )
+    parser.add_argument(
+        "--vae-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="the VAE's dtype (default: float32 where its config asks, as the SDXL VAE's does; "
+        "bfloat16 halves the decoder's memory)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        help="folder for the PNGs (NNNNN_SEED.png: the prompt's line and the seed) and "
+        "index.jsonl, which lists them with their settings",
+    )
+    parser.add_argument(
+        "--offload-text-encoder",
+        action="store_true",
+        help="keep the text encoder's weights in host memory except while it encodes: frees their "
+        "accelerator memory (4.7 GiB for Gemma-2B) for the sampler and the decoder",
+    )
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        metavar="data=D,fsdp=F,tensor=T",
+        help="this host's devices as a mesh: the transformer's weights split over fsdp and tensor, "
+        "the images over data and fsdp (default: data = every local device, the weights "
+        "whole on each)",
+    )
     plan = parser.add_argument_group("compile only: will it fit on a Cloud TPU (no TPU and no weights needed)")
-    plan.add_argument("--compile-only", action="store_true",
-                      help="compile every program of the run for --topology with the TPU compiler (pip install -e "
-                           "'.[tpu]') and print each one's memory per chip; exit 1 if it does not fit")  # fmt: skip
+    plan.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile every program of the run for --topology with the TPU compiler (pip install -e "
+        "'.[tpu]') and print each one's memory per chip; exit 1 if it does not fit",
+    )
     plan.add_argument("--topology", help="the TPU slice: v5e-1, v5e-8, v6e-8, v5p-8, v4-8, ... or a JAX topology name")
-    plan.add_argument("--caption-length", type=positive_int, default=256,
-                      help="caption tokens to plan for, at most 256 (default: the most)")  # fmt: skip
+    plan.add_argument(
+        "--caption-length",
+        type=positive_int,
+        default=256,
+        help="caption tokens to plan for, at most 256 (default: the most)",
+    )
     plan.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.compile_only and not args.topology:
@@ -152,11 +193,18 @@ def compile_only(args: argparse.Namespace) -> int:
         if args.offload_text_encoder:
             pipe.offload_text_encoder()
         programs = pipe.lower(
-            height=args.height, width=args.width, prompts=1, num_images_per_prompt=args.num_images,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, caption_length=args.caption_length,
-            solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
+            height=args.height,
+            width=args.width,
+            prompts=1,
+            num_images_per_prompt=args.num_images,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            caption_length=args.caption_length,
+            solver=args.solver,
+            schedule=args.schedule,
+            scaling_watershed=args.scaling_watershed,
             context_drop=args.context_drop,
-        )  # fmt: skip
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         return fail(e)
     models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
@@ -165,8 +213,10 @@ def compile_only(args: argparse.Namespace) -> int:
     plan = tpu.plan_programs(target, programs, models, offloaded, log=print)
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
     size = f"{args.height or pipe.default_sample_size}x{args.width or pipe.default_sample_size}"
-    print(f"\n{args.model} at {size}, {args.num_images} image(s), {args.steps} steps, guidance {args.guidance}, "
-          f"mesh {mesh_text}")  # fmt: skip
+    print(
+        f"\n{args.model} at {size}, {args.num_images} image(s), {args.steps} steps, guidance {args.guidance}, "
+        f"mesh {mesh_text}"
+    )
     print(plan.summary())
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "mesh": dict(mesh.shape), **plan.to_json()}, indent=1))
@@ -201,11 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         mesh = make_mesh(**(args.mesh or {"data": len(devices)}), devices=devices)
-        pipe = LuminaPipeline.from_pretrained(args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh,
-                                              revision=args.revision)  # fmt: skip
-        defaults = dict(negative_prompt=args.negative_prompt, seed=args.seed, height=args.height or
-                        pipe.default_sample_size, width=args.width or pipe.default_sample_size,
-                        guidance=args.guidance, steps=args.steps, num_images=args.num_images)  # fmt: skip
+        pipe = LuminaPipeline.from_pretrained(
+            args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh, revision=args.revision
+        )
+        defaults = dict(
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            height=args.height or pipe.default_sample_size,
+            width=args.width or pipe.default_sample_size,
+            guidance=args.guidance,
+            steps=args.steps,
+            num_images=args.num_images,
+        )
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width)
@@ -215,20 +272,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
     images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-    settings = dict(solver=args.solver, schedule=args.schedule, scaling_watershed=args.scaling_watershed,
-                    context_drop=args.context_drop)  # fmt: skip
+    settings = dict(
+        solver=args.solver,
+        schedule=args.schedule,
+        scaling_watershed=args.scaling_watershed,
+        context_drop=args.context_drop,
+    )
     try:
         report = jobs.run_jobs(
-            pipe, todo, args.out, per_call=images_per_call, skip_existing=args.skip_existing,
-            metadata={"model": str(args.model), "dtype": args.dtype}, process_index=jax.process_index(),
-            process_count=jax.process_count(), **settings,
-        )  # fmt: skip
+            pipe,
+            todo,
+            args.out,
+            per_call=images_per_call,
+            skip_existing=args.skip_existing,
+            metadata={"model": str(args.model), "dtype": args.dtype},
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **settings,
+        )
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        print(f"error: out of accelerator memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
-              "--offload-text-encoder, --vae-dtype bfloat16, or --mesh fsdp=N to split the weights",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: out of accelerator memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
+            "--offload-text-encoder, --vae-dtype bfloat16, or --mesh fsdp=N to split the weights",
+            file=sys.stderr,
+        )
         return 1
     speed = (
         f"{report.warm_images / report.warm_seconds:.2f} images/s after compilation "
@@ -237,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         else "every call compiled a program (a second run reuses them)"
     )
     share = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
-    print(f"wrote {report.written} image(s) to {args.out}/{share} in {report.seconds:.1f} s, "
-          f"{report.skipped} already there; {speed}")  # fmt: skip
+    print(
+        f"wrote {report.written} image(s) to {args.out}/{share} in {report.seconds:.1f} s, "
+        f"{report.skipped} already there; {speed}"
+    )
     return 0
 
 

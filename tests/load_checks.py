@@ -124,8 +124,15 @@ def main() -> dict:
 
         results["transformer_current_mesh"] = measure(under_current_mesh, one_device[:1])
 
-        transformer = NextDiTConfig(sample_size=16, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-                           multiple_of=16, cross_attention_dim=32)  # fmt: skip
+        transformer = NextDiTConfig(
+            sample_size=16,
+            hidden_size=64,
+            num_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            multiple_of=16,
+            cross_attention_dim=32,
+        )
         config = TrainConfig(workdir=tmp, pipeline="", manifest="", cache="", init="scratch", transformer=transformer)
         one_device_init = initial_transformer(config, make_mesh(fsdp=1))
         results["training_init"] = measure(lambda: [initial_transformer(config, mesh)], [one_device_init])

@@ -104,18 +104,47 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 
 def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> LuminaPipeline:
     """A diffusers LuminaPipeline of tiny random components, saved to `folder` in the released layout."""
-    transformer = random_transformer(seed=11, sample_size=16, hidden_size=64, num_layers=2, num_attention_heads=4,
-                                     num_kv_heads=2, multiple_of=16, cross_attention_dim=caption_dim)  # fmt: skip
+    transformer = random_transformer(
+        seed=11,
+        sample_size=16,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=caption_dim,
+    )
     with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
         transformer.norm_out.linear_2.weight.mul_(0.1)
-    gemma = GemmaConfig(vocab_size=64, hidden_size=caption_dim, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    gemma = GemmaConfig(
+        vocab_size=64,
+        hidden_size=caption_dim,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     text_encoder = randomize_(GemmaModel(gemma).eval(), seed=12)
-    vae = randomize_(AutoencoderKL(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
-                                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                                   latent_channels=4, scaling_factor=0.13025).eval(), seed=13)  # fmt: skip
-    pipeline = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                              text_encoder=text_encoder, tokenizer=build_tokenizer(corpus))  # fmt: skip
+    vae = randomize_(
+        AutoencoderKL(
+            block_out_channels=[16, 32, 32, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            latent_channels=4,
+            scaling_factor=0.13025,
+        ).eval(),
+        seed=13,
+    )
+    pipeline = LuminaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(corpus),
+    )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(folder)
     return pipeline

@@ -30,9 +30,14 @@ from lumina_jax.training.step import (
 
 # Every width divides by 8 except the 4 query heads' gates, so tensor=8 exercises the fallback.
 TINY = NextDiTConfig(
-    sample_size=8, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-    multiple_of=32, cross_attention_dim=32,
-)  # fmt: skip
+    sample_size=8,
+    hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    multiple_of=32,
+    cross_attention_dim=32,
+)
 MESHES = {
     "data2_fsdp4": dict(data=2, fsdp=4),
     "fsdp8": dict(),
@@ -53,10 +58,14 @@ def tiny_model(dtype=jnp.float32, seed: int = 0, attention_backend=None) -> Next
     gradient. Built abstractly and filled from NumPy: eager initialisation compiles op by op."""
     model = nnx.eval_shape(
         lambda: NextDiT(
-            TINY, dtype=dtype, param_dtype=jnp.float32, remat="full", attention_backend=attention_backend,
+            TINY,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            remat="full",
+            attention_backend=attention_backend,
             rngs=nnx.Rngs(0),
         )
-    )  # fmt: skip
+    )
     rng = np.random.default_rng(seed)
 
     def random_value(path, abstract):

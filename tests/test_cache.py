@@ -81,11 +81,19 @@ def dataset(tmp_path_factory):
 
 
 def build(manifest, out, image_encoder=None, **kwargs):
-    settings = dict(image_size=IMAGE_SIZE, scaling_factor=SCALE, shift_factor=SHIFT, shard_size=5, batch_size=2,
-                    seed=SEED, progress=False)  # fmt: skip
+    settings = dict(
+        image_size=IMAGE_SIZE,
+        scaling_factor=SCALE,
+        shift_factor=SHIFT,
+        shard_size=5,
+        batch_size=2,
+        seed=SEED,
+        progress=False,
+    )
     settings.update(kwargs)
-    return build_cache(manifest, out, encode_images=image_encoder or PoolingEncoder(), encode_text=hash_text,
-                       **settings)  # fmt: skip
+    return build_cache(
+        manifest, out, encode_images=image_encoder or PoolingEncoder(), encode_text=hash_text, **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +256,11 @@ def test_batches_are_deterministic_and_depend_on_the_seed(cache):
     first = take(make_batches(cache, global_batch_size=2, seed=5, num_threads=3), 8)
     assert_same_batches(take(make_batches(cache, global_batch_size=2, seed=5, num_threads=1), 8), first)
     other = take(make_batches(cache, global_batch_size=2, seed=6), 8)
-    assert not all(np.array_equal(a["latents"], b["latents"]) for a, b in zip(first, other) if a["latents"].shape
-                   == b["latents"].shape)  # fmt: skip
+    assert not all(
+        np.array_equal(a["latents"], b["latents"])
+        for a, b in zip(first, other)
+        if a["latents"].shape == b["latents"].shape
+    )
 
 
 def test_restored_iterator_continues_exactly(cache):
@@ -265,8 +276,10 @@ def test_restored_iterator_continues_exactly(cache):
 def test_process_slices_tile_the_global_batch(cache):
     global_batch = 4
     whole = take(make_batches(cache, global_batch_size=global_batch, seed=2), 6)
-    hosts = [take(make_batches(cache, global_batch_size=global_batch, seed=2, process_index=p, process_count=2), 6)
-             for p in range(2)]  # fmt: skip
+    hosts = [
+        take(make_batches(cache, global_batch_size=global_batch, seed=2, process_index=p, process_count=2), 6)
+        for p in range(2)
+    ]
     for step, batch in enumerate(whole):
         parts = [hosts[p][step] for p in range(2)]
         assert all(part["latents"].shape[0] == 2 for part in parts)
@@ -299,8 +312,15 @@ class TinyVae(nnx.Module):
 def test_pipeline_encoders_use_the_vae_posterior_and_encode_prompt():
     vae = TinyVae()
     features, mask = hash_text(["a red fox", "a cat"])
-    pipe = SimpleNamespace(vae=vae, encode_prompt=lambda prompts, negative: (
-        jnp.asarray(hash_text(prompts)[0]), jnp.asarray(hash_text(prompts)[1]), None, None))  # fmt: skip
+    pipe = SimpleNamespace(
+        vae=vae,
+        encode_prompt=lambda prompts, negative: (
+            jnp.asarray(hash_text(prompts)[0]),
+            jnp.asarray(hash_text(prompts)[1]),
+            None,
+            None,
+        ),
+    )
     encode_images, encode_text, scale, shift = pipeline_encoders(pipe)
     assert (scale, shift) == (0.25, 0.0)
     images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 24, 3)).astype(np.float32)  # padded to 4

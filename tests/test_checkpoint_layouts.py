@@ -95,8 +95,10 @@ def test_ema_weights_are_selected(original_model):
 
 def diffusers_from_original(folder: Path) -> LuminaNextDiT2DModel:
     """The fixture's weights under diffusers' names, in diffusers' own module (the query stored twice)."""
-    state = {original_key_to_diffusers(k): torch.from_numpy(v)
-             for k, v in load_file(ORIGINAL / "consolidated.00-of-01.safetensors").items()}  # fmt: skip
+    state = {
+        original_key_to_diffusers(k): torch.from_numpy(v)
+        for k, v in load_file(ORIGINAL / "consolidated.00-of-01.safetensors").items()
+    }
     for key in [k for k in state if ".attn1.to_q." in k or ".attn1.norm_q." in k]:
         state[key.replace("attn1", "attn2")] = state[key]
     config = find_checkpoint(ORIGINAL).config
@@ -123,8 +125,15 @@ def test_original_and_diffusers_layouts_of_the_same_weights_agree(tmp_path, orig
 
 
 def test_sharded_safetensors_with_index(tmp_path):
-    reference = random_transformer(seed=3, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                   multiple_of=16, cross_attention_dim=32)  # fmt: skip
+    reference = random_transformer(
+        seed=3,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    )
     reference.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (
         len(list(tmp_path.glob("*.safetensors"))) > 2
@@ -155,13 +164,23 @@ def test_original_checkpoint_trained_with_ffn_dim_multiplier(tmp_path):
     infers a multiplier that reproduces it. diffusers' module, the same architecture as the original's,
     gives the weights (under the original's names) and the reference output; export writes it back."""
     constructor = json.loads((ORIGINAL / "constructor_args.json").read_text())["constructor"]
-    reference = random_transformer(seed=5, hidden_size=96, num_layers=3, num_attention_heads=6, num_kv_heads=2,
-                                   multiple_of=32, ffn_dim_multiplier=1.3, cross_attention_dim=48)  # fmt: skip
+    reference = random_transformer(
+        seed=5,
+        hidden_size=96,
+        num_layers=3,
+        num_attention_heads=6,
+        num_kv_heads=2,
+        multiple_of=32,
+        ffn_dim_multiplier=1.3,
+        cross_attention_dim=48,
+    )
     assert constructor["dim"] == 96 and reference.layers[0].feed_forward.linear_1.weight.shape[0] == 352
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
     original_keys = load_file(ORIGINAL / "consolidated.00-of-01.safetensors")
-    save_file({key: state[original_key_to_diffusers(key)] for key in original_keys},
-              str(tmp_path / "consolidated.00-of-01.safetensors"))  # fmt: skip
+    save_file(
+        {key: state[original_key_to_diffusers(key)] for key in original_keys},
+        str(tmp_path / "consolidated.00-of-01.safetensors"),
+    )
     ours = load_transformer(tmp_path, progress=False)
     assert ours.config.ffn_dim == 352
     assert_computes_and_exports_as(ours, reference, inputs(1, 2, 8, 12, 6, 48, [6, 3]), tmp_path / "exported")
@@ -180,8 +199,15 @@ def assert_computes_and_exports_as(ours, reference, arrays, folder: Path) -> Non
 def test_a_separate_caption_query_computes_what_diffusers_computes(tmp_path, differs):
     """A model fine-tuned with diffusers, where attn2's query (projection or norm) is a parameter of its
     own: loaded with the caption branch's own query, at float32 parity, and exported back."""
-    reference = random_transformer(seed=1, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                   multiple_of=16, cross_attention_dim=32)  # fmt: skip
+    reference = random_transformer(
+        seed=1,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    )
     with torch.no_grad():
         getattr(reference.layers[1].attn2, differs).weight.mul_(1.5).add_(0.1)
     reference.save_pretrained(tmp_path / "fine-tuned")
@@ -192,8 +218,15 @@ def test_a_separate_caption_query_computes_what_diffusers_computes(tmp_path, dif
 
 
 def test_released_layout_keeps_one_shared_query(tmp_path):
-    random_transformer(seed=1, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=4, multiple_of=16,
-                       cross_attention_dim=32).save_pretrained(tmp_path)  # fmt: skip
+    random_transformer(
+        seed=1,
+        hidden_size=64,
+        num_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=4,
+        multiple_of=16,
+        cross_attention_dim=32,
+    ).save_pretrained(tmp_path)
     ours = load_transformer(tmp_path, progress=False)
     assert not ours.config.separate_caption_query and ours.layers.attention.to_q_caption is None
 
@@ -241,8 +274,15 @@ def test_a_pth_that_carries_code_is_refused(tmp_path):
 
 
 def test_unknown_config_field(tmp_path):
-    random_transformer(seed=0, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=4, multiple_of=16,
-                       cross_attention_dim=32).save_pretrained(tmp_path)  # fmt: skip
+    random_transformer(
+        seed=0,
+        hidden_size=64,
+        num_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=4,
+        multiple_of=16,
+        cross_attention_dim=32,
+    ).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_experts": 8}))
     with pytest.raises(

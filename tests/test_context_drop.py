@@ -12,8 +12,9 @@ from reference import inputs, random_transformer, relative_error, transformer_fo
 from lumina_jax import load_transformer
 from lumina_jax.models.attention import ContextDrop, dual_attention
 
-CONFIG = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
-              cross_attention_dim=32)  # fmt: skip
+CONFIG = dict(
+    hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16, cross_attention_dim=32
+)
 LATENT = 32  # a 16x16 token grid
 # Relative change of the velocity with window 2 on smooth latents, random weights: measured 0.092
 # (window 4: 0.199; white-noise latents: 0.248 and 0.313).
@@ -59,8 +60,10 @@ def test_merging_identical_neighbours_is_exact():
     rng = np.random.default_rng(1)
     per_window = rng.standard_normal((2, 2, rows // window, cols // window, kv_heads, head_dim)).astype(np.float32)
     # Every token of a window gets its window's key and value.
-    key, value = (jnp.asarray(np.repeat(np.repeat(a, window, 1), window, 2).reshape(2, rows * cols, kv_heads, head_dim))
-                  for a in per_window)  # fmt: skip
+    key, value = (
+        jnp.asarray(np.repeat(np.repeat(a, window, 1), window, 2).reshape(2, rows * cols, kv_heads, head_dim))
+        for a in per_window
+    )
     query = jnp.asarray(rng.standard_normal((2, rows * cols, 4, head_dim)).astype(np.float32))
     drop = ContextDrop(rows, cols, window)
     exact = dual_attention(query, key, value, scale=0.5, backend="xla")
@@ -109,8 +112,9 @@ def test_no_token_mask_with_context_drop(reference_and_model):
     with pytest.raises(
         ValueError, match=r"Context Drop needs the 16 tokens of one 4x4 grid per image and no token_mask"
     ):
-        model.forward_tokens(patches, rope, jnp.ones((1, 16), bool), jnp.zeros(1), caption, mask,
-                             context_drop=ContextDrop(4, 4, 2))  # fmt: skip
+        model.forward_tokens(
+            patches, rope, jnp.ones((1, 16), bool), jnp.zeros(1), caption, mask, context_drop=ContextDrop(4, 4, 2)
+        )
 
 
 def test_splash_backend_matches_xla_with_and_without_context_drop(reference_and_model, tmp_path):

@@ -34,8 +34,15 @@ def test_convert_original_then_load(tmp_path, capsys):
 
 
 def test_convert_diffusers_to_bfloat16(tmp_path):
-    reference = random_transformer(seed=5, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                   multiple_of=16, cross_attention_dim=32)  # fmt: skip
+    reference = random_transformer(
+        seed=5,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    )
     reference.save_pretrained(tmp_path / "diffusers")
     assert main([str(tmp_path / "diffusers"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     model = load_transformer(tmp_path / "bf16", dtype="bfloat16", progress=False)
@@ -80,14 +87,25 @@ def test_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
 def test_a_killed_conversion_never_leaves_a_loadable_half(tmp_path):
     """Kill the converter at several moments; the destination is either absent or complete."""
     source = tmp_path / "diffusers"
-    random_transformer(seed=2, hidden_size=256, num_layers=6, num_attention_heads=4, num_kv_heads=2,
-                       multiple_of=64, cross_attention_dim=128).save_pretrained(source)  # fmt: skip
+    random_transformer(
+        seed=2,
+        hidden_size=256,
+        num_layers=6,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=64,
+        cross_attention_dim=128,
+    ).save_pretrained(source)
     repo = Path(__file__).resolve().parents[1]
     outcomes = set()
     for delay in (0.5, 2.0, 4.0, 60.0):
         out = tmp_path / f"out_{delay}"
-        process = subprocess.Popen([sys.executable, "-m", "convert", str(source), str(out)], cwd=repo,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "convert", str(source), str(out)],
+            cwd=repo,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:

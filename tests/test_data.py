@@ -18,12 +18,18 @@ def write_lines(path, lines):
 
 def test_manifest_reads_both_formats_and_resolves_paths(tmp_path):
     (tmp_path / "data").mkdir()
-    manifest = write_lines(tmp_path / "data" / "train.jsonl", [
-        {"path": "a.png", "prompt": "a cat"},
-        {"image": "sub/b.png", "prompt": "a dog"},
-        "",
-        {"image": "/abs/c.png", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "a cow"}]},
-    ])  # fmt: skip
+    manifest = write_lines(
+        tmp_path / "data" / "train.jsonl",
+        [
+            {"path": "a.png", "prompt": "a cat"},
+            {"image": "sub/b.png", "prompt": "a dog"},
+            "",
+            {
+                "image": "/abs/c.png",
+                "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "a cow"}],
+            },
+        ],
+    )
     assert read_manifest(manifest) == [
         Example(tmp_path / "data" / "a.png", "a cat", 1),
         Example(tmp_path / "data" / "sub" / "b.png", "a dog", 2),

@@ -32,11 +32,26 @@ from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError, plan_im
 
 CONFIGS = {
     # head_dim * heads (96) differs from hidden_size (64), as in gemma-7b; biases on, to cover attention_bias
-    "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=24, attention_bias=True),
-    "released_widths": dict(vocab_size=1000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=2,
-                            num_attention_heads=8, num_key_value_heads=1, head_dim=256),
-}  # fmt: skip
+    "tiny": dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        attention_bias=True,
+    ),
+    "released_widths": dict(
+        vocab_size=1000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+    ),
+}
 # padded length (a multiple of 8, as the pipeline's tokenizer pads) and valid tokens per row
 CASES = {"length8": (8, [8, 3]), "length16": (16, [16, 5, 11])}
 FLOAT32_BOUND = 1e-5
@@ -191,8 +206,9 @@ def test_pipeline_folder_and_causal_lm_keys_load(tiny, tmp_path):
     causal_lm = tmp_path / "causal_lm"  # GemmaForCausalLM's layout: everything under model., lm_head tied
     causal_lm.mkdir()
     shutil.copy(folder / "config.json", causal_lm)
-    save_file({f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()},
-              causal_lm / "model.safetensors")  # fmt: skip
+    save_file(
+        {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}, causal_lm / "model.safetensors"
+    )
     np.testing.assert_array_equal(encode(load_text_encoder(causal_lm, progress=False), TINY_IDS, TINY_MASK), expected)
 
 
@@ -240,13 +256,31 @@ def test_released_gemma_2b_keys_plan_cleanly():
 def test_config_reads_transformers_files(tmp_path):
     # gemma-2b as transformers 4.x writes it: legacy "gelu" (read as the tanh GELU), rope_theta, rope_scaling null
     gemma_2b_v4 = dict(
-        architectures=["GemmaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=2,
-        eos_token_id=1, head_dim=256, hidden_act="gelu", hidden_activation=None, hidden_size=2048,
-        initializer_range=0.02, intermediate_size=16384, max_position_embeddings=8192, model_type="gemma",
-        num_attention_heads=8, num_hidden_layers=18, num_key_value_heads=1, pad_token_id=0, rms_norm_eps=1e-6,
-        rope_scaling=None, rope_theta=10000.0, torch_dtype="bfloat16", transformers_version="4.38.0",
-        use_cache=True, vocab_size=256000,
-    )  # fmt: skip
+        architectures=["GemmaForCausalLM"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=2,
+        eos_token_id=1,
+        head_dim=256,
+        hidden_act="gelu",
+        hidden_activation=None,
+        hidden_size=2048,
+        initializer_range=0.02,
+        intermediate_size=16384,
+        max_position_embeddings=8192,
+        model_type="gemma",
+        num_attention_heads=8,
+        num_hidden_layers=18,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        rms_norm_eps=1e-6,
+        rope_scaling=None,
+        rope_theta=10000.0,
+        torch_dtype="bfloat16",
+        transformers_version="4.38.0",
+        use_cache=True,
+        vocab_size=256000,
+    )
     config = GemmaConfig.from_dict(gemma_2b_v4)
     assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (18, 2048, 1)
     assert GemmaConfig.from_dict(GEMMA_2B.to_dict()) == GEMMA_2B

@@ -72,27 +72,50 @@ def assert_same_params(a: nnx.Module, b: nnx.Module) -> None:
 
 
 def test_a_pipeline_downloads_plain_safetensors_only():
-    files = ["README.md", "model_index.json", "scheduler/scheduler_config.json",
-             "tokenizer/tokenizer.json", "tokenizer/tokenizer.model", "tokenizer/special_tokens_map.json",
-             "transformer/config.json", "transformer/diffusion_pytorch_model.bin",
-             "transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.fp16.safetensors",
-             "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
-             "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
-             "text_encoder/model.fp16-00001-of-00002.safetensors", "text_encoder/model.fp16.safetensors.index.json",
-             "text_encoder/pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-             "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.bin"]  # fmt: skip
+    files = [
+        "README.md",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer.model",
+        "tokenizer/special_tokens_map.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.bin",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.fp16-00001-of-00002.safetensors",
+        "text_encoder/model.fp16.safetensors.index.json",
+        "text_encoder/pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.bin",
+    ]
     assert hub.choose_files("org/pipe", files, "pipeline") == [
-        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer.json", "tokenizer/tokenizer.model",
-        "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
-        "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
-        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
-        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-    ]  # fmt: skip
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer.model",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
     # one component of the pipeline, or the pipeline without its transformer
     assert hub.choose_files("org/pipe", files, "vae") == [
-        "model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"
-    ]  # fmt: skip
+        "model_index.json",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
     without = hub.choose_files("org/pipe", files, "pipeline", components=("text_encoder", "vae"))
     assert not any(f.startswith("transformer/") for f in without) and "vae/config.json" in without
     assert hub.choose_files("org/pipe", files, "pipeline_or_transformer") == hub.choose_files(
@@ -102,22 +125,37 @@ def test_a_pipeline_downloads_plain_safetensors_only():
 
 def test_a_pipeline_with_bin_weights_alone_downloads_their_configs():
     """The loader then names the missing safetensors file; nothing it cannot read is downloaded."""
-    files = ["model_index.json", "tokenizer/tokenizer.json", "text_encoder/config.json",
-             "text_encoder/pytorch_model.bin", "transformer/config.json",
-             "transformer/diffusion_pytorch_model.bin"]  # fmt: skip
+    files = [
+        "model_index.json",
+        "tokenizer/tokenizer.json",
+        "text_encoder/config.json",
+        "text_encoder/pytorch_model.bin",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.bin",
+    ]
     assert hub.choose_files("org/pipe", files, "pipeline") == [
-        "model_index.json", "tokenizer/tokenizer.json", "transformer/config.json", "text_encoder/config.json"
-    ]  # fmt: skip
+        "model_index.json",
+        "tokenizer/tokenizer.json",
+        "transformer/config.json",
+        "text_encoder/config.json",
+    ]
 
 
 def test_original_checkpoints_ema_or_not():
-    files = ["README.md", "consolidated.00-of-01.pth", "consolidated.00-of-01.safetensors",
-             "consolidated_ema.00-of-01.pth", "model_args.pth", "samples/fox.png"]  # fmt: skip
+    files = [
+        "README.md",
+        "consolidated.00-of-01.pth",
+        "consolidated.00-of-01.safetensors",
+        "consolidated_ema.00-of-01.pth",
+        "model_args.pth",
+        "samples/fox.png",
+    ]
     assert hub.choose_files("org/next", files, "transformer") == ["consolidated.00-of-01.safetensors", "model_args.pth"]
     # .pth only where there is no safetensors file
     assert hub.choose_files("org/next", files, "transformer", ema=True) == [
-        "consolidated_ema.00-of-01.pth", "model_args.pth"
-    ]  # fmt: skip
+        "consolidated_ema.00-of-01.pth",
+        "model_args.pth",
+    ]
     assert hub.choose_files("org/next", files, "pipeline_or_transformer") == hub.choose_files(
         "org/next", files, "transformer"
     )
@@ -126,9 +164,13 @@ def test_original_checkpoints_ema_or_not():
 
 
 def test_model_repos_of_their_own():
-    transformer = ["config.json", "diffusion_pytorch_model.safetensors.index.json",
-                   "diffusion_pytorch_model-00001-of-00002.safetensors",
-                   "diffusion_pytorch_model-00002-of-00002.safetensors", "diffusion_pytorch_model.bin"]  # fmt: skip
+    transformer = [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.bin",
+    ]
     assert hub.choose_files("org/dit", transformer, "transformer") == transformer[:4]  # not the .bin
     gemma = ["config.json", "model.safetensors", "gemma-2b.gguf", "tokenizer.json", "generation_config.json"]
     assert hub.choose_files("org/gemma", gemma, "text_encoder") == ["config.json", "model.safetensors"]
@@ -139,17 +181,23 @@ def test_model_repos_of_their_own():
 @pytest.mark.parametrize(
     "files, kind, message",
     [
-        (["README.md", "weights.ckpt"], "transformer",
-         r"org/x is not a Lumina pipeline or Next-DiT transformer: it has no model_index.json, consolidated.00-of-01 "
-         r"checkpoint or config.json \(its files: README.md, weights.ckpt\)"),
+        (
+            ["README.md", "weights.ckpt"],
+            "transformer",
+            r"org/x is not a Lumina pipeline or Next-DiT transformer: it has no model_index.json, "
+            r"consolidated.00-of-01 checkpoint or config.json \(its files: README.md, weights.ckpt\)",
+        ),
         (["config.json", "model.safetensors"], "pipeline", r"org/x is not a Lumina pipeline: it has no model_index"),
-        (["model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json"], "pipeline",
-         r"org/x is a diffusers pipeline but not a Lumina one: it has no tokenizer/, transformer/ \(its folders: "
-         r"text_encoder/, unet/, vae/\)"),
+        (
+            ["model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json"],
+            "pipeline",
+            r"org/x is a diffusers pipeline but not a Lumina one: it has no tokenizer/, transformer/ \(its folders: "
+            r"text_encoder/, unet/, vae/\)",
+        ),
         (["model_index.json", "transformer/config.json"], "vae", r"org/x: a diffusers pipeline without vae/"),
         ([f"file{i}.txt" for i in range(12)], "text_encoder", r"Gemma text encoder.*file5.txt, \.\.\. \(4 more\)\)$"),
     ],
-)  # fmt: skip
+)
 def test_other_repos_are_refused(files, kind, message):
     with pytest.raises(ValueError, match=message):
         hub.choose_files("org/x", files, kind)
@@ -157,10 +205,20 @@ def test_other_repos_are_refused(files, kind, message):
 
 @pytest.mark.parametrize(
     "text, is_id",
-    [("Alpha-VLLM/Lumina-Next-SFT-diffusers", True), ("org/name_1.5", True), ("name", False), ("a/b/c", False),
-     ("/abs/path", False), ("./relative", False), ("org/", False), ("org/-name", False), ("org/na--me", False),
-     ("~/models", False), ("org/" + "x" * 97, False)],
-)  # fmt: skip
+    [
+        ("Alpha-VLLM/Lumina-Next-SFT-diffusers", True),
+        ("org/name_1.5", True),
+        ("name", False),
+        ("a/b/c", False),
+        ("/abs/path", False),
+        ("./relative", False),
+        ("org/", False),
+        ("org/-name", False),
+        ("org/na--me", False),
+        ("~/models", False),
+        ("org/" + "x" * 97, False),
+    ],
+)
 def test_what_reads_as_a_hub_id(text, is_id):
     assert hub.is_repo_id(text) == is_id
 
@@ -204,8 +262,10 @@ def test_text_encoder_and_vae_by_id(hub_cache, tmp_path):
     from diffusers import AutoencoderKL  # only this test needs torch
 
     cache_repo(hub_cache, "lumina-jax/digits", DIGITS)
-    assert_same_params(load_text_encoder("lumina-jax/digits", progress=False),
-                       load_text_encoder(DIGITS / "text_encoder", progress=False))  # fmt: skip
+    assert_same_params(
+        load_text_encoder("lumina-jax/digits", progress=False),
+        load_text_encoder(DIGITS / "text_encoder", progress=False),
+    )
     AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4).save_pretrained(tmp_path / "vae")
     cache_repo(hub_cache, "org/tiny-vae", tmp_path / "vae")
     assert_same_params(load_vae("org/tiny-vae", progress=False), load_vae(tmp_path / "vae", progress=False))
@@ -224,8 +284,9 @@ def test_convert_by_id(hub_cache, tmp_path, capsys):
 
     cache_repo(hub_cache, "alpha/next-tiny", ORIGINAL)
     assert convert_main(["alpha/next-tiny", str(tmp_path / "ema"), "--ema", "--revision", REVISION]) == 0
-    assert_same_params(load_transformer(tmp_path / "ema", progress=False),
-                       load_transformer(ORIGINAL, ema=True, progress=False))  # fmt: skip
+    assert_same_params(
+        load_transformer(tmp_path / "ema", progress=False), load_transformer(ORIGINAL, ema=True, progress=False)
+    )
 
 
 def test_sample_by_id(hub_cache, tmp_path):
@@ -271,8 +332,11 @@ def test_a_cached_repo_that_is_not_lumina(hub_cache, tmp_path):
     (other / "README.md").write_text("a text classifier")
     (other / "unet" / "config.json").write_text("{}")
     cache_repo(hub_cache, "org/other", other)
-    with pytest.raises(ValueError, match=r"org/other is not a Lumina pipeline: it has no model_index.json \(its files: "
-                       r"README.md, unet/config.json\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"org/other is not a Lumina pipeline: it has no model_index.json \(its files: "
+        r"README.md, unet/config.json\)",
+    ):
         LuminaPipeline.from_pretrained("org/other")
     with pytest.raises(ValueError, match=r"org/other is not a Lumina pipeline or Next-DiT transformer"):
         load_transformer("org/other")
@@ -282,13 +346,15 @@ def test_a_cached_repo_that_is_not_lumina(hub_cache, tmp_path):
 @pytest.mark.parametrize(
     "missing, message",
     [
-        ("transformer/diffusion_pytorch_model.safetensors",
-         r"snapshots/0123456789abcdef0123456789abcdef01234567/transformer: config.json but no "
-         r"diffusion_pytorch_model.safetensors"),
+        (
+            "transformer/diffusion_pytorch_model.safetensors",
+            r"snapshots/0123456789abcdef0123456789abcdef01234567/transformer: config.json but no "
+            r"diffusion_pytorch_model.safetensors",
+        ),
         ("transformer/config.json", r"/transformer: no Next-DiT weights found \(no config.json\)"),
         ("text_encoder/model.safetensors", r"/text_encoder: config.json but no model.safetensors"),
     ],
-)  # fmt: skip
+)
 def test_a_file_missing_from_the_cached_snapshot_is_named(hub_cache, missing, message):
     snapshot = cache_repo(hub_cache, "lumina-jax/digits", DIGITS)
     (snapshot / missing).unlink()
@@ -341,22 +407,35 @@ def test_online_downloads_the_chosen_files_at_the_revision(online, monkeypatch, 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, **kw: asked.append(kw) or listing)
     path = hub.local_path("alpha/next", "transformer", revision="v1", ema=True)
     assert path == hub_cache / "downloaded" and asked == [{"revision": "v1"}]
-    assert online == [("alpha/next", {"revision": "v1", "allow_patterns": ["consolidated_ema.00-of-01.pth",
-                                                                           "model_args.pth"]})]  # fmt: skip
+    assert online == [
+        ("alpha/next", {"revision": "v1", "allow_patterns": ["consolidated_ema.00-of-01.pth", "model_args.pth"]})
+    ]
 
 
 @pytest.mark.parametrize(
     "error, kind, message",
     [
-        (GatedRepoError, PermissionError, r"alpha/gated is gated on the Hugging Face hub: accept its conditions on "
-         r"https://huggingface.co/alpha/gated, then set HF_TOKEN"),
-        (RepositoryNotFoundError, FileNotFoundError, r"alpha/gated: no such local path, and no model alpha/gated on "
-         r"the Hugging Face hub \(if it is private, set HF_TOKEN"),
+        (
+            GatedRepoError,
+            PermissionError,
+            r"alpha/gated is gated on the Hugging Face hub: accept its conditions on "
+            r"https://huggingface.co/alpha/gated, then set HF_TOKEN",
+        ),
+        (
+            RepositoryNotFoundError,
+            FileNotFoundError,
+            r"alpha/gated: no such local path, and no model alpha/gated on "
+            r"the Hugging Face hub \(if it is private, set HF_TOKEN",
+        ),
         (RevisionNotFoundError, FileNotFoundError, r"alpha/gated has no revision 'v9' on the Hugging Face hub"),
-        (ConnectionError, FileNotFoundError, r"not in the Hugging Face cache at revision 'v9' .* and the hub could "
-         r"not be reached \(ConnectionError\('refused'\)\)"),
+        (
+            ConnectionError,
+            FileNotFoundError,
+            r"not in the Hugging Face cache at revision 'v9' .* and the hub could "
+            r"not be reached \(ConnectionError\('refused'\)\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_refusals_of_the_hub_read_well(online, monkeypatch, error, kind, message):
     def refuse(self, repo_id, **options):
         raise hub_error(error)

@@ -29,13 +29,17 @@ def test_plain_text_is_one_prompt_a_line(tmp_path):
 
 def test_jsonl_lines_carry_their_own_settings(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    lines = [{"prompt": "a handwritten digit one", "seed": 7, "num_images": 2, "guidance": 2},
-             {"prompt": "a handwritten digit two", "negative_prompt": "a three", "steps": 5, "height": 64}]  # fmt: skip
+    lines = [
+        {"prompt": "a handwritten digit one", "seed": 7, "num_images": 2, "guidance": 2},
+        {"prompt": "a handwritten digit two", "negative_prompt": "a three", "steps": 5, "height": 64},
+    ]
     path.write_text("\n".join(json.dumps(line) for line in lines))
     made = jobs.make_jobs(jobs.read_requests(path), DEFAULTS)
     assert [(j.line, j.seed, j.guidance, j.steps, j.height, j.negative_prompt) for j in made] == [
-        (0, 7, 2.0, 3, 32, None), (0, 8, 2.0, 3, 32, None), (1, 0, 4.0, 5, 64, "a three"),
-    ]  # fmt: skip
+        (0, 7, 2.0, 3, 32, None),
+        (0, 8, 2.0, 3, 32, None),
+        (1, 0, 4.0, 5, 64, "a three"),
+    ]
     assert [j.file_name for j in made] == ["00000_7.png", "00000_8.png", "00001_0.png"]
 
 
@@ -93,16 +97,20 @@ def test_process_shares_cover_every_job_once(tmp_path, pipe):
     made = jobs.make_jobs([{"prompt": "a handwritten digit five", "num_images": 5}], DEFAULTS)
     for index in range(2):
         jobs.run_jobs(pipe, made, tmp_path, per_call=2, process_index=index, process_count=2, progress=False)
-    shares = [[json.loads(line)["file"] for line in (tmp_path / f"index.{i}-of-2.jsonl").read_text().splitlines()]
-              for i in range(2)]  # fmt: skip
+    shares = [
+        [json.loads(line)["file"] for line in (tmp_path / f"index.{i}-of-2.jsonl").read_text().splitlines()]
+        for i in range(2)
+    ]
     assert shares == [["00000_0.png", "00000_2.png", "00000_4.png"], ["00000_1.png", "00000_3.png"]]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(shares[0] + shares[1])
 
 
 def test_batched_images_equal_one_at_a_time(tmp_path, pipe):
     """A job's image does not depend on its batch: 3 jobs per call (one padded) against one per call."""
-    requests = [{"prompt": "a handwritten digit seven", "num_images": 2, "seed": 3},
-                {"prompt": "a handwritten digit four", "negative_prompt": "a handwritten digit nine"}]  # fmt: skip
+    requests = [
+        {"prompt": "a handwritten digit seven", "num_images": 2, "seed": 3},
+        {"prompt": "a handwritten digit four", "negative_prompt": "a handwritten digit nine"},
+    ]
     made = jobs.make_jobs(requests, DEFAULTS)
     jobs.run_jobs(pipe, made, tmp_path / "batched", per_call=4, progress=False)
     jobs.run_jobs(pipe, made, tmp_path / "single", per_call=1, progress=False)

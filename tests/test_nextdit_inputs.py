@@ -6,8 +6,9 @@ from flax import nnx
 
 from lumina_jax import NextDiT, NextDiTConfig
 
-CONFIG = NextDiTConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
-                       cross_attention_dim=16)  # fmt: skip
+CONFIG = NextDiTConfig(
+    hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16, cross_attention_dim=16
+)
 
 
 @pytest.fixture(scope="module")

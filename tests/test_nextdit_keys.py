@@ -67,7 +67,10 @@ def test_released_original_keys_cover_every_parameter_and_name_the_diffusers_key
     assert renamed.items() <= {k: v.shape for k, v in diffusers.items()}.items()
     # diffusers adds only the second copy of the shared query and its norm
     assert sorted({k.split(".", 2)[2] for k in set(diffusers) - set(renamed)}) == [
-        "attn2.norm_q.bias", "attn2.norm_q.weight", "attn2.to_q.weight"]  # fmt: skip
+        "attn2.norm_q.bias",
+        "attn2.norm_q.weight",
+        "attn2.to_q.weight",
+    ]
 
 
 def test_architecture_read_off_the_released_shapes():

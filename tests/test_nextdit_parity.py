@@ -10,19 +10,33 @@ from reference import inputs, random_transformer, relative_error, transformer_fo
 from lumina_jax import load_transformer
 
 CONFIGS = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=4, multiple_of=16,
-                 cross_attention_dim=32),
-    "odd": dict(hidden_size=144, num_layers=3, num_attention_heads=6, num_kv_heads=2, multiple_of=32,
-                cross_attention_dim=40, ffn_dim_multiplier=1.3),
-    "released_widths": dict(hidden_size=2304, num_layers=2, num_attention_heads=32, num_kv_heads=8,
-                            multiple_of=256, cross_attention_dim=2048),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=4, multiple_of=16, cross_attention_dim=32
+    ),
+    "odd": dict(
+        hidden_size=144,
+        num_layers=3,
+        num_attention_heads=6,
+        num_kv_heads=2,
+        multiple_of=32,
+        cross_attention_dim=40,
+        ffn_dim_multiplier=1.3,
+    ),
+    "released_widths": dict(
+        hidden_size=2304,
+        num_layers=2,
+        num_attention_heads=32,
+        num_kv_heads=8,
+        multiple_of=256,
+        cross_attention_dim=2048,
+    ),
+}
 # (batch, latent height, width, caption length, valid caption tokens, linear, ntk, proportional base)
 CASES = {
     "square": (2, 16, 16, 8, [8, 3], 1.0, 1.0, None),
     "wide_linear_proportional": (2, 12, 20, 9, [5, 9], 1.5, 1.0, 16),
     "tall_ntk_proportional": (1, 20, 8, 6, [4], 1.0, 2.0, 4096),
-}  # fmt: skip
+}
 FLOAT32_BOUND = 1e-5
 BFLOAT16_BOUND = 2e-2  # bfloat16 compute and weights against the float32 reference (measured: see the note)
 

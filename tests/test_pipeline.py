@@ -53,11 +53,17 @@ def test_latents_and_images_match_diffusers(pipelines, case):
 def test_num_images_per_prompt_keeps_masks_with_their_prompts(pipelines):
     _, ours = pipelines
     latents = np.random.default_rng(1).standard_normal((4, 4, 16, 16), dtype=np.float32)
-    both = ours(prompt=PROMPTS, num_images_per_prompt=2, latents=latents, num_inference_steps=2,
-                output_type="latent").images  # fmt: skip
+    both = ours(
+        prompt=PROMPTS, num_images_per_prompt=2, latents=latents, num_inference_steps=2, output_type="latent"
+    ).images
     for i, prompt in enumerate(PROMPTS):
-        alone = ours(prompt=prompt, num_images_per_prompt=2, latents=latents[2 * i : 2 * i + 2], num_inference_steps=2,
-                     output_type="latent").images  # fmt: skip
+        alone = ours(
+            prompt=prompt,
+            num_images_per_prompt=2,
+            latents=latents[2 * i : 2 * i + 2],
+            num_inference_steps=2,
+            output_type="latent",
+        ).images
         assert relative_error(both[2 * i : 2 * i + 2], alone) <= 1e-5
 
 
@@ -179,9 +185,26 @@ def test_sample_command_writes_pngs_with_their_settings(pipelines, tmp_path, cap
     reference.save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\nA red fox in the snow\n")
-    args = ["--model", str(tmp_path / "model"), "--prompts-file", str(prompts), "--height", "128", "--width", "160",
-            "--steps", "2", "--num-images", "2", "--seed", "5", "--dtype", "float32",
-            "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--prompts-file",
+        str(prompts),
+        "--height",
+        "128",
+        "--width",
+        "160",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--seed",
+        "5",
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert sample_main(args) == 0
     files = sorted((tmp_path / "out").glob("*.png"))
     assert [f.name for f in files] == ["00000_5.png", "00000_6.png", "00001_5.png", "00001_6.png"]

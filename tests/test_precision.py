@@ -18,14 +18,25 @@ from lumina_jax.models.nextdit import patchify_padded
 from lumina_jax.models.rope import rope_frequencies
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
-NEXTDIT = NextDiTConfig(hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
-                        cross_attention_dim=16)  # fmt: skip
-GEMMA = GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=8)  # fmt: skip
+NEXTDIT = NextDiTConfig(
+    hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=1, multiple_of=16, cross_attention_dim=16
+)
+GEMMA = GemmaConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+)
 VAE = AutoencoderKLConfig(
-    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-)  # fmt: skip
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
 MODELS = {
     "nextdit": lambda dtype: NextDiT(NEXTDIT, dtype=dtype, rngs=nnx.Rngs(0)),
     "gemma": lambda dtype: GemmaEncoder(GEMMA, dtype=dtype, rngs=nnx.Rngs(0)),
@@ -57,8 +68,11 @@ ENTRY_POINTS = {
 def product_precisions(program: str) -> list[str]:
     """The operand precisions of every dot_general and convolution in a lowered program."""
     dots = re.findall(r"stablehlo\.dot_general .*?precision = \[(\w+), (\w+)\]", program)
-    convolutions = re.findall(r"stablehlo\.convolution.*?precision_config = \[#stablehlo<precision (\w+)>, "
-                              r"#stablehlo<precision (\w+)>\]", program)  # fmt: skip
+    convolutions = re.findall(
+        r"stablehlo\.convolution.*?precision_config = \[#stablehlo<precision (\w+)>, "
+        r"#stablehlo<precision (\w+)>\]",
+        program,
+    )
     products = len(re.findall(r"stablehlo\.(?:dot_general|convolution)", program))
     assert len(dots) + len(convolutions) == products, "a product without a precision"
     return [p for pair in dots + convolutions for p in pair]

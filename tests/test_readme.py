@@ -22,8 +22,9 @@ def test_using_the_transformer_compiles_one_program():
     assert '"checkpoints/lumina-next-sft"' in code
     code = code.replace('"checkpoints/lumina-next-sft"', repr(str(ORIGINAL))).replace('"bfloat16"', '"float32"')
     io = np.load(ORIGINAL / "io.npz")
-    names = dict(hidden_states=io["a_x"], timestep=io["a_t"], encoder_hidden_states=io["a_cap"],
-                 encoder_mask=io["a_cap_mask"])  # fmt: skip
+    names = dict(
+        hidden_states=io["a_x"], timestep=io["a_t"], encoder_hidden_states=io["a_cap"], encoder_mask=io["a_cap_mask"]
+    )
     compiled = []
     listener = lambda event, seconds, **_: event == "/jax/core/compile/backend_compile_duration" and compiled.append(1)  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)

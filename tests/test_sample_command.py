@@ -60,8 +60,15 @@ def assert_same_images(folder: Path, reference: Path) -> None:
 
 def test_one_device_writes_every_job_and_its_index(one_device):
     index = [json.loads(line) for line in (one_device / "index.jsonl").read_text().splitlines()]
-    assert [r["file"] for r in index] == ["00000_10.png", "00000_11.png", "00000_12.png", "00001_0.png",
-                                          "00002_0.png", "00002_1.png", "00003_99.png"]  # fmt: skip
+    assert [r["file"] for r in index] == [
+        "00000_10.png",
+        "00000_11.png",
+        "00000_12.png",
+        "00001_0.png",
+        "00002_0.png",
+        "00002_1.png",
+        "00003_99.png",
+    ]
     assert index[3]["negative_prompt"] == "a handwritten digit zero" and index[3]["guidance"] == 2.5
     assert index[4]["steps"] == 4 and index[0]["steps"] == 3
     assert json.loads(Image.open(one_device / "00003_99.png").text["parameters"])["seed"] == 99
@@ -86,12 +93,16 @@ def test_two_processes_split_the_jobs_without_overlap(prompts, one_device, tmp_p
     args = ["--prompts-file", str(prompts), "--steps", "3", "--out", str(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    runs = [subprocess.Popen([sys.executable, "-c", start.format(port=port, rank=rank), *args], cwd=ROOT, env=env,
-                             **pipes) for rank in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen([sys.executable, "-c", start.format(port=port, rank=rank), *args], cwd=ROOT, env=env, **pipes)
+        for rank in range(2)
+    ]
     outputs = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
-    shares = [{json.loads(line)["file"] for line in (tmp_path / f"index.{rank}-of-2.jsonl").read_text().splitlines()}
-              for rank in range(2)]  # fmt: skip
+    shares = [
+        {json.loads(line)["file"] for line in (tmp_path / f"index.{rank}-of-2.jsonl").read_text().splitlines()}
+        for rank in range(2)
+    ]
     assert not shares[0] & shares[1]
     assert len(shares[0]) + len(shares[1]) == JOBS
     assert "process 1 of 2" in outputs[1][0]

@@ -58,8 +58,16 @@ def original_sampler(model, x, caption, mask, grid, guidance, guided_channels):
 
 @pytest.mark.parametrize("guided_channels", [3, 4])
 def test_midpoint_over_the_shifted_grid_matches_the_original_sampler(tmp_path, guided_channels):
-    reference = random_transformer(seed=4, sample_size=8, hidden_size=64, num_layers=2, num_attention_heads=4,
-                                   num_kv_heads=2, multiple_of=16, cross_attention_dim=32)  # fmt: skip
+    reference = random_transformer(
+        seed=4,
+        sample_size=8,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    )
     with torch.no_grad():  # a tame random velocity field keeps the comparison well conditioned
         reference.norm_out.linear_2.weight.mul_(0.1)
     reference.save_pretrained(tmp_path)
@@ -68,7 +76,15 @@ def test_midpoint_over_the_shifted_grid_matches_the_original_sampler(tmp_path, g
     schedule = shifted_schedule(5, shift=4.0)
     grid = np.append(schedule.times, 1.0).astype(np.float32)
     expected = original_sampler(reference, x, caption, mask, grid, 4.0, guided_channels)
-    ours = sample(load_transformer(tmp_path, progress=False), jnp.asarray(x), jnp.asarray(caption), jnp.asarray(mask),
-                  schedule, guidance_scale=4.0, solver="midpoint", proportional_attn=False,
-                  cfg_all_channels=guided_channels == 4)  # fmt: skip
+    ours = sample(
+        load_transformer(tmp_path, progress=False),
+        jnp.asarray(x),
+        jnp.asarray(caption),
+        jnp.asarray(mask),
+        schedule,
+        guidance_scale=4.0,
+        solver="midpoint",
+        proportional_attn=False,
+        cfg_all_channels=guided_channels == 4,
+    )
     assert relative_error(ours, expected) <= 1e-5

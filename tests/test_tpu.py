@@ -28,12 +28,34 @@ from lumina_jax.training.config import TrainConfig  # noqa: E402
 from sample.__main__ import main as sample_main  # noqa: E402
 from train.__main__ import main as train_main  # noqa: E402
 
-TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=144, num_layers=2,
-                        num_attention_heads=4, num_kv_heads=2, multiple_of=32, cross_attention_dim=64)  # fmt: skip
-TINY_GEMMA = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32)  # fmt: skip
-TINY_VAE = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, sample_size=32)  # fmt: skip
+TINY_TRANSFORMER = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=144,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    multiple_of=32,
+    cross_attention_dim=64,
+)
+TINY_GEMMA = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+)
+TINY_VAE = dict(
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
 
 
 def one_chip(name: str = "v5e-4") -> jax.sharding.Mesh:
@@ -44,8 +66,12 @@ def one_chip(name: str = "v5e-4") -> jax.sharding.Mesh:
 def config_folder(tmp_path_factory):
     """A pipeline folder of config files only, as `--compile-only` takes it."""
     folder = tmp_path_factory.mktemp("configs")
-    index = {"_class_name": "LuminaPipeline", "transformer": ["diffusers", "LuminaNextDiT2DModel"],
-             "text_encoder": ["transformers", "GemmaModel"], "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    index = {
+        "_class_name": "LuminaPipeline",
+        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+        "text_encoder": ["transformers", "GemmaModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     for name, config in (("transformer", TINY_TRANSFORMER), ("text_encoder", TINY_GEMMA), ("vae", TINY_VAE)):
         (folder / name).mkdir()
@@ -55,9 +81,16 @@ def config_folder(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "name, topology, chips",
-    [("v5e-1", "v5e:1x1", 1), ("v5e-8", "v5e:2x4", 8), ("v6e-256", "v6e:16x16", 256), ("v5p-8", "v5p:2x2x1", 4),
-     ("v5p-128", "v5p:4x4x4", 64), ("v4-8", "v4:2x2x1", 4), ("v5e:4x4", "v5e:4x4", 16)],
-)  # fmt: skip
+    [
+        ("v5e-1", "v5e:1x1", 1),
+        ("v5e-8", "v5e:2x4", 8),
+        ("v6e-256", "v6e:16x16", 256),
+        ("v5p-8", "v5p:2x2x1", 4),
+        ("v5p-128", "v5p:4x4x4", 64),
+        ("v4-8", "v4:2x2x1", 4),
+        ("v5e:4x4", "v5e:4x4", 16),
+    ],
+)
 def test_slices_as_cloud_tpu_names_them(name, topology, chips):
     target = tpu.tpu_slice(name)
     assert (target.topology, target.chips) == (topology, chips)
@@ -97,8 +130,15 @@ def test_splash_attention_compiles_through_mosaic_forward_and_backward():
         out = dual_attention(q, k, v, ck, cv, scale=72**-0.5, caption_gate=gate, caption_mask=mask, backend="splash")
         return jnp.sum(out**2)
 
-    args = (struct(2, 256, 8, 72), struct(2, 256, 2, 72), struct(2, 256, 2, 72), struct(2, 40, 2, 72),
-            struct(2, 40, 2, 72), struct(8, dtype=jnp.float32), struct(2, 40, dtype=jnp.bool_))  # fmt: skip
+    args = (
+        struct(2, 256, 8, 72),
+        struct(2, 256, 2, 72),
+        struct(2, 256, 2, 72),
+        struct(2, 40, 2, 72),
+        struct(2, 40, 2, 72),
+        struct(8, dtype=jnp.float32),
+        struct(2, 40, dtype=jnp.bool_),
+    )
     with jax.set_mesh(mesh):
         forward = jax.jit(loss).lower(*args).compile()
         backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
@@ -110,8 +150,11 @@ def test_pipeline_programs_compile_and_plan(config_folder):
     pipe = LuminaPipeline.abstract(config_folder, "bfloat16").shard(one_chip())
     programs = pipe.lower(height=128, width=192, num_images_per_prompt=2, num_inference_steps=3, caption_length=20)
     assert list(programs) == ["text_encoder", "noise", "sampler", "decoder"]
-    plan = tpu.plan_programs(tpu.tpu_slice("v5e-1"), programs, {"transformer": pipe.transformer,
-                             "text_encoder": pipe.text_encoder, "vae": pipe.vae})  # fmt: skip
+    plan = tpu.plan_programs(
+        tpu.tpu_slice("v5e-1"),
+        programs,
+        {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae},
+    )
     assert plan.fits and not any(p.refused for p in plan.programs)
     weights = {p.name: p.weights for p in plan.programs}
     assert weights["sampler"] == plan.resident["transformer"] == tpu.per_chip_bytes(nnx.state(pipe.transformer)) > 0
@@ -135,9 +178,20 @@ def test_streamed_vae_decode_compiles(monkeypatch):
 
 
 def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
-    config = TrainConfig(workdir="unused", pipeline=str(config_folder), manifest="unused", cache="unused",
-                         init="scratch", transformer=NextDiTConfig(**TINY_TRANSFORMER), image_size=64, batch_size=8,
-                         remat="full", mesh_data=2, mesh_fsdp=2, mesh_tensor=2)  # fmt: skip
+    config = TrainConfig(
+        workdir="unused",
+        pipeline=str(config_folder),
+        manifest="unused",
+        cache="unused",
+        init="scratch",
+        transformer=NextDiTConfig(**TINY_TRANSFORMER),
+        image_size=64,
+        batch_size=8,
+        remat="full",
+        mesh_data=2,
+        mesh_fsdp=2,
+        mesh_tensor=2,
+    )
     target = tpu.tpu_slice("v5e-8")
     plan = plan_train_step(config, target)
     (step,) = plan.programs
@@ -162,8 +216,25 @@ def test_offloaded_text_encoder_is_resident_only_while_it_encodes(config_folder)
 
 def test_sample_compile_only_cli(config_folder, tmp_path, capsys):
     report = tmp_path / "plan.json"
-    code = sample_main(["--compile-only", "--topology", "v5e-1", "--model", str(config_folder), "--height", "64",
-                        "--width", "64", "--steps", "2", "--caption-length", "16", "--json", str(report)])  # fmt: skip
+    code = sample_main(
+        [
+            "--compile-only",
+            "--topology",
+            "v5e-1",
+            "--model",
+            str(config_folder),
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--steps",
+            "2",
+            "--caption-length",
+            "16",
+            "--json",
+            str(report),
+        ]
+    )
     assert code == 0
     figures = json.loads(report.read_text())
     assert figures["fits"] and figures["hbm_bytes"] == tpu.GENERATIONS["v5e"].hbm_bytes
@@ -175,10 +246,26 @@ def test_sample_compile_only_cli(config_folder, tmp_path, capsys):
 def test_train_compile_only_cli_says_when_the_batch_does_not_fit(config_folder, tmp_path, capsys):
     """A tiny model at 2048 px in pixel-space patches of 2 with 4096 images per chip cannot fit 16 GB."""
     report = tmp_path / "plan.json"
-    overrides = [f"pipeline={config_folder}", "init=scratch", "batch_size=4096", "image_size=512",
-                 *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items())]  # fmt: skip
-    code = train_main(["--config", "digits", *overrides, "--compile-only", "--topology", "v5e-1", "--no-batch-search",
-                       "--json", str(report)])  # fmt: skip
+    overrides = [
+        f"pipeline={config_folder}",
+        "init=scratch",
+        "batch_size=4096",
+        "image_size=512",
+        *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items()),
+    ]
+    code = train_main(
+        [
+            "--config",
+            "digits",
+            *overrides,
+            "--compile-only",
+            "--topology",
+            "v5e-1",
+            "--no-batch-search",
+            "--json",
+            str(report),
+        ]
+    )
     figures = json.loads(report.read_text())
     assert code == 1 and not figures["fits"] and figures["peak_bytes"] > figures["hbm_bytes"]
     assert "does not fit" in capsys.readouterr().out or any(p["refused"] for p in figures["programs"])

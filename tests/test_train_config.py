@@ -22,9 +22,17 @@ def test_shipped_configs_load(name):
 def test_overrides_take_the_fields_types():
     config = apply_overrides(
         BASE,
-        ["steps=25", "lr=3e-4", "remat=dots", "peak_flops=none", "snr_type=lognorm", "transformer.num_layers=3",
-         "transformer.ffn_dim_multiplier=1.5", "workdir=/tmp/x"],
-    )  # fmt: skip
+        [
+            "steps=25",
+            "lr=3e-4",
+            "remat=dots",
+            "peak_flops=none",
+            "snr_type=lognorm",
+            "transformer.num_layers=3",
+            "transformer.ffn_dim_multiplier=1.5",
+            "workdir=/tmp/x",
+        ],
+    )
     assert (config.steps, config.lr, config.remat, config.peak_flops) == (25, 3e-4, "dots", None)
     assert (config.snr_type, config.workdir) == ("lognorm", "/tmp/x")
     assert config.transformer == NextDiTConfig(num_layers=3, ffn_dim_multiplier=1.5)

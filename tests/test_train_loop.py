@@ -19,8 +19,18 @@ from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from train.__main__ import main as train_main
 
-TINY = NextDiTConfig(sample_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=2, num_attention_heads=2,
-            num_kv_heads=1, multiple_of=16, learn_sigma=False, cross_attention_dim=32)  # fmt: skip
+TINY = NextDiTConfig(
+    sample_size=16,
+    patch_size=4,
+    in_channels=3,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=2,
+    num_kv_heads=1,
+    multiple_of=16,
+    learn_sigma=False,
+    cross_attention_dim=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +39,23 @@ def base(tmp_path_factory) -> TrainConfig:
     root = tmp_path_factory.mktemp("digits")
     digits.write_dataset(root / "data", size=16, limit=48)
     config = TrainConfig(
-        workdir=str(root / "run"), pipeline=str(root / "base"), manifest=str(root / "data" / digits.MANIFEST),
-        cache=str(root / "cache"), init="scratch", transformer=TINY, image_size=16, max_aspect=1.0, batch_size=8,
-        steps=6, lr=1e-3, warmup_steps=2, ema_decay=0.9, compute_dtype="float32", log_every=1, save_every=3,
-    )  # fmt: skip
+        workdir=str(root / "run"),
+        pipeline=str(root / "base"),
+        manifest=str(root / "data" / digits.MANIFEST),
+        cache=str(root / "cache"),
+        init="scratch",
+        transformer=TINY,
+        image_size=16,
+        max_aspect=1.0,
+        batch_size=8,
+        steps=6,
+        lr=1e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        compute_dtype="float32",
+        log_every=1,
+        save_every=3,
+    )
     digits.write_base_pipeline(config.pipeline, text_hidden=32)
     loop.prepare_data(config)
     return config

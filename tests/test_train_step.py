@@ -136,9 +136,12 @@ def test_padded_batch_loss_is_the_mean_of_per_image_losses():
         image = jax.tree.map(lambda x: x[i : i + 1], BATCH)
         tokens = slice(0, (h // 2) * (w // 2))  # the image's own tokens
         image = TrainBatch(
-            image.patches[:, tokens], image.positions[:, tokens], image.token_mask[:, tokens],
-            image.caption, image.caption_mask,
-        )  # fmt: skip
+            image.patches[:, tokens],
+            image.positions[:, tokens],
+            image.token_mask[:, tokens],
+            image.caption,
+            image.caption_mask,
+        )
         draw = (t[i : i + 1], noise[i : i + 1, tokens])
         alone.append(float(evaluate(graphdef, params, image, *draw, image.caption, image.caption_mask)))
     assert abs(padded / np.mean(alone) - 1) <= FLOAT32_BOUND
@@ -151,7 +154,8 @@ def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():
     warm = np.minimum(1.0, (counts + 1) / 4)
     progress = np.clip((counts - 4) / 10, 0.0, 1.0)
     np.testing.assert_allclose([float(constant(c)) for c in counts], 1e-3 * warm, rtol=1e-6)
-    np.testing.assert_allclose([float(cosine(c)) for c in counts], 1e-3 * warm * (1 + np.cos(np.pi * progress)) / 2,
-                               rtol=1e-6, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        [float(cosine(c)) for c in counts], 1e-3 * warm * (1 + np.cos(np.pi * progress)) / 2, rtol=1e-6, atol=1e-12
+    )
     assert float(cosine(14)) == 0.0 and float(constant(100)) == pytest.approx(1e-3)
     assert make_optimizer(LearningRate(1e-3, 4)) is make_optimizer(LearningRate(1e-3, 4))  # shared compilations

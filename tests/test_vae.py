@@ -38,12 +38,22 @@ FLOAT32_BOUND = 1e-5
 # mean, logvar and decoded image, both configs), float32 1.1e-6 to 5.8e-6 (diffusers' own float32 is 4.9e-6 off float64)
 BFLOAT16_BOUND = 3e-2
 SDXL_CONFIG_JSON = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.18.0.dev0", "_name_or_path": "stabilityai/sdxl-vae",
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.18.0.dev0",
+    "_name_or_path": "stabilityai/sdxl-vae",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
     "force_upcast": True,
-}  # fmt: skip
+}
 
 
 def diffusers_vae(seed: int, block_out_channels: list[int], **config) -> DiffusersAutoencoderKL:
@@ -125,8 +135,12 @@ def test_streamed_decoder_matches_diffusers(saved_vae, monkeypatch, dtype, bound
 
 @pytest.mark.parametrize("latent_size", [(7, 5), (12, 10), (3, 16)])
 def test_streamed_decoder_equals_whole_decode_at_odd_sizes(monkeypatch, latent_size):
-    config = AutoencoderKLConfig(block_out_channels=(32, 64, 64), down_block_types=(vae.DOWN_BLOCK,) * 3,
-                                 up_block_types=(vae.UP_BLOCK,) * 3, norm_num_groups=8)  # fmt: skip
+    config = AutoencoderKLConfig(
+        block_out_channels=(32, 64, 64),
+        down_block_types=(vae.DOWN_BLOCK,) * 3,
+        up_block_types=(vae.UP_BLOCK,) * 3,
+        norm_num_groups=8,
+    )
     model = AutoencoderKL(config, rngs=nnx.Rngs(0))
     randomize_nnx_(model, seed=1)
     latents = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, *latent_size), dtype=np.float32))
@@ -141,13 +155,16 @@ def randomize_nnx_(model: nnx.Module, seed: int) -> None:
     """Every parameter random (norm scales around 1), in place."""
     rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 0.2 + (p.ndim == 1)), state
-    ))  # fmt: skip
+    nnx.update(
+        model,
+        jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 0.2 + (p.ndim == 1)), state),
+    )
 
 
-@pytest.mark.parametrize("height, width, rows", [(16, 16, 16), (2048, 2048, 32), (1024, 1024, 64), (12, 2**14, 4),
-                                                  (13, 2**14, 1), (8, 2**17, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "height, width, rows",
+    [(16, 16, 16), (2048, 2048, 32), (1024, 1024, 64), (12, 2**14, 4), (13, 2**14, 1), (8, 2**17, 1)],
+)
 def test_band_rows_divide_the_height_within_the_band_size(height, width, rows):
     assert vae.band_rows(height, width) == rows
 
@@ -338,8 +355,12 @@ def test_unknown_key_in_a_checkpoint_is_named(tiny_folder, tmp_path):
 
 
 def test_input_errors():
-    tiny = dict(block_out_channels=(8, 8), norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2)  # fmt: skip
+    tiny = dict(
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
     # abstract models (no weights): every check happens before any computation
     model = nnx.eval_shape(lambda: AutoencoderKL(AutoencoderKLConfig(**tiny), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"image size 31x48 is not divisible by 2"):

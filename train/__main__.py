@@ -39,14 +39,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the workdir)")
         if command == "train":
             plan = parser.add_argument_group("compile only: will the step fit on a Cloud TPU (no TPU, data or weights)")
-            plan.add_argument("--compile-only", action="store_true",
-                              help="compile the train step for --topology with the TPU compiler (pip install -e "
-                                   "'.[tpu]'), print its memory per chip, FLOPs and the largest batch that fits; "
-                                   "exit 1 if the config's batch does not fit")  # fmt: skip
+            plan.add_argument(
+                "--compile-only",
+                action="store_true",
+                help="compile the train step for --topology with the TPU compiler (pip install -e "
+                "'.[tpu]'), print its memory per chip, FLOPs and the largest batch that fits; "
+                "exit 1 if the config's batch does not fit",
+            )
             plan.add_argument("--topology", help="the TPU slice: v5e-8, v6e-8, v5p-8, v5p-128, ... or a JAX topology")
             plan.add_argument("--json", help="write the figures to this file")
-            plan.add_argument("--no-batch-search", action="store_true",
-                              help="skip searching the largest batch (it compiles the step several times)")  # fmt: skip
+            plan.add_argument(
+                "--no-batch-search",
+                action="store_true",
+                help="skip searching the largest batch (it compiles the step several times)",
+            )
         if command == "export":
             parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
             parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")
@@ -66,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from lumina_jax.training.digits import evaluate_pipeline
 
         pipe = LuminaPipeline.from_pretrained(args.model, dtype="float32", progress=False)
-        result = evaluate_pipeline(pipe, samples_per_digit=args.samples_per_digit, seed=args.seed, steps=args.steps,
-                                   guidance=args.guidance)  # fmt: skip
+        result = evaluate_pipeline(
+            pipe, samples_per_digit=args.samples_per_digit, seed=args.seed, steps=args.steps, guidance=args.guidance
+        )
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=1))
         print("confusion (rows: prompted digit, columns: classified as):")
         for digit, row in enumerate(result["confusion"]):
@@ -116,8 +123,10 @@ def compile_only(config, args: argparse.Namespace) -> int:
         return 2
     flops = plan.programs[0].flops
     chips = target.chips
-    print(f"{args.config}: {config.batch_size} images of {config.image_size} px a step, remat {config.remat}, "
-          f"mesh data={config.mesh_data} fsdp={config.mesh_fsdp} tensor={config.mesh_tensor}")  # fmt: skip
+    print(
+        f"{args.config}: {config.batch_size} images of {config.image_size} px a step, remat {config.remat}, "
+        f"mesh data={config.mesh_data} fsdp={config.mesh_fsdp} tensor={config.mesh_tensor}"
+    )
     print(plan.summary())
     if flops:
         print(f"step: {flops * chips / 1e12:.1f} TFLOP ({flops / 1e12:.2f} per chip)")
@@ -127,8 +136,13 @@ def compile_only(config, args: argparse.Namespace) -> int:
         largest = step_plan.largest_per_chip_batch(config, target, log=print)
         print(f"largest batch that fits: {largest} per chip" if largest else "not even 1 image per chip fits")
     if args.json:
-        figures = {"config": args.config, **plan.to_json(), "batch_size": config.batch_size,
-                   "flops_per_step": flops and flops * chips, "largest_per_chip_batch": largest}  # fmt: skip
+        figures = {
+            "config": args.config,
+            **plan.to_json(),
+            "batch_size": config.batch_size,
+            "flops_per_step": flops and flops * chips,
+            "largest_per_chip_batch": largest,
+        }
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0 if plan.fits else 1
 

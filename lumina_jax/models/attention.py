@@ -179,9 +179,11 @@ def _splash_attention(query, key, value, scale, kv_mask):
         dict(zip(mesh.axis_names, mesh.axis_sizes)), query.shape[0], query.shape[2], key.shape[2]
     )
     return jax.shard_map(
-        lambda q, k, v, m: _splash_local(q, k, v, scale, m), in_specs=(rows, rows, rows, masks), out_specs=rows,
+        lambda q, k, v, m: _splash_local(q, k, v, scale, m),
+        in_specs=(rows, rows, rows, masks),
+        out_specs=rows,
         check_vma=False,
-    )(query, key, value, kv_mask)  # fmt: skip
+    )(query, key, value, kv_mask)
 
 
 def _splash_local(query, key, value, scale, kv_mask):
@@ -230,10 +232,15 @@ def _splash_kernel(heads: int, q_length: int, kv_length: int, q_block: int, kv_b
     reads kv head h // (heads / kv_heads) as ours does. Built at trace time: it holds arrays of the trace."""
     mask = splash.MultiHeadMask([splash.FullMask((q_length, kv_length))] * heads)
     blocks = splash.BlockSizes(
-        block_q=q_block, block_kv=kv_block, block_kv_compute=kv_block,
-        block_q_dkv=q_block, block_kv_dkv=kv_block, block_kv_dkv_compute=kv_block,
-        block_q_dq=q_block, block_kv_dq=kv_block,
-    )  # fmt: skip
+        block_q=q_block,
+        block_kv=kv_block,
+        block_kv_compute=kv_block,
+        block_q_dkv=q_block,
+        block_kv_dkv=kv_block,
+        block_kv_dkv_compute=kv_block,
+        block_q_dq=q_block,
+        block_kv_dq=kv_block,
+    )
     return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 

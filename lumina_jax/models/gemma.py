@@ -19,10 +19,23 @@ from lumina_jax.models.layers import Dtype, config_from_dict, float32_products, 
 
 # Keys of transformers' config.json that do not change the encoder's output.
 _TRANSFORMERS_BOOKKEEPING = (
-    "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-    "bos_token_id", "eos_token_id", "initializer_range", "use_cache", "tie_word_embeddings", "attention_dropout",
-    "_attn_implementation", "_attn_implementation_autoset", "output_hidden_states", "return_dict",
-)  # fmt: skip
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+    "use_cache",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "output_hidden_states",
+    "return_dict",
+)
 # transformers >= 4.39 reads the legacy "gelu" of the first Gemma releases as the tanh approximation.
 _TANH_GELU_NAMES = {"gelu", "gelu_pytorch_tanh"}
 
@@ -93,9 +106,16 @@ class GemmaConfig:
 
 
 GEMMA_2B = GemmaConfig(
-    vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
-    num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-)  # fmt: skip
+    vocab_size=256000,
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_hidden_layers=18,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
 
 
 def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -206,9 +226,13 @@ class GemmaEncoder(nnx.Module):
         cfg = self.config = config
         self.dtype, self.scan_layers = dtype, scan_layers
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_metadata=logical_axes("vocab", "embed"), rngs=rngs,
-        )  # fmt: skip
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_metadata=logical_axes("vocab", "embed"),
+            rngs=rngs,
+        )
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -236,8 +236,12 @@ class Attention(nnx.Module):
         """Keys and values of the (normed) caption, [2, B, L, kv_heads, head_dim] in the compute dtype."""
         dtype = self.to_q.dtype
         ck, cv = jnp.split(fused_dense(caption, self.to_k_caption, self.to_v_caption), 2, axis=-1)
-        return jnp.stack([self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
-                          self._heads(cv, None, self.num_kv_heads, dtype)])  # fmt: skip
+        return jnp.stack(
+            [
+                self._heads(ck, self.k_caption_norm, self.num_kv_heads, dtype),
+                self._heads(cv, None, self.num_kv_heads, dtype),
+            ]
+        )
 
     def __call__(self, x: jax.Array, caption_kv: jax.Array, inputs: BlockInputs) -> jax.Array:
         dtype, cos, sin = self.to_q.dtype, inputs.cos, inputs.sin
@@ -290,9 +294,15 @@ class NextDiTBlock(nnx.Module):
     def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
         norm = dict(eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.modulation = linear(
-            cfg.cond_dim, 4 * cfg.hidden_size, ("cond", "embed"), use_bias=True, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=nnx.initializers.zeros, rngs=rngs,
-        )  # fmt: skip
+            cfg.cond_dim,
+            4 * cfg.hidden_size,
+            ("cond", "embed"),
+            use_bias=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.zeros,
+            rngs=rngs,
+        )
         self.attention_norm1 = rms_norm(cfg.hidden_size, "embed", **norm)
         self.attention_norm2 = rms_norm(cfg.hidden_size, "embed", **norm)
         self.ffn_norm1 = rms_norm(cfg.hidden_size, "embed", **norm)
@@ -478,9 +488,16 @@ class NextDiT(nnx.Module):
             self_scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))
 
         cond = self._conditioning(timestep, caption, caption_mask)
-        inputs = BlockInputs(cond=cond, caption=caption.astype(self.dtype), caption_mask=caption_mask.astype(bool),
-                             token_mask=token_mask, cos=rope[0], sin=rope[1], self_scale=self_scale,
-                             context_drop=context_drop)  # fmt: skip
+        inputs = BlockInputs(
+            cond=cond,
+            caption=caption.astype(self.dtype),
+            caption_mask=caption_mask.astype(bool),
+            token_mask=token_mask,
+            cos=rope[0],
+            sin=rope[1],
+            self_scale=self_scale,
+            context_drop=context_drop,
+        )
         x = self._run_layers(x, caption_kv, inputs)
 
         scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]

@@ -270,9 +270,12 @@ def conv_valid_rows(conv: nnx.Conv, window: jax.Array) -> jax.Array:
     """A stride-1 conv on a window whose rows already carry the padding (columns are padded here)."""
     pad = conv.kernel_size[1] // 2
     out = jax.lax.conv_general_dilated(
-        window.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), (1, 1), ((0, 0), (pad, pad)),
+        window.astype(conv.dtype),
+        conv.kernel[...].astype(conv.dtype),
+        (1, 1),
+        ((0, 0), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # fmt: skip
+    )
     return out + conv.bias[...].astype(conv.dtype)
 
 
@@ -304,10 +307,13 @@ class ResnetBlock(nnx.Module):
             return lambda window: jax.nn.silu(norm.normalize(window, statistics))
 
         prepare1 = activated(self.norm1, self.norm1.statistics_from(source.channel_mean))
-        h = Held(stream_bands(
-            lambda start: conv_valid_rows(self.conv1, zero_padded_rows(source, start - 1, rows + 2, prepare1)),
-            height, rows,
-        ))  # fmt: skip
+        h = Held(
+            stream_bands(
+                lambda start: conv_valid_rows(self.conv1, zero_padded_rows(source, start - 1, rows + 2, prepare1)),
+                height,
+                rows,
+            )
+        )
         prepare2 = activated(self.norm2, self.norm2.statistics_from(h.channel_mean))
 
         def band(start):

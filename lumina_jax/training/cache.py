@@ -98,8 +98,17 @@ def build_cache(
         if _shard_path(out_dir, shard, ".json").exists():
             continue
         start = shard * shard_size
-        _build_shard(out_dir, shard, examples[start : start + shard_size], start, sizes, seed,
-                     encode_images, encode_text, batch_size)  # fmt: skip
+        _build_shard(
+            out_dir,
+            shard,
+            examples[start : start + shard_size],
+            start,
+            sizes,
+            seed,
+            encode_images,
+            encode_text,
+            batch_size,
+        )
 
     shards = [json.loads(_shard_path(out_dir, k, ".json").read_text()) for k in range(num_shards)]
     skipped = [s for shard in shards for s in shard["skipped"]]
@@ -147,14 +156,16 @@ def _build_shard(out_dir, shard, examples: list[Example], start, sizes, seed, en
         arrays[f"mean_{j}"], arrays[f"caption_{j}"] = mean, caption
         if logvar is not None:
             arrays[f"logvar_{j}"] = logvar
-        records.append({
-            "prompt": example.prompt,
-            "image": str(example.image),
-            "line": example.line,
-            "crop": list(image.shape[:2]),
-            "latent_shape": list(mean.shape),
-            "caption_length": len(caption),
-        })  # fmt: skip
+        records.append(
+            {
+                "prompt": example.prompt,
+                "image": str(example.image),
+                "line": example.line,
+                "crop": list(image.shape[:2]),
+                "latent_shape": list(mean.shape),
+                "caption_length": len(caption),
+            }
+        )
     _write_npz(_shard_path(out_dir, shard, ".npz"), arrays)
     _write_json(_shard_path(out_dir, shard, ".json"), {"shard": shard, "examples": records, "skipped": skipped})
 
@@ -171,8 +182,10 @@ def _encode_images(encode_images: ImageEncoder, images: list[np.ndarray], batch_
             mean, logvar = encode_images(np.stack([images[i] for i in batch]))
             mean = np.asarray(mean, np.float32)
             if mean.ndim != 4 or len(mean) != len(batch):
-                raise ValueError(f"encode_images gave mean {mean.shape} for {len(batch)} images {shape}; "
-                                 "expected [batch, channels, height, width]")  # fmt: skip
+                raise ValueError(
+                    f"encode_images gave mean {mean.shape} for {len(batch)} images {shape}; "
+                    "expected [batch, channels, height, width]"
+                )
             if logvar is not None:
                 logvar = np.asarray(logvar, np.float32)
                 if logvar.shape != mean.shape:
@@ -191,8 +204,10 @@ def _encode_captions(encode_text: TextEncoder, prompts: list[str], batch_size: i
         features, mask = encode_text(batch)
         features, mask = np.asarray(features, np.float32), np.asarray(mask).astype(bool)
         if features.ndim != 3 or mask.shape != features.shape[:2] or len(features) != len(batch):
-            raise ValueError(f"encode_text gave features {features.shape} and mask {mask.shape} for "
-                             f"{len(batch)} prompts; expected [batch, length, dim] and [batch, length]")  # fmt: skip
+            raise ValueError(
+                f"encode_text gave features {features.shape} and mask {mask.shape} for "
+                f"{len(batch)} prompts; expected [batch, length, dim] and [batch, length]"
+            )
         captions.extend(f[m] for f, m in zip(features, mask))
     return captions
 

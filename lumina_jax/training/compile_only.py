@@ -50,12 +50,21 @@ def lower_train_step(config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: i
         caption=struct((batch_size, caption, cfg.cross_attention_dim), jnp.float32),
         caption_mask=struct((batch_size, caption), jnp.bool_),
     )
-    empty = (struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),
-             struct((EMPTY_CAPTION_TOKENS,), jnp.bool_, everywhere))  # fmt: skip
+    empty = (
+        struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),
+        struct((EMPTY_CAPTION_TOKENS,), jnp.bool_, everywhere),
+    )
     lowered = train_step.lower(
-        nnx.graphdef(model), state, batch, *empty, optimizer=optimizer, mesh=mesh, snr_type=config.snr_type,
-        caption_dropout=np.float32(config.caption_dropout), ema_decay=np.float32(config.ema_decay),
-    )  # fmt: skip
+        nnx.graphdef(model),
+        state,
+        batch,
+        *empty,
+        optimizer=optimizer,
+        mesh=mesh,
+        snr_type=config.snr_type,
+        caption_dropout=np.float32(config.caption_dropout),
+        ema_decay=np.float32(config.ema_decay),
+    )
     return lowered, tpu.per_chip_bytes(state)
 
 

@@ -135,9 +135,13 @@ def build_tokenizer(words: Iterable[str]):
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[bos]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
         padding_side="right",
-    )  # fmt: skip
+    )
 
 
 def text_encoder_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, head_dim: int = 16) -> GemmaConfig:
@@ -146,9 +150,15 @@ def text_encoder_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, h
     if hidden % head_dim:
         raise ValueError(f"hidden ({hidden}) must be a multiple of head_dim ({head_dim})")
     return GemmaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // head_dim, num_key_value_heads=1, head_dim=head_dim, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // head_dim,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+    )
 
 
 def random_text_encoder(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -257,17 +267,29 @@ def evaluate(images: np.ndarray, labels: Sequence[int], classifier: DigitClassif
 
 
 def evaluate_pipeline(
-    pipe, *, samples_per_digit: int = 20, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+    pipe,
+    *,
+    samples_per_digit: int = 20,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
     classifier: DigitClassifier | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Generate samples_per_digit 32x32 images of each digit, from captions drawn as the training data's
     are, and score them with `evaluate`. One batch a digit, so every digit compiles the same program."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for digit in range(10):
         prompts = [caption(digit, rng) for _ in range(samples_per_digit)]
-        out = pipe(prompt=prompts, height=32, width=32, num_inference_steps=steps, guidance_scale=guidance,
-                   seed=int(rng.integers(2**31)), output_type="np")  # fmt: skip
+        out = pipe(
+            prompt=prompts,
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=int(rng.integers(2**31)),
+            output_type="np",
+        )
         images.append(np.asarray(out.images))
         labels += [digit] * samples_per_digit
     return evaluate(np.concatenate(images), labels, classifier)

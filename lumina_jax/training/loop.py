@@ -41,8 +41,15 @@ from lumina_jax.weights.nextdit import find_checkpoint, load_transformer, save_d
 logger = logging.getLogger(__name__)
 
 # Dense bfloat16 matrix rate per device, for MFU. Anything else: TrainConfig.peak_flops.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5p": 459e12, "TPU v6": 918e12}  # fmt: skip
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
 
 
 class TrainingStopped(RuntimeError):
@@ -76,16 +83,23 @@ def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:
     """A function building the run's Next-DiT, freshly initialised: float32 master weights, the
     configured compute dtype."""
     compute, architecture_ = resolve_dtype(config.compute_dtype), architecture(config)
-    return lambda: NextDiT(architecture_, dtype=compute, param_dtype=jnp.float32, remat=config.remat,
-                           rngs=nnx.Rngs(config.seed))  # fmt: skip
+    return lambda: NextDiT(
+        architecture_, dtype=compute, param_dtype=jnp.float32, remat=config.remat, rngs=nnx.Rngs(config.seed)
+    )
 
 
 def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT:
     """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
     loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
-        return load_transformer(base_pipeline(config) / "transformer", config.compute_dtype, param_dtype="float32",
-                                remat=config.remat, mesh=mesh, progress=False)  # fmt: skip
+        return load_transformer(
+            base_pipeline(config) / "transformer",
+            config.compute_dtype,
+            param_dtype="float32",
+            remat=config.remat,
+            mesh=mesh,
+            progress=False,
+        )
     return sharding.create_sharded(transformer_factory(config), mesh)
 
 
@@ -105,8 +119,13 @@ def peak_flops(config: TrainConfig) -> float | None:
 def global_batch(host_batch: dict, patch_size: int, mesh) -> TrainBatch:
     """This host's rows as the global, sharded TrainBatch."""
     patches, positions, token_mask = patchify_padded(list(host_batch["latents"]), patch_size)
-    rows = dict(patches=patches, positions=positions, token_mask=token_mask, caption=host_batch["caption"],
-                caption_mask=host_batch["caption_mask"])  # fmt: skip
+    rows = dict(
+        patches=patches,
+        positions=positions,
+        token_mask=token_mask,
+        caption=host_batch["caption"],
+        caption_mask=host_batch["caption_mask"],
+    )
     placement = sharding.batch_sharding(mesh)
     return TrainBatch(**{k: jax.make_array_from_process_local_data(placement, np.asarray(v)) for k, v in rows.items()})
 
@@ -123,13 +142,22 @@ def prepare_data(config: TrainConfig) -> None:
         raise FileNotFoundError(f"{config.cache}: no finished cache; build it first with `python -m train cache`")
     from lumina_jax.pipeline import LuminaPipeline
 
-    pipe = LuminaPipeline.from_pretrained(base_pipeline(config), dtype=config.compute_dtype, transformer=None,
-                                          progress=False)  # fmt: skip
+    pipe = LuminaPipeline.from_pretrained(
+        base_pipeline(config), dtype=config.compute_dtype, transformer=None, progress=False
+    )
     encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=architecture(config).in_channels)
     encode_images, encode_text, scaling_factor, shift_factor = encoders
-    latent_cache.build_cache(config.manifest, config.cache, encode_images=encode_images, encode_text=encode_text,
-                             image_size=config.image_size, max_aspect=config.max_aspect, scaling_factor=scaling_factor,
-                             shift_factor=shift_factor, seed=config.seed)  # fmt: skip
+    latent_cache.build_cache(
+        config.manifest,
+        config.cache,
+        encode_images=encode_images,
+        encode_text=encode_text,
+        image_size=config.image_size,
+        max_aspect=config.max_aspect,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        seed=config.seed,
+    )
 
 
 def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path) -> Path:
@@ -176,13 +204,20 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     prepare_data(config)
     cache = latent_cache.open_cache(config.cache)
 
-    mesh = sharding.make_mesh(config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp,
-                              config.mesh_tensor)  # fmt: skip
+    mesh = sharding.make_mesh(
+        config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp, config.mesh_tensor
+    )
     optimizer = make_run_optimizer(config)
-    batches = make_batches(cache, global_batch_size=config.batch_size, seed=config.seed,
-                           process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
-    checkpoints = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                               save_interval_steps=config.save_every)  # fmt: skip
+    batches = make_batches(
+        cache,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    checkpoints = Checkpointer(
+        workdir / "checkpoints", keep=config.keep_checkpoints, save_interval_steps=config.save_every
+    )
     if checkpoints.latest_step() is None:
         model = initial_transformer(config, mesh)
         graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
@@ -217,8 +252,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             pending.append((signature, metrics))
             bar.update()
             if step % config.log_every == 0 or step == config.steps:
-                skipped += _log_window(log, bar, pending, step, time.perf_counter() - window_start, config,
-                                       flops_per_step, peak)  # fmt: skip
+                skipped += _log_window(
+                    log, bar, pending, step, time.perf_counter() - window_start, config, flops_per_step, peak
+                )
                 pending, window_start = [], time.perf_counter()
                 run_of_skips = int(state.consecutive_skips)
                 if run_of_skips >= config.max_consecutive_skips:

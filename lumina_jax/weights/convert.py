@@ -16,9 +16,13 @@ PIPELINE_FILES = ("model_index.json", "tokenizer", "scheduler")
 
 
 def convert_pipeline(
-    source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
+    source: str | Path,
+    destination: str | Path,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
     progress: bool = True,
-) -> Path:  # fmt: skip
+) -> Path:
     """Convert a diffusers Lumina pipeline folder; the VAE stays float32 when its config forces upcasting.
 
     A pixel-space pipeline (model_index.json names no VAE) converts without one."""

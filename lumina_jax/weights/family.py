@@ -42,8 +42,14 @@ class ModelFamily:
         """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read
         its config and tensor index (no tensor data)."""
         path = hub.local_path(path, self.hub_kind, revision=revision)
-        return importer.find_component(path, subfolder=self.subfolder, stem=self.stem, from_dict=self.config.from_dict,
-                                       model_name=self.name, other_layouts=self.other_layouts)  # fmt: skip
+        return importer.find_component(
+            path,
+            subfolder=self.subfolder,
+            stem=self.stem,
+            from_dict=self.config.from_dict,
+            model_name=self.name,
+            other_layouts=self.other_layouts,
+        )
 
     def key_map(self, checkpoint: Checkpoint) -> Callable[[str], Target]:
         """Where each of this checkpoint's keys goes."""
@@ -65,9 +71,15 @@ class ModelFamily:
         return importer.read_params(self.plan(checkpoint), shapes, param_dtype, checkpoint.path, progress=progress)
 
     def build(
-        self, checkpoint: Checkpoint, dtype: str = "float32", *, param_dtype: str | None = None,
-        mesh: Mesh | None = None, progress: bool = True, **options,
-    ) -> nnx.Module:  # fmt: skip
+        self,
+        checkpoint: Checkpoint,
+        dtype: str = "float32",
+        *,
+        param_dtype: str | None = None,
+        mesh: Mesh | None = None,
+        progress: bool = True,
+        **options,
+    ) -> nnx.Module:
         """The model of a found checkpoint, `dtype` its compute dtype and, unless `param_dtype` says
         otherwise, its parameter dtype; `options` go to the model. Each parameter goes straight into
         its sharding on `mesh` (default: the current mesh, else one device)."""
@@ -85,13 +97,21 @@ class ModelFamily:
         return self.build(self.find(path, revision=revision), dtype, **options)
 
     def convert(
-        self, source: str | Path, destination: str | Path, *, dtype: str = "float32", overwrite: bool = False,
-        progress: bool = True, revision: str | None = None, **find_options,
-    ) -> Path:  # fmt: skip
+        self,
+        source: str | Path,
+        destination: str | Path,
+        *,
+        dtype: str = "float32",
+        overwrite: bool = False,
+        progress: bool = True,
+        revision: str | None = None,
+        **find_options,
+    ) -> Path:
         """Write the weights at `source` in our format (config.json and Orbax params/), atomically."""
         checkpoint = self.find(source, revision=revision, **find_options)
-        return importer.convert_checkpoint(checkpoint, self.import_params, destination, dtype=dtype,
-                                           overwrite=overwrite, progress=progress)  # fmt: skip
+        return importer.convert_checkpoint(
+            checkpoint, self.import_params, destination, dtype=dtype, overwrite=overwrite, progress=progress
+        )
 
     def export_state_dict(self, model: nnx.Module, keys: list[str], to_target=None) -> dict[str, np.ndarray]:
         """The model's parameters under the checkpoint's `keys`, in PyTorch's layouts."""

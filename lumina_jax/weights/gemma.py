@@ -49,9 +49,14 @@ def gemma_keys(config: GemmaConfig) -> list[str]:
 
 
 GEMMA = ModelFamily(
-    name="Gemma", model=GemmaEncoder, config=GemmaConfig, key_to_target=gemma_key_to_target,
-    subfolder="text_encoder", stem="model", hub_kind="text_encoder",
-)  # fmt: skip
+    name="Gemma",
+    model=GemmaEncoder,
+    config=GemmaConfig,
+    key_to_target=gemma_key_to_target,
+    subfolder="text_encoder",
+    stem="model",
+    hub_kind="text_encoder",
+)
 find_text_encoder = GEMMA.find
 parameter_shapes = GEMMA.parameter_shapes
 load_text_encoder = GEMMA.load  # (path, dtype, *, param_dtype=, scan_layers=, mesh=, revision=)

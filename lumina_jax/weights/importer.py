@@ -94,8 +94,14 @@ def find_component(
     if (path / "model_index.json").exists():
         if not (path / subfolder).is_dir():
             raise ValueError(f"{path}: a diffusers pipeline folder without {subfolder}/")
-        return find_component(path / subfolder, subfolder=subfolder, stem=stem, from_dict=from_dict,
-                              model_name=model_name, other_layouts=other_layouts)  # fmt: skip
+        return find_component(
+            path / subfolder,
+            subfolder=subfolder,
+            stem=stem,
+            from_dict=from_dict,
+            model_name=model_name,
+            other_layouts=other_layouts,
+        )
     if not (path / "config.json").exists():
         raise ValueError(
             f"{path}: no {model_name} weights found (no config.json). Expected config.json with {stem}.safetensors, "
@@ -111,9 +117,14 @@ def find_component(
 
 
 def convert_checkpoint(
-    checkpoint: Checkpoint, import_params: Callable, destination: str | Path, *, dtype: str, overwrite: bool,
+    checkpoint: Checkpoint,
+    import_params: Callable,
+    destination: str | Path,
+    *,
+    dtype: str,
+    overwrite: bool,
     progress: bool,
-) -> Path:  # fmt: skip
+) -> Path:
     """Import a PyTorch checkpoint and write it in our format (config.json, Orbax params/), atomically."""
     if checkpoint.tensors is None:
         raise ValueError(f"{checkpoint.path} is already in our format; load it directly")
@@ -194,8 +205,11 @@ def plan_import(
         if (path, layer) not in covered
     ]
     problems = {"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped}
-    lines = [f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-             for title, items in problems.items() if items]  # fmt: skip
+    lines = [
+        f"{title} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+        for title, items in problems.items()
+        if items
+    ]
     if lines:
         raise ValueError(f"{source}: weights do not match the {model_name} config:\n  " + "\n  ".join(lines))
     return plan
@@ -258,8 +272,10 @@ def materialize(
     placements = parameter_placements(abstract, mesh)
     if converted is not None:
         shapes = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-        target = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placements[path])
-                  for path, leaf in shapes.items()}  # fmt: skip
+        target = {
+            path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placements[path])
+            for path, leaf in shapes.items()
+        }
         params = orbax_io.restore_params(converted, unflatten(target))
     else:
         params = to_device(read_arrays(), placements)

@@ -76,10 +76,16 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
     layers = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"layers\.(\d+)\.", k)))
     head_dim = hidden // heads
     base = dict(
-        patch_size=patch, in_channels=in_channels, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
-        num_kv_heads=kv_width // head_dim, cross_attention_dim=caption_dim,
-        learn_sigma=final_features == 2 * patch_features, qk_norm="layers.0.attention.q_norm.weight" in tensors,
-    )  # fmt: skip
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_kv_heads=kv_width // head_dim,
+        cross_attention_dim=caption_dim,
+        learn_sigma=final_features == 2 * patch_features,
+        qk_norm="layers.0.attention.q_norm.weight" in tensors,
+    )
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         config = NextDiTConfig(multiple_of=multiple_of, **base)
         if config.ffn_dim == ffn_dim:
@@ -149,9 +155,13 @@ class NextDiTFamily(ModelFamily):
             if (path / f"{stem}{suffix}").exists():
                 return _from_file(path / f"{stem}{suffix}")
         found = importer.find_component(
-            path, subfolder=self.subfolder, stem=self.stem, from_dict=NextDiTConfig.from_dict, model_name=self.name,
+            path,
+            subfolder=self.subfolder,
+            stem=self.stem,
+            from_dict=NextDiTConfig.from_dict,
+            model_name=self.name,
             other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
-        )  # fmt: skip
+        )
         if found.tensors is None:
             return NextDiTCheckpoint(found.path, found.config, None, "converted")
         return _diffusers_checkpoint(found.path, found.config, found.tensors)
@@ -166,8 +176,9 @@ class NextDiTFamily(ModelFamily):
             return lambda key: to_target(original_key_to_diffusers(key))
         return to_target
 
-    def load(self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None,
-             **options) -> NextDiT:  # fmt: skip
+    def load(
+        self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None, **options
+    ) -> NextDiT:
         """A Next-DiT with weights from any supported layout, or a hub id's (at `revision`); `ema` picks the
         EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
         the model's scan_layers, remat and attention_backend."""
@@ -175,9 +186,14 @@ class NextDiTFamily(ModelFamily):
 
 
 NEXT_DIT = NextDiTFamily(
-    name="Next-DiT", model=NextDiT, config=NextDiTConfig, key_to_target=diffusers_key_to_target,
-    subfolder="transformer", stem="diffusion_pytorch_model", hub_kind="transformer",
-)  # fmt: skip
+    name="Next-DiT",
+    model=NextDiT,
+    config=NextDiTConfig,
+    key_to_target=diffusers_key_to_target,
+    subfolder="transformer",
+    stem="diffusion_pytorch_model",
+    hub_kind="transformer",
+)
 find_checkpoint = NEXT_DIT.find
 parameter_shapes = NEXT_DIT.parameter_shapes
 plan_import = NEXT_DIT.plan

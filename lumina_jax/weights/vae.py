@@ -51,9 +51,14 @@ def vae_key_to_target(key: str) -> Target:
 
 
 VAE = ModelFamily(
-    name="AutoencoderKL", model=AutoencoderKL, config=AutoencoderKLConfig, key_to_target=vae_key_to_target,
-    subfolder="vae", stem=WEIGHTS_STEM, hub_kind="vae",
-)  # fmt: skip
+    name="AutoencoderKL",
+    model=AutoencoderKL,
+    config=AutoencoderKLConfig,
+    key_to_target=vae_key_to_target,
+    subfolder="vae",
+    stem=WEIGHTS_STEM,
+    hub_kind="vae",
+)
 find_vae = VAE.find
 parameter_shapes = VAE.parameter_shapes
 import_params = VAE.import_params
