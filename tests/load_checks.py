@@ -8,6 +8,7 @@ starts: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/load_che
 import collections
 import json
 import math
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -139,5 +140,29 @@ def main() -> dict:
     return results
 
 
+def distributed(rank: int, port: int) -> dict:
+    """One of 2 processes (2 devices each) loading the original fixture onto a mesh over all 4 devices:
+    the place and sum of each shard this process holds, to compare with a one-process load."""
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank)
+    mesh = make_mesh(fsdp=4)
+    loaded = load_transformer(
+        Path(__file__).parent / "fixtures" / "lumina_next_original_tiny", mesh=mesh, progress=False
+    )
+    shards = [
+        {
+            "path": jax.tree_util.keystr(path),
+            "box": [s.indices(dim)[:2] for s, dim in zip(shard.index, array.shape)],
+            "sum": float(np.asarray(shard.data, np.float64).sum()),
+        }
+        for path, array in jax.tree_util.tree_leaves_with_path(nnx.state(loaded))
+        for shard in array.addressable_shards
+    ]
+    jax.distributed.shutdown()
+    return {"devices": len(mesh.devices.flat), "addressable": len(jax.local_devices()), "shards": shards}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main()))
+    if sys.argv[1:2] == ["distributed"]:
+        print(json.dumps(distributed(int(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        print(json.dumps(main()))
