@@ -1,7 +1,9 @@
 """Speed of ours against the PyTorch reference (diffusers), side by side in one process.
 
-    python benchmarks/speed.py --setup cpu [--json speed.json]   # this CPU: small transformer, tiny pipeline, float32
-    python benchmarks/speed.py --setup gpu [--json speed.json]   # released 2B shapes, bfloat16, 1024^2 and 2048^2
+    python -m benchmarks.speed --setup cpu [--json speed.json]   # this CPU: small transformer, tiny pipeline, float32
+    python -m benchmarks.speed --setup gpu [--json speed.json]   # released 2B shapes, bfloat16, 1024^2 and 2048^2
+
+(from the repository root: the PyTorch reference models are the tests' own, `tests/reference.py`)
 
 Rows: one transformer step (CFG batch 2, the same random weights on both sides), the whole
 pipeline (text encoding, 30 CFG steps, VAE decode), ours' compile time, and peak memory (device
@@ -26,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,15 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 from diffusers import AutoencoderKL as TorchVAE  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel  # noqa: E402
 from diffusers import LuminaPipeline as TorchPipeline  # noqa: E402
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina  # noqa: E402
-from reference import build_tokenizer, random_pipeline, random_transformer, relative_error  # noqa: E402
+from flax import nnx
 from transformers import GemmaConfig as TorchGemmaConfig  # noqa: E402
 from transformers import GemmaModel  # noqa: E402
 
@@ -53,6 +50,7 @@ from lumina_jax import PRESETS, LuminaPipeline, NextDiT, NextDiTConfig  # noqa: 
 from lumina_jax.models.gemma import GEMMA_2B, GemmaEncoder  # noqa: E402
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL  # noqa: E402
 from lumina_jax.weights.nextdit import NextDiTCheckpoint, build_model  # noqa: E402
+from tests.reference import build_tokenizer, random_pipeline, random_transformer, relative_error  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic light"
 CAPTION_TOKENS = 128
