@@ -302,9 +302,12 @@ class LuminaPipeline:
         pad = bucket - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id or 0)
         mask = np.pad(mask, ((0, 0), (0, pad)))
+        # On a mesh, the prompts are data-parallel over its batch axes, as images are.
+        place = jnp.asarray if self.mesh is None else self._spread
+        ids, mask = place(ids), place(mask)
         with self._on_mesh():
-            embeds = _encode_text(self._text_encoder_split[0], params, jnp.asarray(ids), jnp.asarray(mask))
-        return embeds, jnp.asarray(mask)
+            embeds = _encode_text(self._text_encoder_split[0], params, ids, mask)
+        return embeds, mask
 
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None

@@ -134,7 +134,7 @@ def main() -> dict:
             multiple_of=16,
             cross_attention_dim=32,
         )
-        config = TrainConfig(workdir=tmp, pipeline="", manifest="", cache="", init="scratch", transformer=transformer)
+        config = TrainConfig(workdir=tmp, pipeline="", data="", cache="", init="scratch", transformer=transformer)
         one_device_init = initial_transformer(config, make_mesh(fsdp=1))
         results["training_init"] = measure(lambda: [initial_transformer(config, mesh)], [one_device_init])
     return results

@@ -61,7 +61,7 @@ def expected_caption(prompt):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A manifest in both formats over tiny PNGs, with one corrupt and one missing image."""
+    """A manifest in both formats over small PNGs, with one corrupt, one missing and one too small image."""
     folder = tmp_path_factory.mktemp("dataset")
     rng = np.random.default_rng(0)
     lines = []
@@ -75,6 +75,8 @@ def dataset(tmp_path_factory):
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     lines.insert(3, {"path": "corrupt.png", "prompt": "broken"})
     lines.insert(9, {"path": "missing.png", "prompt": "gone"})
+    Image.fromarray(np.zeros((12, 40, 3), np.uint8)).save(folder / "tiny.png")  # under 64 // 4 px high
+    lines.insert(15, {"path": "tiny.png", "prompt": "a speck"})
     manifest = folder / "train.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest
@@ -92,7 +94,7 @@ def build(manifest, out, image_encoder=None, **kwargs):
     )
     settings.update(kwargs)
     return build_cache(
-        manifest, out, encode_images=image_encoder or PoolingEncoder(), encode_text=hash_text, **settings
+        read_manifest(manifest), out, encode_images=image_encoder or PoolingEncoder(), encode_text=hash_text, **settings
     )
 
 
@@ -106,24 +108,21 @@ def cache(dataset, tmp_path_factory):
 def test_cache_holds_each_encoded_example_and_counts_skipped_images(dataset, cache):
     metadata = cache.metadata
     assert metadata["examples"] == len(cache) == len(IMAGE_SHAPES)
-    assert metadata["skipped"] == 2
-    assert {s["image"].rsplit("/", 1)[1]: s["line"] for s in metadata["skipped_images"]} == {
-        "corrupt.png": 4,
-        "missing.png": 10,
-    }
+    assert metadata["skipped"] == 3
+    assert [s["source"] for s in metadata["skipped_images"]] == [f"{dataset}:{line}" for line in (4, 10, 16)]
     assert all(s["reason"] for s in metadata["skipped_images"])
     assert (cache.scaling_factor, cache.shift_factor) == (SCALE, SHIFT)
 
     manifest = enumerate(read_manifest(dataset))
-    good = [(k, e) for k, e in manifest if e.image.name not in ("corrupt.png", "missing.png")]
+    good = [(k, e) for k, e in manifest if not e.image.endswith(("corrupt.png", "missing.png", "tiny.png"))]
     for i, (k, example) in enumerate(good):
         item, record = cache[i], cache.records[i]
-        image = load_image(example.image, crop_sizes(IMAGE_SIZE), np.random.default_rng([SEED, k]))
+        image = load_image(example, crop_sizes(IMAGE_SIZE), np.random.default_rng([SEED, k]))
         np.testing.assert_array_equal(item["mean"], pool(image[None])[0])
         np.testing.assert_array_equal(item["logvar"], np.float32(np.log(0.25) + 0.5 * pool(image[None])[0]))
         np.testing.assert_array_equal(item["caption"], expected_caption(example.prompt))  # padding dropped
         assert item["prompt"] == example.prompt
-        assert record["image"] == str(example.image) and record["line"] == example.line
+        assert record["source"] == example.where
         assert tuple(record["crop"]) == image.shape[:2] and tuple(record["latent_shape"]) == item["mean"].shape
         assert record["caption_length"] == len(example.prompt.split()) + 1
     np.testing.assert_array_equal(cache.empty_caption, expected_caption(""))

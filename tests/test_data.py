@@ -1,14 +1,25 @@
-"""JSONL manifests and the original trainer's multi-aspect crops."""
+"""The three data layouts (JSONL manifests, parquet data sets, image folders) and the original trainer's
+multi-aspect crops."""
 
+import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lumina_jax.training.data import Example, choose_crop_size, crop_sizes, load_image, read_manifest
+from lumina_jax.training.data import (
+    Example,
+    choose_crop_size,
+    crop_sizes,
+    fingerprint,
+    load_image,
+    read_examples,
+    read_manifest,
+)
 
 
 def write_lines(path, lines):
@@ -31,9 +42,9 @@ def test_manifest_reads_both_formats_and_resolves_paths(tmp_path):
         ],
     )
     assert read_manifest(manifest) == [
-        Example(tmp_path / "data" / "a.png", "a cat", 1),
-        Example(tmp_path / "data" / "sub" / "b.png", "a dog", 2),
-        Example(Path("/abs/c.png"), "a cow", 4),
+        Example(str(tmp_path / "data" / "a.png"), "a cat", f"{manifest}:1"),
+        Example(str(tmp_path / "data" / "sub" / "b.png"), "a dog", f"{manifest}:2"),
+        Example("/abs/c.png", "a cow", f"{manifest}:4"),
     ]
 
 
@@ -98,9 +109,9 @@ def test_crop_size_is_one_of_the_four_closest_aspects():
     assert chosen == set(ranked[:4])
 
 
-def save_png(path, pixels):
+def save_png(path, pixels) -> Example:
     Image.fromarray(pixels.astype(np.uint8)).save(path)
-    return path
+    return Example(str(path), "a caption", str(path))
 
 
 def test_load_image_of_the_crop_size_is_exact(tmp_path):
@@ -145,4 +156,99 @@ def test_load_image_errors_for_missing_and_corrupt_files(tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
     for name in ("missing.png", "corrupt.png"):
         with pytest.raises(OSError):
-            load_image(tmp_path / name, crop_sizes(64), np.random.default_rng(0))
+            load_image(Example(str(tmp_path / name), "", name), crop_sizes(64), np.random.default_rng(0))
+
+
+def test_load_image_refuses_images_under_the_minimum_side(tmp_path):
+    example = save_png(tmp_path / "small.png", np.zeros((20, 90, 3)))
+    with pytest.raises(ValueError, match=r"small.png: 90x20 px, under the minimum side of 32 px"):
+        load_image(example, crop_sizes(64), np.random.default_rng(0), min_side=32)
+    assert load_image(example, crop_sizes(64), np.random.default_rng(0), min_side=20).shape[2] == 3
+
+
+def png_bytes(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def test_parquet_images_as_hugging_face_structs_bytes_or_paths(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "p.png").write_bytes(png_bytes(7))
+    images = [png_bytes(i) for i in range(5)]
+    structs = [
+        {"bytes": images[0], "path": None},
+        {"bytes": None, "path": "pics/p.png"},
+        None,
+        *({"bytes": b, "path": "ignored.png"} for b in images[3:]),
+    ]
+    table = pa.table({"image": pa.array(structs, IMAGE_STRUCT), "text": ["a", "b", "c", None, "e"]})
+    pq.write_table(table, tmp_path / "structs.parquet", row_group_size=2)  # rows read across row groups
+    examples = read_examples(tmp_path / "structs.parquet")
+    assert [e.prompt for e in examples] == ["a", "b", "c", None, "e"]  # a missing caption is None: skipped later
+    assert [e.where for e in examples] == [f"{tmp_path / 'structs.parquet'} row {i}" for i in range(5)]
+    assert [examples[i].read_bytes() for i in (4, 0, 1, 3)] == [images[4], images[0], png_bytes(7), images[3]]
+    with pytest.raises(ValueError, match=r"structs.parquet row 2: column 'image' holds no image"):
+        examples[2].read_bytes()
+
+    raw = pa.table({"picture": pa.array(images[:2], pa.binary()), "caption": ["x", "y"]})
+    pq.write_table(raw, tmp_path / "raw.parquet")
+    examples = read_examples(tmp_path / "raw.parquet", image_column="picture", caption_column="caption")
+    assert [(e.read_bytes(), e.prompt) for e in examples] == [(images[0], "x"), (images[1], "y")]
+
+    paths = pa.table({"image": ["pics/p.png"], "text": ["p"]})
+    pq.write_table(paths, tmp_path / "paths.parquet")
+    assert read_examples(tmp_path / "paths.parquet")[0].read_bytes() == png_bytes(7)
+
+
+def test_a_folder_of_parquet_files_is_read_in_path_order_including_subfolders(tmp_path):
+    for name, captions in (("b/train-1.parquet", ["c", "d"]), ("a/train-0.parquet", ["a", "b"])):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        images = pa.array([{"bytes": png_bytes(0), "path": None}] * 2, IMAGE_STRUCT)
+        pq.write_table(pa.table({"image": images, "text": captions}), tmp_path / name)
+    (tmp_path / "README.md").write_text("a data set card")
+    assert [e.prompt for e in read_examples(tmp_path)] == ["a", "b", "c", "d"]
+
+
+def test_an_image_folder_pairs_each_image_with_its_caption_file(tmp_path):
+    for name in ("b.jpg", "a.png", "sub/deeper/c.webp", "sub/nocaption.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png_bytes(1))
+    for name, caption in (("b.txt", "a bee\n"), ("a.txt", "an ant"), ("sub/deeper/c.txt", " a cat ")):
+        (tmp_path / name).write_text(caption)
+    (tmp_path / "notes.txt").write_text("no image of this name")
+    examples = read_examples(tmp_path)
+    names = ["a.png", "b.jpg", "sub/deeper/c.webp", "sub/nocaption.png"]
+    assert examples == [
+        Example(str(tmp_path / n), p, str(tmp_path / n)) for n, p in zip(names, ["an ant", "a bee", "a cat", None])
+    ]
+    assert examples[0].read_bytes() == png_bytes(1)
+
+
+def test_read_examples_errors_name_the_path_and_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such file or folder"):
+        read_examples(tmp_path / "nowhere")
+    (tmp_path / "data.csv").write_text("image,text\n")
+    with pytest.raises(ValueError, match=r"data.csv: not a data set; expected a .jsonl manifest, a .parquet file"):
+        read_examples(tmp_path / "data.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: no data set here: no .parquet files, and no images"):
+        read_examples(tmp_path / "empty")
+    pq.write_table(pa.table({"img": [b"x"], "caption": ["c"]}), tmp_path / "t.parquet")
+    with pytest.raises(
+        ValueError, match=r"t.parquet has no column 'image' \(columns: img, caption\); set image_column"
+    ):
+        read_examples(tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"no column 'text' .*; set caption_column"):
+        read_examples(tmp_path / "t.parquet", image_column="img")
+
+
+def test_fingerprint_follows_images_and_captions_and_reads_no_image(tmp_path):
+    examples = [Example(str(tmp_path / "missing.png"), "a cat", "m"), Example("x.parquet", "b", "x row 0", 0, "image")]
+    assert fingerprint(examples) == fingerprint(list(examples))
+    assert fingerprint(examples) != fingerprint([examples[0], Example("x.parquet", "b", "x row 1", 1, "image")])
+    assert fingerprint(examples) != fingerprint([Example(str(tmp_path / "missing.png"), "a dog", "m"), examples[1]])
+    assert fingerprint(examples) != fingerprint(examples[::-1])

@@ -74,7 +74,7 @@ def test_write_dataset_writes_pngs_and_captions(tmp_path, real_digits):
         assert corners.min() >= 240 and image.min() <= 64  # white paper, dark ink
     # the training loader reads it: the same images and prompts, in order
     examples = data.read_manifest(manifest)
-    assert [(e.image, e.prompt) for e in examples] == [(out / r["path"], r["prompt"]) for r in records]
+    assert [(e.image, e.prompt) for e in examples] == [(str(out / r["path"]), r["prompt"]) for r in records]
     # the image is the digit: its blocks come back to scikit-learn's ink within the blur of resampling
     first = np.asarray(Image.open(manifest.parent / records[0]["path"]))[None]
     assert np.abs(digits.ink_features(first)[0] - real_digits.data[0]).mean() < 1.5

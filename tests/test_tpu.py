@@ -181,7 +181,7 @@ def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
     config = TrainConfig(
         workdir="unused",
         pipeline=str(config_folder),
-        manifest="unused",
+        data="unused",
         cache="unused",
         init="scratch",
         transformer=NextDiTConfig(**TINY_TRANSFORMER),

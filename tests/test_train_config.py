@@ -9,7 +9,7 @@ from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training import objective, step
 from lumina_jax.training.config import TrainConfig, apply_overrides, load_config, shipped_configs
 
-BASE = TrainConfig(workdir="w", pipeline="p", manifest="m.jsonl", cache="c")
+BASE = TrainConfig(workdir="w", pipeline="p", data="m.jsonl", cache="c")
 
 
 @pytest.mark.parametrize("name", shipped_configs())

@@ -1,9 +1,12 @@
-"""Training runs end to end on a small digits set: resume exactness, preemption, non-finite stops, export, CLI."""
+"""Training runs end to end on a small digits set: resume exactness, preemption, non-finite stops, export,
+samples and TensorBoard events, CLI."""
 
 import dataclasses
+import io
 import json
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -11,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
+from tensorboardX.proto.event_pb2 import Event
 
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
@@ -41,7 +46,7 @@ def base(tmp_path_factory) -> TrainConfig:
     config = TrainConfig(
         workdir=str(root / "run"),
         pipeline=str(root / "base"),
-        manifest=str(root / "data" / digits.MANIFEST),
+        data=str(root / "data" / digits.MANIFEST),
         cache=str(root / "cache"),
         init="scratch",
         transformer=TINY,
@@ -102,6 +107,55 @@ def test_exported_pipeline_samples(base, tmp_path):
     assert pipe.vae is None and pipe.default_sample_size == 16
     images = pipe(prompt=["a handwritten digit three", "the number 7"], num_inference_steps=2, output_type="np")
     assert images.images.shape == (2, 16, 16, 3) and np.isfinite(images.images).all()
+
+
+def tensorboard_events(workdir) -> list[Event]:
+    """The events of the run's TensorBoard file (TFRecords: length, its CRC, an Event, the Event's CRC)."""
+    (file,) = workdir.glob("events.out.tfevents.*")
+    data, offset, events = file.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        events.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
+def test_samples_of_the_ema_weights_and_tensorboard_events(base, tmp_path):
+    prompts = ["a handwritten digit three", "the number 7", "nine"]
+    summary = run(base, tmp_path, steps=4, sample_every=2, sample_prompts=prompts, sample_steps=3, sample_guidance=2.0)
+    folders = [tmp_path / "samples" / f"{step:08d}" for step in (2, 4)]
+    for folder in folders:
+        assert sorted(p.name for p in folder.iterdir()) == ["00000_0.png", "00001_0.png", "00002_0.png", "index.jsonl"]
+    drawn = {(f.parent.name, f.name): np.asarray(Image.open(f), np.int32) for f in tmp_path.glob("samples/*/*.png")}
+    assert not np.array_equal(drawn["00000002", "00000_0.png"], drawn["00000004", "00000_0.png"])  # the EMA moved
+    # The last samples are what `python -m sample` draws from the exported EMA weights.
+    pipe = LuminaPipeline.from_pretrained(summary.export, dtype=base.compute_dtype, progress=False)
+    expected = pipe(prompt=prompts, seed=[0] * 3, num_inference_steps=3, guidance_scale=2.0, height=16, width=16)
+    for index, image in enumerate(expected.images):
+        assert np.abs(drawn["00000004", f"{index:05d}_0.png"] - np.asarray(image, np.int32)).max() <= 1
+
+    # Drawing samples changes nothing of the training: the same steps as a run without them.
+    run(base, tmp_path / "plain", steps=4)
+    np.testing.assert_array_equal(
+        [m["loss"] for m in metrics(tmp_path)], [m["loss"] for m in metrics(tmp_path / "plain")]
+    )
+
+    events = tensorboard_events(tmp_path)
+    scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
+    images = {(v.tag, e.step): v.image for e in events for v in e.summary.value if v.HasField("image")}
+    for record in metrics(tmp_path):
+        for name in ("loss", "grad_norm", "lr", "images_per_s", "steps_per_s", "skipped"):
+            assert scalars[f"train/{name}", record["step"]] == pytest.approx(record[name], rel=1e-6)
+    assert sorted(images) == [(f"samples/{i:02d}", step) for i in range(3) for step in (2, 4)]
+    for (tag, step), image in images.items():
+        pixels = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)), np.int32)
+        np.testing.assert_array_equal(pixels, drawn[f"{step:08d}", f"{int(tag[-2:]):05d}_0.png"])
+
+
+def test_sample_settings_are_checked_before_the_run_starts(base, tmp_path):
+    with pytest.raises(ValueError, match=r"sample_every=5: expected 0 \(no samples\), or a positive number"):
+        run(base, tmp_path, sample_every=5)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_sigterm_saves_and_stops_then_the_run_finishes(base, tmp_path):

@@ -26,14 +26,21 @@ class TrainConfig:
     # A pipeline folder (diffusers layout or converted) or hub id for the text encoder, tokenizer, VAE and, when
     # init == "pretrained", the transformer weights to fine-tune.
     pipeline: str
-    # JSONL of {"path"|"image", "prompt"|"conversations"}; encoded once into `cache`.
-    manifest: str
+    # The images and captions, encoded once into `cache` (a folder; both may be gs:// paths): a JSONL manifest
+    # of {"path"|"image", "prompt"|"conversations"}, a parquet file or folder of them (a Hugging Face data set;
+    # columns `image_column` and `caption_column`), or an image folder with a caption file per image (a.jpg, a.txt).
+    data: str
     cache: str
     init: Literal["pretrained", "scratch"] = "pretrained"
     # For init == "scratch": the Next-DiT to build.
     transformer: NextDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
-    # A function "module:name" run before anything else, taking this config (e.g. writes a dataset).
+    # A function "module:name" run first on every process, taking this config (e.g. writes a dataset).
     prepare: str | None = None
+
+    image_column: str = "image"
+    caption_column: str = "text"
+    cache_batch_size: int = 4  # images per local device per encoder call while the cache is built
+    cache_shard_size: int = 64  # examples per cache file; the unit a cache build is split and resumed in
 
     image_size: int = 1024  # crops near image_size^2 pixels, aspect up to max_aspect
     max_aspect: float = 4.0
@@ -59,6 +66,13 @@ class TrainConfig:
     mesh_tensor: int = 1
 
     log_every: int = 10
+    # Samples of the EMA weights while training: every sample_every steps (0: never), one image of each prompt
+    # (seed 0, image_size square) into workdir/samples/STEP/ and TensorBoard. On the command line the prompts
+    # are a JSON list: 'sample_prompts=["a cat", "a dog"]'.
+    sample_every: int = 0
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)
+    sample_steps: int = 30
+    sample_guidance: float = 4.0
     save_every: int = 1000
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
@@ -121,7 +135,16 @@ def _override(node, path: list[str], text: str, item: str):
 
 
 def _parse(text: str, kind, item: str) -> Any:
-    """text as a value of type `kind` (int, float, str, bool, Literal, Optional of those)."""
+    """text as a value of type `kind` (int, float, str, bool, Literal, Optional of those; a list as JSON)."""
+    if typing.get_origin(kind) is list:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        (item_kind,) = typing.get_args(kind)
+        if not (isinstance(value, list) and all(isinstance(v, item_kind) for v in value)):
+            raise ValueError(f'override {item!r}: expected a JSON list of {item_kind.__name__}, e.g. \'["a", "b"]\'')
+        return value
     options = (
         typing.get_args(kind)
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union

@@ -1,48 +1,170 @@
-"""Training images as the original Lumina-Next trainer reads them: JSONL manifests and multi-aspect crops.
+"""Training images as people hold them, cropped as the original Lumina-Next trainer crops them.
 
-A manifest line is {"path" or "image": ..., "prompt": ...} or, in the chat format,
-{"image": ..., "conversations": [question, {"value": caption}]}. Each image is cropped to one of a
-fixed list of sizes near image_size^2 pixels (sides in steps of 16, aspect ratio at most 4): one of
-the four sizes whose aspect ratio best matches the image is picked at random, the image is resized
-so that size just fits, and a random window of that size is cut out (the original's `var_center_crop`,
-despite its name, places the window at random).
+Three layouts (`read_examples`):
+- a JSONL manifest, as the original trainer reads it: a line is {"path" or "image": ..., "prompt": ...}
+  or, in the chat format, {"image": ..., "conversations": [question, {"value": caption}]};
+- a Hugging Face data set in parquet (a .parquet file, or a folder holding them): an image column of
+  `Image` structs (bytes, path), raw bytes or paths, and a caption column;
+- an image folder: a.jpg with its caption in a.txt beside it.
+Paths go through etils.epath, so they may be in a bucket (gs://...).
+
+Each image is cropped to one of a fixed list of sizes near image_size^2 pixels (sides in steps of 16,
+aspect ratio at most 4): one of the four sizes whose aspect ratio best matches the image is picked at
+random, the image is resized so that size just fits, and a random window of that size is cut out (the
+original's `var_center_crop`, despite its name, places the window at random).
 """
 
 import dataclasses
+import functools
+import hashlib
+import io
 import json
-from pathlib import Path
+import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 CROP_STEP = 16  # the VAE's 8 x the transformer's patch 2: one latent token per 16 x 16 pixels
 MAX_ASPECT = 4.0
 TOP_K = 4  # the original picks among this many best-matching sizes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One manifest line: an image on disk and its caption."""
+    """One image and its caption, and where they came from."""
 
-    image: Path
-    prompt: str
-    line: int  # 1-based line number in the manifest, for messages
+    image: str  # the image file (a path or gs:// URL); for parquet, the .parquet file
+    prompt: str | None  # None: no caption (an image folder's image without its .txt); the cache skips it
+    where: str  # for messages and the cache's records: "train.jsonl:3", "train-0.parquet row 7", "photos/a.jpg"
+    row: int | None = None  # parquet: the row in that file
+    column: str | None = None  # parquet: the image column
+
+    def read_bytes(self) -> bytes:
+        """The encoded image file."""
+        if self.row is None:
+            return epath.Path(self.image).read_bytes()
+        value = _parquet_cell(self.image, self.row, self.column)
+        if isinstance(value, dict):  # a Hugging Face Image: the bytes, or else a path
+            if value.get("bytes") is not None:
+                return value["bytes"]
+            value = value.get("path")
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str) and value:
+            return (epath.Path(self.image).parent / value).read_bytes()
+        raise ValueError(f"{self.where}: column {self.column!r} holds no image ({type(value).__name__})")
 
 
-def read_manifest(path: str | Path) -> list[Example]:
+def read_examples(
+    data: str | os.PathLike, *, image_column: str = "image", caption_column: str = "text"
+) -> list[Example]:
+    """The examples of a data set in any of the three layouts: a `.jsonl` manifest, a `.parquet` file or a
+    folder holding any (searched recursively, in path order), or an image folder."""
+    path = epath.Path(data)
+    if path.is_dir():
+        files = _files_under(path)
+        parquet = [f for f in files if f.suffix == ".parquet"]
+        if parquet:
+            return [e for file in parquet for e in _read_parquet(file, image_column, caption_column)]
+        return _read_image_folder(path, files)
+    if not path.exists():
+        raise FileNotFoundError(f"{data}: no such file or folder")
+    if path.suffix == ".jsonl":
+        return read_manifest(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path, image_column, caption_column)
+    raise ValueError(
+        f"{data}: not a data set; expected a .jsonl manifest, a .parquet file or a folder of them, "
+        f"or a folder of images with a caption file each ({', '.join(IMAGE_SUFFIXES)} and .txt)"
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> list[Example]:
     """The examples of a JSONL manifest; relative image paths are resolved against the manifest's folder.
 
     Blank lines are ignored; any other line that is not one of the two formats raises a ValueError
     naming the file and line.
     """
-    path = Path(path)
+    path = epath.Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                image, prompt = _parse_line(text, f"{path}:{number}")
-                examples.append(Example(path.parent / image, prompt, number))
+                where = f"{path}:{number}"
+                image, prompt = _parse_line(text, where)
+                examples.append(Example(str(path.parent / image), prompt, where))
     return examples
+
+
+def _read_parquet(path: epath.Path, image_column: str, caption_column: str) -> list[Example]:
+    """One example per row; only the captions are read here, the images when the cache reads them."""
+    import pyarrow.parquet as pq  # here: only parquet data sets need it
+
+    with path.open("rb") as f:
+        columns = pq.read_schema(f).names
+    for column, setting in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if column not in columns:
+            raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(columns)}); set {setting}")
+    with path.open("rb") as f:
+        captions = pq.read_table(f, columns=[caption_column]).column(0).to_pylist()
+    return [
+        Example(str(path), caption if isinstance(caption, str) else None, f"{path} row {row}", row, image_column)
+        for row, caption in enumerate(captions)
+    ]
+
+
+@functools.lru_cache(maxsize=16)
+def _parquet_row_groups(path: str) -> tuple[int, ...]:
+    """The first row of each row group of a parquet file, and its row count last."""
+    import pyarrow.parquet as pq
+
+    with epath.Path(path).open("rb") as f:
+        metadata = pq.read_metadata(f)
+    starts = [0]
+    for group in range(metadata.num_row_groups):
+        starts.append(starts[-1] + metadata.row_group(group).num_rows)
+    return tuple(starts)
+
+
+@functools.lru_cache(maxsize=4)  # the few row groups the cache's shards are reading; thread-safe
+def _parquet_row_group(path: str, group: int, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    with epath.Path(path).open("rb") as f:
+        return pq.ParquetFile(f).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def _parquet_cell(path: str, row: int, column: str):
+    starts = _parquet_row_groups(path)
+    group = int(np.searchsorted(starts, row, side="right")) - 1
+    return _parquet_row_group(path, group, column)[row - starts[group]]
+
+
+def _files_under(folder: epath.Path) -> list[epath.Path]:
+    """Every file in `folder` and its subfolders, in path order (epath refuses `**` globs, costly on buckets)."""
+    return sorted(top / name for top, _, names in folder.walk() for name in names)
+
+
+def _read_image_folder(folder: epath.Path, files: list[epath.Path]) -> list[Example]:
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise ValueError(f"{folder}: no data set here: no .parquet files, and no images ({', '.join(IMAGE_SUFFIXES)})")
+    examples = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        prompt = caption.read_text(encoding="utf-8").strip() if caption.exists() else None
+        examples.append(Example(str(image), prompt, str(image)))
+    return examples
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """What a cache is built from: a hash of each example's image, row and caption (no image is read)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.image, example.row, example.prompt]).encode())
+    return digest.hexdigest()
 
 
 def _parse_line(text: str, where: str) -> tuple[str, str]:
@@ -115,12 +237,17 @@ def crop(image: Image.Image, size: tuple[int, int], rng: np.random.Generator) ->
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def load_image(path: str | Path, sizes: list[tuple[int, int]], rng: np.random.Generator) -> np.ndarray:
-    """The image at `path`, cropped to one of `sizes`, as float32 [H, W, 3] in [-1, 1].
+def load_image(
+    example: Example, sizes: list[tuple[int, int]], rng: np.random.Generator, min_side: int = 0
+) -> np.ndarray:
+    """The example's image, cropped to one of `sizes`, as float32 [H, W, 3] in [-1, 1].
 
-    Raises what PIL raises for a missing or unreadable file (OSError and others)."""
-    with Image.open(path) as image:
+    Raises what reading and PIL raise for a missing or unreadable file (OSError and others), and a
+    ValueError for an image whose shorter side is under `min_side` pixels."""
+    with Image.open(io.BytesIO(example.read_bytes())) as image:
         image = image.convert("RGB")  # decodes the whole file, so truncated images fail here
+    if min(image.size) < min_side:
+        raise ValueError(f"{example.where}: {image.width}x{image.height} px, under the minimum side of {min_side} px")
     size = choose_crop_size(image.width, image.height, sizes, rng)
     pixels = np.asarray(crop(image, size, rng), dtype=np.float32)
     return pixels / 127.5 - 1.0

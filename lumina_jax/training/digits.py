@@ -319,9 +319,9 @@ def write_base_pipeline(folder: str | os.PathLike, *, text_hidden: int = 64, see
 
 
 def prepare(config) -> None:
-    """`TrainConfig.prepare` of train/configs/digits.py: the data set beside config.manifest and the base
+    """`TrainConfig.prepare` of train/configs/digits.py: the data set beside config.data and the base
     pipeline at config.pipeline, its text encoder as wide as the transformer's cross_attention_dim."""
-    manifest = Path(config.manifest)
+    manifest = Path(config.data)
     if manifest.name != MANIFEST:
         raise ValueError(f"the digits data set's manifest is named {MANIFEST}, got {manifest}")
     write_dataset(manifest.parent, size=config.image_size, seed=config.seed)

@@ -10,7 +10,6 @@ host loads its own rows of every global batch.
 
 import dataclasses
 import importlib
-import json
 import logging
 import shutil
 import time
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -33,6 +33,9 @@ from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.data import read_examples
+from lumina_jax.training.run_log import RunLog
+from lumina_jax.training.samples import SampleDrawer
 from lumina_jax.training.step import LearningRate, TrainBatch, init_train_state, make_optimizer, train_step
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
@@ -131,24 +134,34 @@ def global_batch(host_batch: dict, patch_size: int, mesh) -> TrainBatch:
 
 
 def prepare_data(config: TrainConfig) -> None:
-    """Run the config's `prepare` function, then encode the manifest into the cache if it is missing
-    or unfinished (resuming where an interrupted encoding stopped)."""
-    if config.prepare:
+    """Run the config's `prepare` function, then encode the data into the cache if it is missing or
+    unfinished (resuming where an interrupted encoding stopped).
+
+    On every process of a multi-host run and every local device of each: a process encodes its share
+    of the missing shards data-parallel over its own devices (the text encoder and VAE on each, as
+    `python -m sample` places them), and all return once the cache is complete."""
+    sharding.initialize_distributed()
+    if config.prepare:  # on every process: each host may need its own copy of what it writes
         module, _, name = config.prepare.partition(":")
         getattr(importlib.import_module(module), name)(config)
-    if (Path(config.cache) / latent_cache.COMPLETE_FILE).exists():
+    if (epath.Path(config.cache) / latent_cache.COMPLETE_FILE).exists():
         return
-    if jax.process_count() > 1:
-        raise FileNotFoundError(f"{config.cache}: no finished cache; build it first with `python -m train cache`")
+    # Read first: a data set that cannot be read stops the run before the encoders load.
+    examples = read_examples(config.data, image_column=config.image_column, caption_column=config.caption_column)
     from lumina_jax.pipeline import LuminaPipeline
 
+    devices = jax.local_devices()
     pipe = LuminaPipeline.from_pretrained(
-        base_pipeline(config), dtype=config.compute_dtype, transformer=None, progress=False
+        base_pipeline(config),
+        dtype=config.compute_dtype,
+        transformer=None,
+        mesh=sharding.make_mesh(data=len(devices), devices=devices),
+        progress=False,
     )
     encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=architecture(config).in_channels)
     encode_images, encode_text, scaling_factor, shift_factor = encoders
     latent_cache.build_cache(
-        config.manifest,
+        examples,
         config.cache,
         encode_images=encode_images,
         encode_text=encode_text,
@@ -156,7 +169,12 @@ def prepare_data(config: TrainConfig) -> None:
         max_aspect=config.max_aspect,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
+        shard_size=config.cache_shard_size,
+        batch_size=config.cache_batch_size * len(devices),
         seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else latent_cache.no_barrier,
     )
 
 
@@ -179,25 +197,10 @@ def export_checkpoint(config: TrainConfig, destination: str | Path, step: int | 
     return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination))
 
 
-class MetricsLog:
-    """Metrics as JSON lines (process 0 only); appends, so a resumed run continues the same file."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a") if jax.process_index() == 0 else None
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
 def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     sharding.initialize_distributed()
     workdir = Path(config.workdir)
+    drawer = SampleDrawer(config, workdir)  # checks the sample settings first
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json())
@@ -235,7 +238,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     flops_per_step, peak = {}, peak_flops(config)
 
     start_step = int(state.step)
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = RunLog(workdir)
     watcher = PreemptionWatcher()
     bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
     pending, window_start, started = [], time.perf_counter(), time.perf_counter()
@@ -267,6 +270,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
                 preempted = True
                 break
             checkpoints.save(step, state, {"data": batches.get_state()})
+            if drawer.due(step):
+                log.samples(step, drawer.draw(step, graphdef, state.ema_params))
         checkpoints.save(step, state, {"data": batches.get_state()}, force=True)
         checkpoints.wait_until_finished()
     finally:
@@ -301,6 +306,6 @@ def _log_window(log, bar, pending, step, seconds, config, flops_per_step, peak) 
     flops = [flops_per_step[s] for s, _ in pending]
     if peak and all(flops):
         record["mfu"] = float(np.mean(flops)) * steps_per_s / (peak * jax.device_count())
-    log.write(record)
+    log.metrics(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", it_s=f"{steps_per_s:.2f}")
     return record["skipped"]

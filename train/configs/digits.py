@@ -7,13 +7,14 @@ sample/lumina-next-digits/. Needs scikit-learn: pip install -e ".[digits]".
 
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.digits import DIGIT_WORDS
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
         workdir="out/digits",
         pipeline="out/digits/base",  # written by prepare: text encoder, tokenizer, scheduler
-        manifest="out/digits/data/captions.jsonl",  # written by prepare: 1,797 PNGs with varied captions
+        data="out/digits/data/captions.jsonl",  # written by prepare: 1,797 PNGs with varied captions
         cache="out/digits/cache",
         prepare="lumina_jax.training.digits:prepare",
         init="scratch",
@@ -43,4 +44,6 @@ def get_config() -> TrainConfig:
         compute_dtype="float32",
         save_every=500,
         log_every=50,
+        sample_every=500,
+        sample_prompts=[f"a handwritten digit {name}" for name in DIGIT_WORDS],
     )

@@ -20,7 +20,7 @@ def get_config() -> TrainConfig:
     return TrainConfig(
         workdir="out/lumina-next-sft",
         pipeline="Alpha-VLLM/Lumina-Next-SFT-diffusers",
-        manifest="data/captions.jsonl",
+        data="data/captions.jsonl",
         cache="data/cache-lumina-next-sft",
         init="pretrained",
         image_size=1024,
