@@ -1,5 +1,6 @@
-"""lumina-jax: Lumina-Next text-to-image in JAX and Flax NNX."""
+"""lumina-jax: Lumina-Next (and Lumina-T2I's Flag-DiT) text-to-image in JAX and Flax NNX."""
 
+from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline, LuminaPipelineOutput
 from lumina_jax.weights.gemma import load_text_encoder
@@ -8,6 +9,8 @@ from lumina_jax.weights.vae import load_vae
 
 __all__ = [
     "PRESETS",
+    "FlagDiT",
+    "FlagDiTConfig",
     "LuminaPipeline",
     "LuminaPipelineOutput",
     "NextDiT",

@@ -14,6 +14,50 @@ Dtype = jnp.dtype | type
 DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
+class TransformerSizes:
+    """Sizes that Next-DiT's and Flag-DiT's configs derive alike from their fields (hidden_size,
+    num_attention_heads, num_kv_heads, in_channels, learn_sigma, multiple_of, ffn_dim_multiplier)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the timestep + caption conditioning vector."""
+        return min(self.hidden_size, 1024)
+
+    @property
+    def ffn_dim(self) -> int:
+        """The SwiGLU width: 2/3 of 4 x hidden_size, times ffn_dim_multiplier, rounded up to multiple_of."""
+        inner = int(8 * self.hidden_size / 3)
+        if self.ffn_dim_multiplier is not None:
+            inner = int(self.ffn_dim_multiplier * inner)
+        return self.multiple_of * -(-inner // self.multiple_of)
+
+
+def ffn_fields(hidden_size: int, ffn_dim: int) -> dict[str, Any] | None:
+    """multiple_of and ffn_dim_multiplier giving a SwiGLU of width `ffn_dim` (as read off a checkpoint);
+    None if none does. A multiple_of alone where one of the usual ones gives it; else a multiplier m,
+    which the width int(m * int(8 * hidden / 3)) alone does not pin down: any m giving the same width
+    computes the same model, and the one landing halfway into the width's last unit is far from
+    int()'s rounding edge."""
+    base = int(8 * hidden_size / 3)
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if multiple_of * -(-base // multiple_of) == ffn_dim:
+            return {"multiple_of": multiple_of, "ffn_dim_multiplier": None}
+    multiplier = (ffn_dim + 0.5) / base
+    return {"multiple_of": 1, "ffn_dim_multiplier": multiplier} if int(multiplier * base) == ffn_dim else None
+
+
 def float32_products(method: Callable) -> Callable:
     """For a module method: with a float32 compute dtype (`self.dtype`), every matmul and convolution
     it traces multiplies in full float32. Accelerators otherwise multiply float32 in TF32 (GPUs) or

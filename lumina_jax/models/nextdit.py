@@ -22,6 +22,7 @@ from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
 from lumina_jax.models.layers import (
     DIFFUSERS_BOOKKEEPING,
     Dtype,
+    TransformerSizes,
     config_from_dict,
     float32_products,
     layer_norm,
@@ -45,7 +46,7 @@ ROPE_MAX_GRID = 384  # the released RoPE table: 384 x 384 tokens, 6144 px per si
 
 
 @dataclasses.dataclass(frozen=True)
-class NextDiTConfig:
+class NextDiTConfig(TransformerSizes):
     """Architecture, with the field names and defaults of diffusers' transformer config.json."""
 
     sample_size: int = 128
@@ -88,30 +89,6 @@ class NextDiTConfig:
         if not self.separate_caption_query:
             del values["separate_caption_query"]
         return {"_class_name": "LuminaNextDiT2DModel", **values}
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_attention_heads
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def cond_dim(self) -> int:
-        """Width of the timestep + caption conditioning vector."""
-        return min(self.hidden_size, 1024)
-
-    @property
-    def ffn_dim(self) -> int:
-        inner = int(8 * self.hidden_size / 3)
-        if self.ffn_dim_multiplier is not None:
-            inner = int(self.ffn_dim_multiplier * inner)
-        return self.multiple_of * -(-inner // self.multiple_of)
 
     @property
     def base_sequence_length(self) -> int:
@@ -163,6 +140,15 @@ def timestep_features(t: jax.Array, dim: int = TIMESTEP_FEATURES, max_period: fl
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def conditioning(model: nnx.Module, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array) -> jax.Array:
+    """Timestep embedding plus the projected masked mean of the caption: [B, cond_dim], from the model's
+    time_linear_1, time_linear_2, caption_pool_norm and caption_proj (Next-DiT and Flag-DiT alike)."""
+    t = model.time_linear_2(jax.nn.silu(model.time_linear_1(timestep_features(timestep))))
+    weights = caption_mask.astype(jnp.float32)[..., None]
+    pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
+    return t + model.caption_proj(model.caption_pool_norm(pooled))
 
 
 def check_grid(rows: int, cols: int, patch: int) -> None:
@@ -460,20 +446,7 @@ class NextDiT(nnx.Module):
         """
         cfg = self.config
         batch, num_tokens, _ = patches.shape
-        if caption.ndim != 3 or caption.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(
-                f"encoder_hidden_states must be [batch, length, {cfg.cross_attention_dim}], got {caption.shape}"
-            )
-        for name, array in (("timestep", timestep), ("encoder_hidden_states", caption), ("encoder_mask", caption_mask)):
-            if array.shape[0] != batch:
-                raise ValueError(f"{name} has batch size {array.shape[0]}, hidden_states has {batch}")
-        if caption_mask.shape != caption.shape[:2]:
-            raise ValueError(f"encoder_mask shape {caption_mask.shape} does not match the caption {caption.shape[:2]}")
-        kv_shape = (cfg.num_layers, 2, *caption.shape[:2], cfg.kv_heads, cfg.head_dim)
-        if caption_kv is not None and caption_kv.shape != kv_shape:
-            raise ValueError(
-                f"caption_kv has shape {caption_kv.shape}; caption_keys_values of this caption gives {kv_shape}"
-            )
+        check_conditioning(cfg, batch, timestep, caption, caption_mask, caption_kv)
         if context_drop is not None and (token_mask is not None or context_drop.rows * context_drop.cols != num_tokens):
             raise ValueError(
                 f"Context Drop needs the {num_tokens} tokens of one {context_drop.rows}x{context_drop.cols} grid per "
@@ -483,11 +456,7 @@ class NextDiT(nnx.Module):
         x = self.patch_embedder(patches).astype(jnp.float32)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
-        self_scale = cfg.head_dim**-0.5
-        if base_sequence_length is not None:
-            self_scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))
-
-        cond = self._conditioning(timestep, caption, caption_mask)
+        cond = conditioning(self, timestep, caption, caption_mask)
         inputs = BlockInputs(
             cond=cond,
             caption=caption.astype(self.dtype),
@@ -495,20 +464,13 @@ class NextDiT(nnx.Module):
             token_mask=token_mask,
             cos=rope[0],
             sin=rope[1],
-            self_scale=self_scale,
+            self_scale=self_attention_scale(cfg.head_dim, num_tokens, base_sequence_length),
             context_drop=context_drop,
         )
-        x = self._run_layers(x, caption_kv, inputs)
+        x = run_layers(self.layers, x, caption_kv, inputs, remat=self.remat, scan_layers=self.scan_layers)
 
         scale = self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32)[:, None, :]
         return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
-
-    def _conditioning(self, timestep, caption, caption_mask) -> jax.Array:
-        """Timestep embedding plus the projected masked mean of the caption: [B, cond_dim]."""
-        t = self.time_linear_2(jax.nn.silu(self.time_linear_1(timestep_features(timestep))))
-        weights = caption_mask.astype(jnp.float32)[..., None]
-        pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
-        return t + self.caption_proj(self.caption_pool_norm(pooled))
 
     @float32_products
     def caption_keys_values(self, caption: jax.Array) -> jax.Array:
@@ -517,21 +479,63 @@ class NextDiT(nnx.Module):
         They depend on the caption alone, so a sampler computes them once per image and passes them
         as `caption_kv` to every step (with the small config of benchmarks/speed.py, 8-9% of a step).
         """
-        graphdef, stacked = nnx.split(self.layers)
-        caption = caption.astype(self.dtype)
-        return jax.vmap(lambda params: nnx.merge(graphdef, params).caption_keys_values(caption))(stacked)
+        return layers_caption_keys_values(self.layers, caption.astype(self.dtype))
 
-    def _run_layers(self, x: jax.Array, caption_kv: jax.Array | None, inputs: BlockInputs) -> jax.Array:
-        graphdef, stacked = nnx.split(self.layers)
 
-        def block(x, layer):
-            params, layer_caption_kv = layer
-            return nnx.merge(graphdef, params)(x, layer_caption_kv, inputs), None
+def check_conditioning(cfg, batch: int, timestep, caption, caption_mask, caption_kv) -> None:
+    """The timestep, caption, its mask and precomputed keys and values agree with a batch of `batch` and the
+    config (a Next-DiT's or Flag-DiT's)."""
+    if caption.ndim != 3 or caption.shape[-1] != cfg.cross_attention_dim:
+        raise ValueError(
+            f"encoder_hidden_states must be [batch, length, {cfg.cross_attention_dim}], got {caption.shape}"
+        )
+    for name, array in (("timestep", timestep), ("encoder_hidden_states", caption), ("encoder_mask", caption_mask)):
+        if array.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {array.shape[0]}, hidden_states has {batch}")
+    if caption_mask.shape != caption.shape[:2]:
+        raise ValueError(f"encoder_mask shape {caption_mask.shape} does not match the caption {caption.shape[:2]}")
+    kv_shape = (cfg.num_layers, 2, *caption.shape[:2], cfg.kv_heads, cfg.head_dim)
+    if caption_kv is not None and caption_kv.shape != kv_shape:
+        raise ValueError(
+            f"caption_kv has shape {caption_kv.shape}; caption_keys_values of this caption gives {kv_shape}"
+        )
 
-        if self.remat != "none":
-            block = jax.checkpoint(block, prevent_cse=not self.scan_layers, policy=REMAT_POLICIES[self.remat])
-        if self.scan_layers:
-            return jax.lax.scan(block, x, (stacked, caption_kv))[0]
-        for i in range(self.config.num_layers):
-            x, _ = block(x, jax.tree.map(lambda a: a[i], (stacked, caption_kv)))
-        return x
+
+def self_attention_scale(head_dim: int, num_tokens: int, base_sequence_length: int | None) -> float:
+    """1 / sqrt(head_dim), times sqrt(log_base(tokens)) with proportional attention (a base_sequence_length)."""
+    scale = head_dim**-0.5
+    if base_sequence_length is not None:
+        scale *= math.sqrt(math.log(num_tokens) / math.log(base_sequence_length))
+    return scale
+
+
+def layers_caption_keys_values(layers: nnx.Module, caption: jax.Array) -> jax.Array:
+    """Each of the stacked layers' `caption_keys_values(caption)`: [layers, 2, B, L, kv_heads, head_dim]."""
+    graphdef, stacked = nnx.split(layers)
+    return jax.vmap(lambda params: nnx.merge(graphdef, params).caption_keys_values(caption))(stacked)
+
+
+def run_layers(
+    layers: nnx.Module,
+    x: jax.Array,
+    caption_kv: jax.Array | None,
+    inputs: BlockInputs,
+    *,
+    remat: Remat,
+    scan_layers: bool,
+) -> jax.Array:
+    """The residual stream through the stacked layers (each called as `layer(x, caption_kv, inputs)`): scanned,
+    or unrolled; rematerialised by the `remat` policy."""
+    graphdef, stacked = nnx.split(layers)
+
+    def block(x, layer):
+        params, layer_caption_kv = layer
+        return nnx.merge(graphdef, params)(x, layer_caption_kv, inputs), None
+
+    if remat != "none":
+        block = jax.checkpoint(block, prevent_cse=not scan_layers, policy=REMAT_POLICIES[remat])
+    if scan_layers:
+        return jax.lax.scan(block, x, (stacked, caption_kv))[0]
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        x, _ = block(x, jax.tree.map(lambda a: a[i], (stacked, caption_kv)))
+    return x

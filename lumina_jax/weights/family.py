@@ -51,12 +51,16 @@ class ModelFamily:
             other_layouts=self.other_layouts,
         )
 
+    def model_for(self, config) -> type[nnx.Module]:
+        """The model class of a config (one, but for a family of several models)."""
+        return self.model
+
     def key_map(self, checkpoint: Checkpoint) -> Callable[[str], Target]:
         """Where each of this checkpoint's keys goes."""
         return self.key_to_target
 
     def parameter_shapes(self, config) -> Mapping[tuple[str, ...], tuple[int, ...]]:
-        return _parameter_shapes(self.model, config)
+        return _parameter_shapes(self.model_for(config), config)
 
     def plan(self, checkpoint: Checkpoint) -> importer.Plan:
         """Match every tensor of the checkpoint to its parameter, from names and shapes alone."""
@@ -85,7 +89,9 @@ class ModelFamily:
         its sharding on `mesh` (default: the current mesh, else one device)."""
         compute, storage = resolve_dtype(dtype), resolve_dtype(param_dtype or dtype)
         abstract = abstract_module(
-            lambda: self.model(checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0), **options)
+            lambda: self.model_for(checkpoint.config)(
+                checkpoint.config, dtype=compute, param_dtype=storage, rngs=nnx.Rngs(0), **options
+            )
         )
         converted = checkpoint.path if checkpoint.tensors is None else None
         read = lambda: self.import_params(checkpoint, storage, progress=progress)  # noqa: E731

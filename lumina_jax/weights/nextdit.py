@@ -1,9 +1,10 @@
-"""Finding, checking and importing Next-DiT weights in every layout users bring.
+"""Finding, checking and importing diffusion transformer weights in every layout users bring: Next-DiT
+(Lumina-Next) and Flag-DiT (Lumina-T2I), which a checkpoint's keys or config tell apart.
 
-Layouts: a diffusers transformer folder (config.json, one or sharded safetensors), a diffusers
-pipeline folder (its transformer/), an original Lumina-Next checkpoint (consolidated[_ema]
-.00-of-01.safetensors or .pth, with model_args.pth), a single checkpoint file, or a folder
-written by `python -m convert`. Tensors stream one at a time into preallocated arrays, so the
+Layouts: a diffusers transformer folder (config.json, one or sharded safetensors; Next-DiT only), a
+diffusers pipeline folder (its transformer/), an original Lumina-Next or Lumina-T2I checkpoint
+(consolidated[_ema].00-of-01.safetensors or .pth, with model_args.pth), a single checkpoint file, or a
+folder written by `python -m convert`. Tensors stream one at a time into preallocated arrays, so the
 import holds one copy of the weights.
 """
 
@@ -17,9 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from lumina_jax import hub
+from lumina_jax.models import flagdit
+from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
+from lumina_jax.models.layers import ffn_fields
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.flagdit_keys import original_key_to_target as flagdit_key_to_target
 from lumina_jax.weights.importer import LazyTensor
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
@@ -29,12 +34,21 @@ from lumina_jax.weights.nextdit_keys import (
 from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
 
+MODELS = {NextDiTConfig: NextDiT, FlagDiTConfig: FlagDiT}  # a transformer config's model
+ORIGINAL_PRESETS = {**PRESETS, **flagdit.PRESETS}  # model_args.pth's model names, for both families
+
 
 @dataclasses.dataclass
 class NextDiTCheckpoint(importer.Checkpoint):
-    """Next-DiT weights found on disk, not yet read, in one of several layouts."""
+    """Transformer weights found on disk, not yet read, in one of several layouts; its config's class
+    (NextDiTConfig or FlagDiTConfig) says the family."""
 
     layout: str = "diffusers"  # "diffusers", "original" or "converted"
+
+
+def config_from_dict(values: dict) -> NextDiTConfig | FlagDiTConfig:
+    """A transformer's config.json: Flag-DiT's names its class "FlagDiT"; anything else is diffusers' Next-DiT."""
+    return (FlagDiTConfig if values.get("_class_name") == "FlagDiT" else NextDiTConfig).from_dict(values)
 
 
 def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
@@ -55,13 +69,15 @@ def _layout_of(path: Path, tensors: Mapping[str, LazyTensor]) -> str:
     if "x_embedder.weight" in tensors:
         return "original"
     raise ValueError(
-        f"{path}: not a Next-DiT checkpoint (neither 'patch_embedder.proj.weight' of diffusers nor "
-        f"'x_embedder.weight' of the original; first keys: {sorted(tensors)[:5]})"
+        f"{path}: not a Next-DiT or Flag-DiT checkpoint (neither 'patch_embedder.proj.weight' of diffusers nor "
+        f"'x_embedder.weight' of the original Lumina code; first keys: {sorted(tensors)[:5]})"
     )
 
 
-def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextDiTConfig:
-    """Read the architecture off the tensor shapes of an original checkpoint (latents have 4 channels)."""
+def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextDiTConfig | FlagDiTConfig:
+    """Read the architecture off the tensor shapes of an original checkpoint (latents have 4 channels):
+    Flag-DiT's (Lumina-T2I) where it has an end-of-line token, else Next-DiT's (Lumina-Next)."""
+    family = FlagDiTConfig if "eol_token" in tensors else NextDiTConfig
     try:
         hidden, patch_features = tensors["x_embedder.weight"].shape
         heads = tensors["layers.0.attention.gate"].shape[0]
@@ -70,9 +86,14 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
         ffn_dim = tensors["layers.0.feed_forward.w1.weight"].shape[0]
         final_features = tensors["final_layer.linear.weight"].shape[0]
     except KeyError as e:
-        raise ValueError(f"{path}: original Next-DiT checkpoint without {e.args[0]!r}") from None
+        raise ValueError(f"{path}: original {_name(family)} checkpoint without {e.args[0]!r}") from None
     in_channels = 4
     patch = math.isqrt(patch_features // in_channels)
+    if patch < 1 or patch * patch * in_channels != patch_features:
+        raise ValueError(
+            f"{path}: x_embedder takes {patch_features} features, not the patch x patch x 4 of a latent patch "
+            "(original checkpoints are read as the 4-channel latents of the SDXL VAE)"
+        )
     layers = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"layers\.(\d+)\.", k)))
     head_dim = hidden // heads
     base = dict(
@@ -86,29 +107,33 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
         learn_sigma=final_features == 2 * patch_features,
         qk_norm="layers.0.attention.q_norm.weight" in tensors,
     )
-    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        config = NextDiTConfig(multiple_of=multiple_of, **base)
-        if config.ffn_dim == ffn_dim:
-            return config
-    # Trained with ffn_dim_multiplier m: the width is int(m * int(8 * hidden / 3)) rounded up to
-    # multiple_of, and m is not in the tensors. Any m giving the same width computes the same model:
-    # take the one that lands halfway into the width's last unit, far from int()'s rounding edge.
-    config = NextDiTConfig(multiple_of=1, ffn_dim_multiplier=(ffn_dim + 0.5) / int(8 * hidden / 3), **base)
-    if config.ffn_dim != ffn_dim:
+    ffn = ffn_fields(hidden, ffn_dim)
+    if ffn is None:
         raise ValueError(f"{path}: feed-forward width {ffn_dim} matches no FFN configuration for hidden size {hidden}")
-    return config
+    return family(**base, **ffn)
 
 
-def _original_config(folder: Path, tensors: Mapping[str, LazyTensor], checkpoint: Path) -> NextDiTConfig:
-    """The named preset of model_args.pth when there is one, else the shapes; sample size from its image_size."""
+def _name(config_class: type) -> str:
+    return "Flag-DiT" if config_class is FlagDiTConfig else "Next-DiT"
+
+
+def _original_config(
+    folder: Path, tensors: Mapping[str, LazyTensor], checkpoint: Path
+) -> NextDiTConfig | FlagDiTConfig:
+    """The named preset of model_args.pth when there is one, else the shapes; sample size from its
+    image_size, and a Flag-DiT's RoPE scaling from its rope_scaling_factor and ntk_factor."""
     config = config_from_original(tensors, checkpoint)
     args_path = folder / "model_args.pth"
     if args_path.exists():
         args = load_pth(args_path)
-        if getattr(args, "model", None) in PRESETS:
-            config = PRESETS[args.model]
+        preset = ORIGINAL_PRESETS.get(getattr(args, "model", None))
+        if preset is not None and type(preset) is type(config):
+            config = preset
         if getattr(args, "image_size", None):
             config = dataclasses.replace(config, sample_size=int(args.image_size) // 8)
+        if isinstance(config, FlagDiTConfig):
+            factors = {f: float(getattr(args, f)) for f in ("rope_scaling_factor", "ntk_factor") if hasattr(args, f)}
+            config = dataclasses.replace(config, **factors)
     return config
 
 
@@ -122,8 +147,8 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
     return _diffusers_checkpoint(path, _read_config(path.parent / "config.json"), tensors)
 
 
-def _read_config(path: Path) -> NextDiTConfig:
-    return importer.read_config(path, NextDiTConfig.from_dict, "Next-DiT")
+def _read_config(path: Path) -> NextDiTConfig | FlagDiTConfig:
+    return importer.read_config(path, config_from_dict, NEXT_DIT.name)
 
 
 def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[str, LazyTensor]) -> NextDiTCheckpoint:
@@ -141,8 +166,9 @@ def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[st
     return NextDiTCheckpoint(path, config, tensors, "diffusers")
 
 
-class NextDiTFamily(ModelFamily):
-    """Next-DiT: its layouts are found by their files, and the original's keys map through diffusers'."""
+class TransformerFamily(ModelFamily):
+    """Next-DiT and Flag-DiT: their layouts are found by their files, the family by the keys or config;
+    Next-DiT's original keys map through diffusers' names."""
 
     def find(self, path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
         """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its
@@ -158,7 +184,7 @@ class NextDiTFamily(ModelFamily):
             path,
             subfolder=self.subfolder,
             stem=self.stem,
-            from_dict=NextDiTConfig.from_dict,
+            from_dict=config_from_dict,
             model_name=self.name,
             other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
         )
@@ -166,9 +192,14 @@ class NextDiTFamily(ModelFamily):
             return NextDiTCheckpoint(found.path, found.config, None, "converted")
         return _diffusers_checkpoint(found.path, found.config, found.tensors)
 
+    def model_for(self, config: NextDiTConfig | FlagDiTConfig) -> type:
+        return MODELS[type(config)]
+
     def key_map(self, checkpoint: NextDiTCheckpoint):
-        """diffusers' keys (attn2's query to its own parameter where the checkpoint has one); the
-        original's through their diffusers names."""
+        """Flag-DiT's original keys; diffusers' keys (attn2's query to its own parameter where the checkpoint
+        has one); Next-DiT's original keys through their diffusers names."""
+        if isinstance(checkpoint.config, FlagDiTConfig):
+            return flagdit_key_to_target
         to_target = functools.partial(
             diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
         )
@@ -178,15 +209,15 @@ class NextDiTFamily(ModelFamily):
 
     def load(
         self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None, **options
-    ) -> NextDiT:
-        """A Next-DiT with weights from any supported layout, or a hub id's (at `revision`); `ema` picks the
-        EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
+    ) -> NextDiT | FlagDiT:
+        """A Next-DiT or Flag-DiT with weights from any supported layout, or a hub id's (at `revision`);
+        `ema` picks the EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
         the model's scan_layers, remat and attention_backend."""
         return self.build(self.find(path, ema=ema, revision=revision), dtype, **options)
 
 
-NEXT_DIT = NextDiTFamily(
-    name="Next-DiT",
+NEXT_DIT = TransformerFamily(
+    name="Next-DiT or Flag-DiT",
     model=NextDiT,
     config=NextDiTConfig,
     key_to_target=diffusers_key_to_target,
