@@ -136,6 +136,10 @@ def apply_rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
 class GemmaRMSNorm(nnx.Module):
     """x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32; the weight is stored as an offset from 1."""
 
@@ -149,10 +153,12 @@ class GemmaRMSNorm(nnx.Module):
         return normed * (1.0 + self.weight[...].astype(jnp.float32))
 
 
-class GemmaAttention(nnx.Module):
-    """Causal grouped-query self-attention with rotate-half RoPE, scale head_dim**-0.5."""
+class CausalSelfAttention(nnx.Module):
+    """Causal grouped-query self-attention with rotate-half RoPE, scale head_dim**-0.5 (Gemma's and LLaMA's;
+    `cfg` has transformers' field names: hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+    attention_bias)."""
 
-    def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         d, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         dense = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -178,17 +184,18 @@ class GemmaAttention(nnx.Module):
         return self.o_proj(out.reshape(batch, length, -1))
 
 
-class GemmaMLP(nnx.Module):
-    """down(gelu_tanh(gate x) * up x), no biases."""
+class GatedMLP(nnx.Module):
+    """down(activation(gate x) * up x), no biases: Gemma's (tanh GELU) and LLaMA's (SiLU)."""
 
-    def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Any, activation, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.activation = activation
         dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **dense)
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **dense)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **dense)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
 
 
 class GemmaDecoderLayer(nnx.Module):
@@ -197,9 +204,9 @@ class GemmaDecoderLayer(nnx.Module):
     def __init__(self, cfg: GemmaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = GemmaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = CausalSelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, **norm)
-        self.mlp = GemmaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, mask, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin).astype(jnp.float32)
@@ -251,36 +258,45 @@ class GemmaEncoder(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids [B, L] integers and attention_mask [B, L] (1 = token, 0 = padding) ->
         hidden_states[-2] of transformers' GemmaModel, [B, L, hidden_size] float32, padded positions included."""
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be integers [batch, length], got {input_ids.dtype} {input_ids.shape}")
-        if attention_mask.ndim != 2:
-            raise ValueError(f"attention_mask must be [batch, length], got shape {attention_mask.shape}")
-        if attention_mask.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"attention_mask has batch size {attention_mask.shape[0]}, input_ids has {input_ids.shape[0]}"
-            )
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
-
-        cfg, length = self.config, input_ids.shape[1]
+        check_token_inputs(input_ids, attention_mask)
         # transformers casts the normaliser sqrt(hidden_size) to the embedding's dtype before multiplying.
-        normalizer = jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        normalizer = jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
         x = (self.embed_tokens(input_ids) * normalizer).astype(jnp.float32)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta)
-        return self._run_layers(x, mask, cos, sin)
+        layer_inputs = causal_inputs(attention_mask, self.config)
+        return run_decoder_layers(self.layers, x, layer_inputs, self.num_layers_run, scan=self.scan_layers)
 
-    def _run_layers(self, x, *args) -> jax.Array:
-        graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, index):
-            # Index the stack in place rather than slicing off the unused last layer, which would copy the rest.
-            params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked)
-            return nnx.merge(graphdef, params)(x, *args), None
+def check_token_inputs(input_ids: jax.Array, attention_mask: jax.Array) -> None:
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers [batch, length], got {input_ids.dtype} {input_ids.shape}")
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, length], got shape {attention_mask.shape}")
+    if attention_mask.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, input_ids has {input_ids.shape[0]}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
 
-        if self.scan_layers:
-            return jax.lax.scan(layer, x, jnp.arange(self.num_layers_run))[0]
-        for i in range(self.num_layers_run):
-            x, _ = layer(x, i)
-        return x
+
+def causal_inputs(attention_mask: jax.Array, cfg: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What each decoder layer reads besides its input: the causal mask over the tokens [B, 1, L, L] and
+    the RoPE tables of positions 0..L-1."""
+    length = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    return (mask, *rope_tables(length, cfg.head_dim, cfg.rope_theta))
+
+
+def run_decoder_layers(layers: nnx.Module, x: jax.Array, layer_inputs: tuple, count: int, *, scan: bool) -> jax.Array:
+    """x through the first `count` of the stacked decoder layers, scanned or unrolled."""
+    graphdef, stacked = nnx.split(layers)
+
+    def layer(x, index):
+        # Index the stack in place rather than slicing off unused layers, which would copy the rest.
+        params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked)
+        return nnx.merge(graphdef, params)(x, *layer_inputs), None
+
+    if scan:
+        return jax.lax.scan(layer, x, jnp.arange(count))[0]
+    for i in range(count):
+        x, _ = layer(x, i)
+    return x

@@ -7,6 +7,7 @@ Lumina-Next text encoders carry no `lm_head.weight` (the causal LM ties it to th
 is refused like any other unknown key.
 """
 
+import functools
 import re
 
 import numpy as np
@@ -21,20 +22,24 @@ _LAYER_NORM_KEY = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_la
 _LINEAR_LEAF = {"weight": ("kernel", LINEAR), "bias": ("bias", None)}
 
 
-def gemma_key_to_target(key: str) -> Target:
-    """Map a transformers GemmaModel (or GemmaForCausalLM, `model.`-prefixed) key to our parameter."""
+def decoder_key_to_target(key: str, *, norm_scale: str) -> Target:
+    """Map a transformers decoder's key (GemmaModel's, LlamaModel's, or the causal LM's `model.`-prefixed)
+    to our parameter; `norm_scale` names our RMSNorms' weight ("weight" for Gemma's, "scale" for LLaMA's)."""
     key = key.removeprefix(_CAUSAL_LM_PREFIX)
     if key == "embed_tokens.weight":
         return Target(("embed_tokens", "embedding"))
     if key == "norm.weight":
-        return Target(("norm", "weight"))
+        return Target(("norm", norm_scale))
     if match := _LAYER_KEY.fullmatch(key):
         *module, leaf = match[2].split(".")
         name, permute = _LINEAR_LEAF[leaf]
         return Target(("layers", *module, name), int(match[1]), permute)
     if match := _LAYER_NORM_KEY.fullmatch(key):
-        return Target(("layers", match[2], "weight"), int(match[1]))
+        return Target(("layers", match[2], norm_scale), int(match[1]))
     raise UnknownKeyError(key)
+
+
+gemma_key_to_target = functools.partial(decoder_key_to_target, norm_scale="weight")
 
 
 def gemma_keys(config: GemmaConfig) -> list[str]:

@@ -1,0 +1,166 @@
+"""The LLaMA text encoder of Lumina-T2I (LLaMA-2-7B), in Flax NNX.
+
+Computes what Lumina-T2I takes from `transformers.LlamaModel`: `last_hidden_state`, every layer and the
+final norm. Inputs are the tokenizer's right-padded input_ids and attention_mask; the original passes no
+mask, which for right padding changes only the padded positions (causal attention never reads them from
+a real token), and those the transformer masks out. Shares Gemma's attention and gated MLP; differs in
+its RMSNorm (the weight itself, not an offset from 1), SiLU, and no embedding scale.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumina_jax.models.gemma import (
+    CausalSelfAttention,
+    GatedMLP,
+    causal_inputs,
+    check_token_inputs,
+    run_decoder_layers,
+)
+from lumina_jax.models.layers import Dtype, config_from_dict, float32_products, logical_axes, rms_norm
+
+# Keys of transformers' config.json that do not change the encoder's output.
+_TRANSFORMERS_BOOKKEEPING = (
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+    "use_cache",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "pretraining_tp",  # splits the projections into slices in PyTorch; the same products
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "output_hidden_states",
+    "return_dict",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture, with the field names of transformers' LLaMA config.json; defaults are LLaMA-2-7B's."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None  # hidden_size // num_attention_heads when not given
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.hidden_act != "silu" or self.mlp_bias:
+            raise ValueError(
+                f"only LLaMA's SiLU MLP without biases is supported; got hidden_act {self.hidden_act!r}, "
+                f"mlp_bias {self.mlp_bias}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
+        """Read transformers' config.json: bookkeeping keys are ignored, anything that would change the math
+        in a way we do not reproduce is refused."""
+        values = dict(values)
+        model_type = values.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"model_type {model_type!r} is not supported; this encoder is LLaMA ('llama')")
+        if (scaling := values.pop("rope_scaling", None)) is not None:
+            raise ValueError(f"rope_scaling {scaling!r} is not supported; only default RoPE")
+        if (rope := values.pop("rope_parameters", None)) is not None:
+            # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...} instead of rope_theta
+            if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+                raise ValueError(f"rope_parameters {rope!r} are not supported; only default RoPE")
+            values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+        return config_from_dict(cls, values, _TRANSFORMERS_BOOKKEEPING, "LLaMA")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architectures": ["LlamaModel"], "model_type": "llama", **dataclasses.asdict(self)}
+
+
+LLAMA_2_7B = LlamaConfig()
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP, each added to the float32 residual stream."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.self_attn = CausalSelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = rms_norm(cfg.hidden_size, "embed", **norm)
+        self.mlp = GatedMLP(cfg, jax.nn.silu, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, mask, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x).astype(x.dtype), mask, cos, sin).astype(jnp.float32)
+        return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
+
+
+class LlamaEncoder(nnx.Module):
+    """LLaMA as Lumina-T2I's text encoder: token ids -> last_hidden_state.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype; with bfloat16 compute, norms, RoPE,
+    softmax statistics and the residual stream stay float32. Parameters are named as in transformers'
+    LlamaModel; the layers are stacked under `layers`.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        cfg = self.config = config
+        self.dtype, self.scan_layers = dtype, scan_layers
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_metadata=logical_axes("vocab", "embed"),
+            rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs):
+            return LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = rms_norm(cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    @float32_products
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids [B, L] integers and attention_mask [B, L] (1 = token, 0 = padding) -> last_hidden_state of
+        transformers' LlamaModel, [B, L, hidden_size] float32, padded positions included."""
+        check_token_inputs(input_ids, attention_mask)
+        x = self.embed_tokens(input_ids).astype(jnp.float32)
+        layer_inputs = causal_inputs(attention_mask, self.config)
+        x = run_decoder_layers(self.layers, x, layer_inputs, self.config.num_hidden_layers, scan=self.scan_layers)
+        return self.norm(x)
