@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lumina_jax.models.flagdit import FlagDiT
 from lumina_jax.models.nextdit import NextDiT
 
 Solver = Literal["euler", "midpoint"]
@@ -106,8 +107,13 @@ def make_schedule(name: str, num_steps: int, *, shift: float | None = None, sigm
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
-def resolution_scale(model: NextDiT, height: int, width: int) -> float:
-    """sqrt(area) relative to the training size: > 1 means extrapolation (latent sizes)."""
+def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float:
+    """The RoPE factor for latents of height x width: > 1 means extrapolation. Next-DiT's (Lumina-Next's
+    time-aware scaling): sqrt(area) relative to the training size. Flag-DiT's (Lumina-T2I's demo, which
+    applies it as the NTK factor at every step: scaling_watershed 0): the ratio of image tokens."""
+    if isinstance(model, FlagDiT):
+        p, side = model.config.patch_size, model.config.sample_size // model.config.patch_size
+        return (height // p) * (width // p) / side**2
     return math.sqrt(height * width) / model.config.sample_size
 
 
@@ -171,7 +177,7 @@ def _integrate(
 
 
 def sample(
-    model: NextDiT,
+    model: NextDiT | FlagDiT,
     latents: jax.Array,
     caption: jax.Array,
     caption_mask: jax.Array,

@@ -236,26 +236,30 @@ class FlagDiT(nnx.Module):
         linear_factor: float | None = None,
         ntk_factor: float | None = None,
         base_sequence_length: int | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
         caption_kv: jax.Array | None = None,
+        context_drop: int = 1,
     ) -> jax.Array:
         """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
 
         linear_factor and ntk_factor scale the RoPE as the original's rope_scaling_factor and ntk_factor
         (default: the config's, what the model was trained with); base_sequence_length turns on
         proportional attention, over the sequence attended, end-of-line tokens included (the demo
-        passes `config.base_sequence_length`). caption_kv: the caption's keys and values from
-        `caption_keys_values`, computed once per caption by a sampler.
+        passes `config.base_sequence_length`). A sampler may pass `rope`, tables from `image_rope`, and
+        `caption_kv`, the caption's keys and values from `caption_keys_values`, each computed once.
+        Context Drop is Next-DiT's: context_drop must be 1.
         """
         cfg, p = self.config, self.config.patch_size
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"hidden_states must be [batch, {cfg.in_channels}, height, width], got {hidden_states.shape}"
             )
+        if context_drop != 1:
+            raise ValueError(f"context_drop={context_drop}: Context Drop is Next-DiT's; Flag-DiT takes 1")
         _, _, height, width = hidden_states.shape
-        if height % p or width % p:
-            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+        if rope is None:
+            rope = self.image_rope(height, width, linear_factor=linear_factor, ntk_factor=ntk_factor)
         patches, eol, _ = flag_tokens(hidden_states, p)
-        rope = self.rope(patches.shape[1], linear_factor=linear_factor, ntk_factor=ntk_factor)
         out = self.forward_tokens(
             patches,
             eol,
@@ -268,6 +272,15 @@ class FlagDiT(nnx.Module):
             caption_kv=caption_kv,
         )
         return unflag_tokens(out, height, width, p)
+
+    def image_rope(
+        self, height: int, width: int, *, linear_factor: float | None = None, ntk_factor: float | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """RoPE tables [1, tokens, head_dim / 2] for latents of height x width (end-of-line tokens included)."""
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}")
+        return self.rope((height // p) * (width // p + 1), linear_factor=linear_factor, ntk_factor=ntk_factor)
 
     def rope(
         self, length: int, *, linear_factor: float | None = None, ntk_factor: float | None = None
