@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 
 # What the caller loads: "pipeline_or_transformer" is `python -m convert`'s choice (a pipeline if
 # the repo is one, else Next-DiT weights).
-Kind = Literal["pipeline", "pipeline_or_transformer", "transformer", "text_encoder", "vae"]
+Kind = Literal["pipeline", "pipeline_or_transformer", "transformer", "text_encoder", "tokenizer", "vae"]
 # Each component's weights file stem, in a pipeline's subfolder or in a model repo of its own.
 WEIGHTS_STEMS = {"transformer": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
 PIPELINE_COMPONENTS = tuple(WEIGHTS_STEMS)
 PIPELINE_FOLDERS_COPIED_WHOLE = ("scheduler/", "tokenizer/")
+# A tokenizer's files beside a text encoder of its own (a transformers model repo such as meta-llama/Llama-2-7b-hf).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 ORIGINAL_CHECKPOINT = re.compile(r"consolidated(_ema)?\.\d+-of-\d+\.(safetensors|pth)")
 # The hub's rule (huggingface_hub.utils.validate_repo_id), with the owner required.
 _REPO_ID = re.compile(r"\b[\w.-]{1,96}\b/\b[\w.-]{1,96}\b")
@@ -38,6 +40,7 @@ _WHAT = {
     "pipeline_or_transformer": "a Lumina pipeline or Next-DiT transformer",
     "transformer": "a Lumina pipeline or Next-DiT transformer",
     "text_encoder": "a Lumina pipeline or Gemma text encoder",
+    "tokenizer": "a Lumina pipeline or a text encoder with its tokenizer",
     "vae": "a Lumina pipeline or VAE",
 }
 
@@ -132,10 +135,17 @@ def choose_files(
     `<stem>-NNNNN-of-NNNNN.safetensors`, or the params/ of a folder written by `python -m convert`;
     never .bin files nor variants such as `<stem>.fp16.safetensors`. An original Lumina-Next checkpoint:
     consolidated.00-of-01 (consolidated_ema with `ema`) .safetensors, else .pth, with model_args.pth.
-    A model repo of its own (config.json): config.json with the weights as above. Missing weights
-    are left to the loaders to report.
+    A model repo of its own (config.json): config.json with the weights as above. A "tokenizer": a
+    pipeline's tokenizer/, or the tokenizer files of a model repo. Missing weights are left to the
+    loaders to report.
     """
     files = set(files)
+    if kind == "tokenizer":
+        chosen = sorted(f for f in files if f.startswith("tokenizer/")) if "model_index.json" in files else []
+        chosen = chosen or [name for name in TOKENIZER_FILES if name in files]
+        if not chosen:
+            raise ValueError(f"{repo_id} is not {_WHAT[kind]}: it has no tokenizer files (its files: {_some(files)})")
+        return chosen
     if "model_index.json" in files:
         if kind in ("pipeline", "pipeline_or_transformer"):
             return _pipeline_files(repo_id, files, tuple(components))

@@ -1,4 +1,11 @@
-"""Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API.
+"""Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API; and
+Lumina-T2I's LLaMA features -> Flag-DiT flow ODE -> SDXL VAE, with the same API.
+
+The text encoder's config tells the two apart (model_type "gemma" or "llama"). Each family samples as
+its reference does unless told otherwise: Lumina-Next as diffusers' LuminaPipeline (its flow-match
+schedule, lower-cased captions, RoPE scaled linearly until t = 1), Lumina-T2I as its demo (the
+time-shifted uniform grid, shift 4 unless the scheduler config says otherwise, captions as typed
+between <s> and </s>, NTK-scaled RoPE at every step).
 
 A pipeline without a VAE (model_index.json says `"vae": null`) works in pixel space: the
 transformer's latents [B, 3, H, W] (or [B, 1, H, W], grey) in [-1, 1] are the image (the small
@@ -30,18 +37,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from lumina_jax import hub, sampling
+from lumina_jax.models import flagdit
+from lumina_jax.models.flagdit import ROPE_MAX_TOKENS, FlagDiT
 from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
+from lumina_jax.models.llama import LLAMA_2_7B, LlamaConfig, LlamaEncoder
 from lumina_jax.models.nextdit import PRESETS, ROPE_MAX_GRID, NextDiT, NextDiTConfig
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
-from lumina_jax.weights.gemma import load_text_encoder
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
-from lumina_jax.weights.nextdit import load_transformer
+from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
+from lumina_jax.weights.text_encoder import text_encoder_family
 from lumina_jax.weights.vae import find_vae, load_vae
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 256  # tokens; diffusers ignores its own max_sequence_length argument
+MAX_SEQUENCE_LENGTH = 256  # tokens; diffusers ignores its own max_sequence_length argument (Lumina-T2I trained on 128)
 CAPTION_BUCKETS = (32, 64, 128, 256)
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 # The released pipelines' architectures (transformer, text encoder, VAE), for planning without their
@@ -49,12 +59,15 @@ COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 RELEASED = {
     "lumina-next-sft": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
     "lumina-next-t2i": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
+    "lumina-t2i": (flagdit.PRESETS["DiT_Llama_5B_patch2"], LLAMA_2_7B, SDXL_VAE),
 }
 
 
-def released_architecture(name: str | Path) -> tuple[NextDiTConfig, GemmaConfig, AutoencoderKLConfig] | None:
-    """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers"
-    or by a download folder of that name that is not there; None for any other name."""
+def released_architecture(
+    name: str | Path,
+) -> tuple[NextDiTConfig | flagdit.FlagDiTConfig, GemmaConfig | LlamaConfig, AutoencoderKLConfig] | None:
+    """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers",
+    "lumina-t2i" or by a download folder of such a name that is not there; None for any other name."""
     if Path(name).exists():
         return None
     return RELEASED.get(Path(name).name.lower().removesuffix("-diffusers"))
@@ -68,14 +81,35 @@ class LuminaPipelineOutput:
 def caption_bucket(length: int) -> int:
     """The length captions are padded to when the longest has `length` tokens (sampling and training alike)."""
     if length > CAPTION_BUCKETS[-1]:
-        raise ValueError(f"captions have at most {CAPTION_BUCKETS[-1]} tokens (Gemma's limit here), got {length}")
+        raise ValueError(f"captions have at most {CAPTION_BUCKETS[-1]} tokens here, got {length}")
     return next(b for b in CAPTION_BUCKETS if b >= length)
 
 
-def _preprocess(texts: list[str]) -> list[str]:
-    # diffusers cleans captions (clean_caption=True) only when beautifulsoup4 and ftfy are installed;
-    # lumina-jax depends on neither, so this is diffusers' behaviour without them.
-    return [t.lower().strip() for t in texts]
+def _preprocess(texts: list[str], text_encoder) -> list[str]:
+    # diffusers cleans Lumina-Next's captions (clean_caption=True) only when beautifulsoup4 and ftfy are
+    # installed; lumina-jax depends on neither, so this is diffusers' behaviour without them. Lumina-T2I's
+    # demo encodes captions as typed.
+    return texts if isinstance(text_encoder, LlamaEncoder) else [t.lower().strip() for t in texts]
+
+
+def load_tokenizer(folder: Path, text_encoder):
+    """The captions' tokenizer as each family's reference loads it: Lumina-T2I's LLaMA tokenizer with
+    <s> and </s> around every caption (add_bos_token, add_eos_token) and, as LLaMA has no pad token,
+    its <unk> (id 0, the original's padding) to pad with."""
+    from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
+
+    if not isinstance(text_encoder, LlamaEncoder):
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    empty = tokenizer("").input_ids
+    if empty != [tokenizer.bos_token_id, tokenizer.eos_token_id]:
+        raise ValueError(
+            f"{folder}: Lumina-T2I encodes captions between <s> and </s>, but this tokenizer "
+            f"({type(tokenizer).__name__}) encodes the empty caption as {empty}"
+        )
+    return tokenizer
 
 
 # jax.jit over split modules: nnx.jit would walk the module graph on every call.
@@ -100,10 +134,11 @@ def _noise_per_image(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda seed: _noise(seed, (1, *shape))[0])(seeds)
 
 
-def _scheduler_shift(pipeline: Path) -> float:
-    """The flow schedule's shift from a pipeline folder's scheduler config (1.0 without one)."""
+def _scheduler_shift(pipeline: Path) -> float | None:
+    """The flow schedule's shift from a pipeline folder's scheduler config (None without one: the schedule's
+    own default)."""
     scheduler = pipeline / "scheduler" / "scheduler_config.json"
-    return json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else 1.0
+    return json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else None
 
 
 def _in_memory(tree, kind: str):
@@ -121,12 +156,12 @@ def _in_memory(tree, kind: str):
 class LuminaPipeline:
     def __init__(
         self,
-        transformer: NextDiT | None,
-        text_encoder: GemmaEncoder,
+        transformer: NextDiT | FlagDiT | None,
+        text_encoder: GemmaEncoder | LlamaEncoder,
         vae: AutoencoderKL | None,
         tokenizer,
         *,
-        scheduler_shift: float = 1.0,
+        scheduler_shift: float | None = None,
     ):
         """vae None: pixel space. transformer None: only the encoders (e.g. to build a training cache)."""
         self.transformer, self.text_encoder, self.vae, self.tokenizer = transformer, text_encoder, vae, tokenizer
@@ -145,7 +180,7 @@ class LuminaPipeline:
         path: str | Path,
         dtype: str = "bfloat16",
         *,
-        transformer: NextDiT | None | str = "load",
+        transformer: NextDiT | FlagDiT | None | str = "load",
         vae_dtype: str | None = None,
         mesh: Mesh | None = None,
         progress: bool = True,
@@ -153,6 +188,9 @@ class LuminaPipeline:
     ) -> "LuminaPipeline":
         """A diffusers pipeline folder as downloaded, or one written by `python -m convert` (fast load), or
         a Hugging Face hub id ("Alpha-VLLM/Lumina-Next-SFT-diffusers"; its files at `revision`, cached).
+        A Lumina-T2I pipeline folder has the same components: transformer/ (Flag-DiT, in the original
+        layout or converted), text_encoder/ (LLaMA), tokenizer/, vae/ and scheduler/ (its time shift);
+        `python -m convert` assembles one from the released parts.
 
         The VAE runs in vae_dtype; by default float32 when its config asks for it (force_upcast, as
         the SDXL VAE does), else in `dtype`. vae_dtype="bfloat16" halves the decoder's memory (at
@@ -177,15 +215,13 @@ class LuminaPipeline:
         placed = dict(mesh=mesh, progress=progress)
         if transformer == "load":
             transformer = load_transformer(path / "transformer", dtype, **placed)
-        text_encoder = load_text_encoder(path / "text_encoder", dtype, **placed)
+        text_encoder = text_encoder_family(path / "text_encoder").load(path / "text_encoder", dtype, **placed)
         vae = None
         if "vae" in expected:
             if vae_dtype is None:
                 vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
             vae = load_vae(path / "vae", vae_dtype, **placed)
-        from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
-
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        tokenizer = load_tokenizer(path / "tokenizer", text_encoder)
         pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
         return pipe if mesh is None else pipe.shard(mesh)
 
@@ -198,7 +234,7 @@ class LuminaPipeline:
         can be lowered and compiled (`lower`), for a TPU say, on a machine without one; not run."""
         if released := released_architecture(path_or_name):
             transformer_config, encoder_config, vae_config = released
-            shift = 1.0
+            shift = None
         else:
             path = Path(path_or_name)
             if not (path / "model_index.json").is_file():
@@ -207,8 +243,9 @@ class LuminaPipeline:
                     f"({', '.join(RELEASED)})"
                 )
             config = lambda folder, kind, name: read_config(path / folder / "config.json", kind.from_dict, name)  # noqa: E731
-            transformer_config = config("transformer", NextDiTConfig, "Next-DiT")
-            encoder_config = config("text_encoder", GemmaConfig, "Gemma")
+            transformer_config = read_config(path / "transformer" / "config.json", config_from_dict, "Next-DiT")
+            encoder_family = text_encoder_family(path / "text_encoder")
+            encoder_config = config("text_encoder", encoder_family.config, encoder_family.name)
             vae_config = config("vae", AutoencoderKLConfig, "AutoencoderKL") if has_vae(path) else None
             shift = _scheduler_shift(path)
         compute = resolve_dtype(dtype)
@@ -219,8 +256,8 @@ class LuminaPipeline:
             return nnx.eval_shape(lambda: model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
         pipe = cls(
-            shapes(NextDiT, transformer_config, compute),
-            shapes(GemmaEncoder, encoder_config, compute),
+            shapes(MODELS[type(transformer_config)], transformer_config, compute),
+            shapes(LlamaEncoder if isinstance(encoder_config, LlamaConfig) else GemmaEncoder, encoder_config, compute),
             None if vae_config is None else shapes(AutoencoderKL, vae_config, resolve_dtype(vae_dtype)),
             None,
             scheduler_shift=shift,
@@ -282,7 +319,7 @@ class LuminaPipeline:
         full = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
         if full.shape[-1] > tokens.input_ids.shape[-1]:
             removed = self.tokenizer.batch_decode(full[:, MAX_SEQUENCE_LENGTH - 1 : -1])
-            logger.warning(f"Gemma reads at most {MAX_SEQUENCE_LENGTH} tokens; this part was truncated: {removed}")
+            logger.warning(f"captions have at most {MAX_SEQUENCE_LENGTH} tokens; this part was truncated: {removed}")
         return tokens.input_ids, tokens.attention_mask
 
     def _tokenize_negatives(self, texts: list[str], prompt_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -312,8 +349,8 @@ class LuminaPipeline:
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """Gemma features and masks of the prompts (and negative prompts), padded to a length bucket."""
-        ids, mask = self._tokenize(_preprocess(prompt))
+        """Caption features and masks of the prompts (and negative prompts), padded to a length bucket."""
+        ids, mask = self._tokenize(_preprocess(prompt, self.text_encoder))
         bucket = caption_bucket(ids.shape[1])
         params = self._text_encoder_params()
         embeds, mask_out = self._encode(params, ids, mask, bucket)
@@ -339,14 +376,17 @@ class LuminaPipeline:
         negative_prompt_attention_mask: jax.Array | None = None,
         output_type: Literal["pil", "np", "latent"] = "pil",
         clean_caption: bool = True,  # accepted as diffusers does; without bs4 and ftfy it only lower-cases
-        scaling_watershed: float = 1.0,
+        scaling_watershed: float | None = None,
         proportional_attn: bool = True,
         solver: sampling.Solver = "euler",
-        schedule: str = "diffusers",
+        schedule: str | None = None,
+        shift: float | None = None,
         sigmas: list[float] | None = None,
         cfg_all_channels: bool = False,
         context_drop: int = 1,
     ) -> LuminaPipelineOutput:
+        """Images for the prompts. schedule, shift and scaling_watershed default to the family's reference
+        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift."""
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
         if self.weightless:
@@ -395,7 +435,13 @@ class LuminaPipeline:
         latents = jnp.asarray(latents)
         if self.mesh is not None:
             latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
-        schedule_ = sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift, sigmas=sigmas)
+        defaults = self.sampler_defaults()
+        schedule_ = sampling.make_schedule(
+            schedule or defaults["schedule"],
+            num_inference_steps,
+            shift=self.scheduler_shift if shift is None else shift,
+            sigmas=sigmas,
+        )
         with self._on_mesh():
             latents = sampling.sample(
                 self.transformer,
@@ -405,7 +451,7 @@ class LuminaPipeline:
                 schedule_,
                 guidance_scale=guidance_scale,
                 solver=solver,
-                scaling_watershed=scaling_watershed,
+                scaling_watershed=defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed,
                 proportional_attn=proportional_attn,
                 cfg_all_channels=cfg_all_channels,
                 context_drop=context_drop,
@@ -433,8 +479,9 @@ class LuminaPipeline:
         guidance_scale: float = 4.0,
         caption_length: int = MAX_SEQUENCE_LENGTH,
         solver: sampling.Solver = "euler",
-        schedule: str = "diffusers",
-        scaling_watershed: float = 1.0,
+        schedule: str | None = None,
+        shift: float | None = None,
+        scaling_watershed: float | None = None,
         proportional_attn: bool = True,
         cfg_all_channels: bool = False,
         context_drop: int = 1,
@@ -462,6 +509,8 @@ class LuminaPipeline:
         bucket = caption_bucket(caption_length)
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
+        defaults = self.sampler_defaults()
+        shift = self.scheduler_shift if shift is None else shift
         with self._on_mesh():
             encode = _encode_text.lower(self._text_encoder_split[0], self._text_encoder_params(), tokens, tokens)
             features = encode.out_info
@@ -474,10 +523,12 @@ class LuminaPipeline:
                         struct(shape, jnp.float32),
                         struct((rows, bucket, features.shape[-1]), features.dtype),
                         struct((rows, bucket), jnp.int32),
-                        sampling.make_schedule(schedule, num_inference_steps, shift=self.scheduler_shift),
+                        sampling.make_schedule(schedule or defaults["schedule"], num_inference_steps, shift=shift),
                         guidance_scale=guidance_scale,
                         solver=solver,
-                        scaling_watershed=scaling_watershed,
+                        scaling_watershed=defaults["scaling_watershed"]
+                        if scaling_watershed is None
+                        else scaling_watershed,
                         proportional_attn=proportional_attn,
                         cfg_all_channels=cfg_all_channels,
                         context_drop=context_drop,
@@ -489,14 +540,25 @@ class LuminaPipeline:
                 programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
         return programs
 
+    def sampler_defaults(self) -> dict:
+        """How the family's reference samples: Lumina-Next as diffusers does (its flow-match schedule, RoPE
+        scaled linearly until t = 1, NTK-scaled from there), Lumina-T2I as its demo does (the time-shifted
+        uniform grid, NTK-scaled RoPE at every step)."""
+        if isinstance(self.transformer, FlagDiT):
+            return dict(schedule="shifted", scaling_watershed=0.0)
+        return dict(schedule="diffusers", scaling_watershed=1.0)
+
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless the model can draw images of this size (pixels)."""
         unit = self.latent_scale * self.transformer.config.patch_size
-        largest = ROPE_MAX_GRID * unit
-        if height % unit or width % unit or not (unit <= height <= largest and unit <= width <= largest):
-            raise ValueError(
-                f"height and width must be multiples of {unit} between {unit} and {largest} px, got {height}x{width}"
-            )
+        if isinstance(self.transformer, FlagDiT):  # rows of tokens, each closed by an end-of-line token
+            fits = (height // unit) * (width // unit + 1) <= ROPE_MAX_TOKENS
+            limit = f"from {unit} px, with (height / {unit}) x (width / {unit} + 1) at most {ROPE_MAX_TOKENS} tokens"
+        else:
+            fits = height <= ROPE_MAX_GRID * unit and width <= ROPE_MAX_GRID * unit
+            limit = f"between {unit} and {ROPE_MAX_GRID * unit} px"
+        if height % unit or width % unit or height < unit or width < unit or not fits:
+            raise ValueError(f"height and width must be multiples of {unit} {limit}, got {height}x{width}")
 
     def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
         if (prompt is None) == (prompt_embeds is None):

@@ -40,6 +40,16 @@ def guidance(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -92,8 +102,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--skip-existing", action="store_true", help="resume: draw only the images whose file is not in --out yet"
     )
     parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
-    parser.add_argument("--schedule", choices=sampling.SCHEDULES, default="diffusers")
-    parser.add_argument("--scaling-watershed", type=fraction, default=1.0)
+    parser.add_argument(
+        "--schedule",
+        choices=sampling.SCHEDULES,
+        default=None,
+        help="time steps (default: the model's reference: diffusers for Lumina-Next, shifted for Lumina-T2I)",
+    )
+    parser.add_argument(
+        "--shift",
+        type=positive_float,
+        default=None,
+        help="time shift of the diffusers and shifted schedules (default: the pipeline's scheduler config; "
+        "without one, 1 for diffusers and 4 for shifted, as Lumina-T2I's demo)",
+    )
+    parser.add_argument(
+        "--scaling-watershed",
+        type=fraction,
+        default=None,
+        help="time from which RoPE is NTK-scaled rather than linearly (default: 1 for Lumina-Next, 0 for Lumina-T2I)",
+    )
     parser.add_argument(
         "--context-drop",
         type=positive_int,
@@ -202,6 +229,7 @@ def compile_only(args: argparse.Namespace) -> int:
             caption_length=args.caption_length,
             solver=args.solver,
             schedule=args.schedule,
+            shift=args.shift,
             scaling_watershed=args.scaling_watershed,
             context_drop=args.context_drop,
         )
@@ -272,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
     images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    chosen = dict(schedule=args.schedule, shift=args.shift, scaling_watershed=args.scaling_watershed)
     settings = dict(
         solver=args.solver,
-        schedule=args.schedule,
-        scaling_watershed=args.scaling_watershed,
+        **pipe.sampler_defaults(),
+        **{name: value for name, value in chosen.items() if value is not None},
         context_drop=args.context_drop,
     )
     try:

@@ -1,14 +1,15 @@
 """PyTorch references for the parity tests: diffusers modules with every parameter randomised."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import GemmaConfig, GemmaModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, LlamaTokenizer, PreTrainedTokenizerFast
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -102,6 +103,61 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
 
 
+def random_vae(seed: int) -> AutoencoderKL:
+    """A small SDXL-like VAE (4 latent channels, 8x down, scaling factor 0.13025), randomised."""
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32],
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        scaling_factor=0.13025,
+    )
+    return randomize_(vae.eval(), seed=seed)
+
+
+def build_llama_tokenizer(corpus: list[str]) -> LlamaTokenizer:
+    """A LLaMA tokenizer (byte-fallback BPE over "▁"-joined text, as Llama-2's) trained on the spot."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(special_tokens=["<unk>", "<s>", "</s>"], vocab_size=80))
+    return LlamaTokenizer(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def random_t2i_pipeline(folder: Path, corpus: list[str], *, scheduler_shift: float | None = 4.0) -> tuple:
+    """A Lumina-T2I pipeline folder of tiny random parts in their released layouts: the original code's
+    Flag-DiT checkpoint (fixtures/lumina_t2i_original_tiny/qk, 40 caption features), a transformers
+    LlamaModel with its tokenizer, a diffusers VAE, and a scheduler config holding the time shift.
+    Returns the torch text encoder, tokenizer and VAE."""
+    transformer = folder / "transformer"
+    transformer.mkdir(parents=True)
+    for name in ("consolidated.00-of-01.pth", "model_args.pth"):
+        shutil.copy(FIXTURES / "lumina_t2i_original_tiny" / "qk" / name, transformer / name)
+    tokenizer = build_llama_tokenizer(corpus)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    text_encoder = randomize_(LlamaModel(llama).eval(), seed=21)
+    vae = random_vae(seed=22)
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    vae.save_pretrained(folder / "vae")
+    if scheduler_shift is not None:
+        FlowMatchEulerDiscreteScheduler(shift=scheduler_shift).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "LuminaT2IPipeline", "transformer": ["lumina_jax", "FlagDiT"]}
+    index |= {"text_encoder": ["transformers", "LlamaModel"], "tokenizer": ["transformers", "LlamaTokenizer"]}
+    index |= {"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return text_encoder, tokenizer, vae
+
+
 def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> LuminaPipeline:
     """A diffusers LuminaPipeline of tiny random components, saved to `folder` in the released layout."""
     transformer = random_transformer(
@@ -126,18 +182,7 @@ def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> L
         head_dim=16,
     )
     text_encoder = randomize_(GemmaModel(gemma).eval(), seed=12)
-    vae = randomize_(
-        AutoencoderKL(
-            block_out_channels=[16, 32, 32, 32],
-            layers_per_block=1,
-            norm_num_groups=8,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            latent_channels=4,
-            scaling_factor=0.13025,
-        ).eval(),
-        seed=13,
-    )
+    vae = random_vae(seed=13)
     pipeline = LuminaPipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),

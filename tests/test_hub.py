@@ -456,3 +456,16 @@ def test_an_unreachable_hub_falls_back_to_the_cache(online, monkeypatch, hub_cac
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
     assert hub.local_path("lumina-jax/digits", "pipeline") == snapshot
     assert online == []
+
+
+def test_a_tokenizer_comes_from_a_pipeline_or_from_beside_its_model():
+    llama = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "x.bin"]
+    assert hub.choose_files("org/llama", llama, "tokenizer") == [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    pipeline = ["model_index.json", "tokenizer/tokenizer.json", "tokenizer/special_tokens_map.json", "vae/config.json"]
+    assert hub.choose_files("org/pipe", pipeline, "tokenizer") == sorted(pipeline[1:3])
+    with pytest.raises(ValueError, match="org/vae is not a Lumina pipeline or a text encoder with its tokenizer"):
+        hub.choose_files("org/vae", ["config.json", "diffusion_pytorch_model.safetensors"], "tokenizer")

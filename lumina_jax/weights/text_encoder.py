@@ -1,0 +1,23 @@
+"""Which text encoder a folder holds: Lumina-Next's Gemma or Lumina-T2I's LLaMA, by its config's model_type."""
+
+import json
+from pathlib import Path
+
+from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.gemma import GEMMA
+from lumina_jax.weights.llama import LLAMA
+
+TEXT_ENCODERS: dict[str, ModelFamily] = {"gemma": GEMMA, "llama": LLAMA}
+
+
+def text_encoder_family(folder: Path) -> ModelFamily:
+    """The family of the text encoder in `folder` (a model folder, or a pipeline's text_encoder/): its
+    config.json's model_type; Gemma where there is none."""
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type", "gemma") if config.is_file() else "gemma"
+    if model_type not in TEXT_ENCODERS:
+        raise ValueError(
+            f"{config}: text encoder model_type {model_type!r} is not supported; lumina-jax runs "
+            f"{' and '.join(repr(t) for t in TEXT_ENCODERS)} (Lumina-Next's Gemma, Lumina-T2I's LLaMA)"
+        )
+    return TEXT_ENCODERS[model_type]
