@@ -87,7 +87,7 @@ def padded_batch(sizes, seed: int = 0) -> TrainBatch:
     latents = [jnp.asarray(rng.standard_normal((4, h, w), np.float32)) for h, w in sizes]
     caption = rng.standard_normal((len(sizes), 6, TINY.cross_attention_dim), np.float32)
     mask = np.arange(6)[None] < rng.integers(1, 7, len(sizes))[:, None]
-    return TrainBatch.from_latents(latents, caption, mask, TINY.patch_size)
+    return TrainBatch.from_latents(latents, caption, mask, TINY)
 
 
 def empty_caption(seed: int = 0) -> tuple[jax.Array, jax.Array]:

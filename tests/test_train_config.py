@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training import objective, step
 from lumina_jax.training.config import TrainConfig, apply_overrides, load_config, shipped_configs
@@ -16,7 +17,8 @@ BASE = TrainConfig(workdir="w", pipeline="p", data="m.jsonl", cache="c")
 def test_shipped_configs_load(name):
     assert len(shipped_configs()) >= 2  # found through the installed package
     config = load_config(name)
-    assert isinstance(config, TrainConfig) and isinstance(config.transformer, NextDiTConfig)
+    assert isinstance(config, TrainConfig) and isinstance(config.transformer, (NextDiTConfig, FlagDiTConfig))
+    assert TrainConfig(**json.loads(config.to_json())) == config  # as the run's config.json restores it
 
 
 def test_overrides_take_the_fields_types():

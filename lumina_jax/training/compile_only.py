@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lumina_jax import sharding, tpu
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
 from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
@@ -43,12 +44,15 @@ def lower_train_step(config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: i
     def struct(shape, dtype, where=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
+    flag = isinstance(cfg, FlagDiTConfig)  # rows of tokens, each closed by an end-of-line slot
+    tokens = side * (side + 1) if flag else side * side
     batch = TrainBatch(
-        patches=struct((batch_size, side * side, cfg.in_channels * cfg.patch_size**2), jnp.float32),
-        positions=struct((batch_size, side * side, 2), jnp.int32),
-        token_mask=struct((batch_size, side * side), jnp.bool_),
+        patches=struct((batch_size, tokens, cfg.in_channels * cfg.patch_size**2), jnp.float32),
+        positions=None if flag else struct((batch_size, tokens, 2), jnp.int32),
+        token_mask=struct((batch_size, tokens), jnp.bool_),
         caption=struct((batch_size, caption, cfg.cross_attention_dim), jnp.float32),
         caption_mask=struct((batch_size, caption), jnp.bool_),
+        end_of_line=struct((batch_size, tokens), jnp.bool_) if flag else None,
     )
     empty = (
         struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),

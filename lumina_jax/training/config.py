@@ -14,9 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig, Remat
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
 from lumina_jax.training.step import EMA_DECAY, GRAD_CLIP, LEARNING_RATE, WEIGHT_DECAY
+from lumina_jax.weights.nextdit import config_from_dict
 
 
 @dataclasses.dataclass
@@ -32,8 +34,8 @@ class TrainConfig:
     data: str
     cache: str
     init: Literal["pretrained", "scratch"] = "pretrained"
-    # For init == "scratch": the Next-DiT to build.
-    transformer: NextDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
+    # For init == "scratch": the transformer to build, a Next-DiT (Lumina-Next) or a Flag-DiT (Lumina-T2I).
+    transformer: NextDiTConfig | FlagDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
     # A function "module:name" run first on every process, taking this config (e.g. writes a dataset).
     prepare: str | None = None
 
@@ -80,10 +82,10 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.transformer, dict):  # as the run's config.json holds it
-            self.transformer = NextDiTConfig.from_dict(self.transformer)
+            self.transformer = config_from_dict(self.transformer)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return json.dumps({**dataclasses.asdict(self), "transformer": self.transformer.to_dict()}, indent=1)
 
 
 # The shipped configs (train/configs/NAME.py), found through their package wherever it is installed.

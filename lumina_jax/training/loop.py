@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lumina_jax import hub, sharding
-from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
+from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
+from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
 from lumina_jax.pipeline import released_architecture
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
@@ -39,7 +40,7 @@ from lumina_jax.training.samples import SampleDrawer
 from lumina_jax.training.step import LearningRate, TrainBatch, init_train_state, make_optimizer, train_step
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
-from lumina_jax.weights.nextdit import find_checkpoint, load_transformer, save_diffusers
+from lumina_jax.weights.nextdit import MODELS, find_checkpoint, load_transformer, save_diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ def base_pipeline(config: TrainConfig) -> Path:
     return hub.local_path(config.pipeline, "pipeline")
 
 
-def architecture(config: TrainConfig) -> NextDiTConfig:
-    """The config's Next-DiT, or the pipeline's for fine-tuning (a released one's by name, for compiling only)."""
+def architecture(config: TrainConfig) -> NextDiTConfig | FlagDiTConfig:
+    """The config's transformer (Next-DiT or Flag-DiT), or the pipeline's for fine-tuning (a released one's by
+    name, for compiling only)."""
     if config.init == "scratch":
         return config.transformer
     if released := released_architecture(config.pipeline):  # not downloaded: known from its name
@@ -82,16 +84,16 @@ def architecture(config: TrainConfig) -> NextDiTConfig:
     return find_checkpoint(base_pipeline(config) / "transformer").config
 
 
-def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT]:
-    """A function building the run's Next-DiT, freshly initialised: float32 master weights, the
+def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT | FlagDiT]:
+    """A function building the run's transformer, freshly initialised: float32 master weights, the
     configured compute dtype."""
     compute, architecture_ = resolve_dtype(config.compute_dtype), architecture(config)
-    return lambda: NextDiT(
+    return lambda: MODELS[type(architecture_)](
         architecture_, dtype=compute, param_dtype=jnp.float32, remat=config.remat, rngs=nnx.Rngs(config.seed)
     )
 
 
-def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT:
+def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT | FlagDiT:
     """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
     loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
@@ -119,18 +121,13 @@ def peak_flops(config: TrainConfig) -> float | None:
     return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
 
 
-def global_batch(host_batch: dict, patch_size: int, mesh) -> TrainBatch:
-    """This host's rows as the global, sharded TrainBatch."""
-    patches, positions, token_mask = patchify_padded(list(host_batch["latents"]), patch_size)
-    rows = dict(
-        patches=patches,
-        positions=positions,
-        token_mask=token_mask,
-        caption=host_batch["caption"],
-        caption_mask=host_batch["caption_mask"],
+def global_batch(host_batch: dict, transformer: NextDiTConfig | FlagDiTConfig, mesh) -> TrainBatch:
+    """This host's rows as the global, sharded TrainBatch of the transformer's tokens."""
+    rows = TrainBatch.from_latents(
+        list(host_batch["latents"]), host_batch["caption"], host_batch["caption_mask"], transformer
     )
     placement = sharding.batch_sharding(mesh)
-    return TrainBatch(**{k: jax.make_array_from_process_local_data(placement, np.asarray(v)) for k, v in rows.items()})
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(placement, np.asarray(rows)), rows)
 
 
 def prepare_data(config: TrainConfig) -> None:
@@ -179,13 +176,18 @@ def prepare_data(config: TrainConfig) -> None:
 
 
 def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path) -> Path:
-    """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout."""
+    """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout
+    (a Flag-DiT, which has none, in ours)."""
     model = nnx.merge(graphdef, jax.device_get(ema_params))
     with orbax_io.atomic_folder(destination, overwrite=True) as folder:
         for item in base_pipeline(config).iterdir():
             if item.name != "transformer":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        save_diffusers(model, folder / "transformer")
+        if isinstance(model, FlagDiT):
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            orbax_io.write_converted(folder / "transformer", model.config.to_dict(), params)
+        else:
+            save_diffusers(model, folder / "transformer")
     return destination
 
 
@@ -231,7 +233,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
         batches.set_state(extra["data"])
         logger.info("resumed from step %d", int(state.step))
-    patch_size = architecture(config).patch_size
+    transformer = architecture(config)
     empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
     options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
     hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
@@ -245,7 +247,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     skipped, preempted, step = 0, False, start_step
     try:
         while step < config.steps:
-            batch = global_batch(next(batches), patch_size, mesh)
+            batch = global_batch(next(batches), transformer, mesh)
             signature = (batch.patches.shape, batch.caption.shape)
             if signature not in flops_per_step:  # one program per batch shape; its FLOPs give the MFU
                 lowered = train_step.lower(graphdef, state, batch, *empty, **options, **hyper)

@@ -20,7 +20,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from lumina_jax.models.nextdit import NextDiT, patchify_padded
+from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig, flag_tokens
+from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
 from lumina_jax.models.rope import rope_frequencies
 from lumina_jax.sharding import batch_sharding, parameter_shardings
 from lumina_jax.training.objective import (
@@ -41,19 +42,34 @@ EMA_DECAY = 0.9999
 
 @struct.dataclass
 class TrainBatch:
-    """Data latents as patch tokens, for images of one or several sizes."""
+    """Data latents as patch tokens, for images of one or several sizes: Next-DiT's (patches with their
+    grid positions) or Flag-DiT's sequence (rows of patches, each closed by an end-of-line slot)."""
 
     patches: jax.Array  # [B, T, C*p*p] latents x1, features ordered (c, ph, pw) as `patchify` writes them
-    positions: jax.Array  # [B, T, 2] (row, column) of each token; padding repeats the last position
+    positions: jax.Array | None  # Next-DiT: [B, T, 2] (row, column) of each token; padding repeats the last
     token_mask: jax.Array  # [B, T] bool, False for padding
     caption: jax.Array  # [B, L, D] text-encoder features
     caption_mask: jax.Array  # [B, L]
+    end_of_line: jax.Array | None = None  # Flag-DiT: [B, T] bool, its end-of-line slots (not in the loss)
 
     @classmethod
-    def from_latents(cls, latents: list[jax.Array], caption, caption_mask, patch_size: int) -> "TrainBatch":
-        """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L]."""
-        patches, positions, token_mask = patchify_padded(latents, patch_size)
-        return cls(patches, positions, token_mask, jnp.asarray(caption), jnp.asarray(caption_mask))
+    def from_latents(
+        cls, latents: list[jax.Array], caption, caption_mask, config: NextDiTConfig | FlagDiTConfig
+    ) -> "TrainBatch":
+        """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L], as tokens of
+        the transformer `config` describes."""
+        caption, caption_mask = jnp.asarray(caption), jnp.asarray(caption_mask)
+        if isinstance(config, FlagDiTConfig):
+            patches, end_of_line, real = flag_tokens(latents, config.patch_size)
+            token_mask = jnp.ones(end_of_line.shape, bool) if real is None else real
+            return cls(patches, None, token_mask, caption, caption_mask, end_of_line)
+        patches, positions, token_mask = patchify_padded(latents, config.patch_size)
+        return cls(patches, positions, token_mask, caption, caption_mask)
+
+    @property
+    def loss_mask(self) -> jax.Array:
+        """[B, T] the tokens whose velocity is learned: the images' own patches."""
+        return self.token_mask if self.end_of_line is None else self.token_mask & ~self.end_of_line
 
 
 @struct.dataclass
@@ -109,7 +125,7 @@ def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
 
 
 def init_train_state(
-    model: NextDiT, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
+    model: NextDiT | FlagDiT, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
 ) -> tuple[nnx.GraphDef, TrainState]:
     """The model's graph and a fresh training state holding copies of its float32 parameters.
 
@@ -134,12 +150,21 @@ def init_train_state(
     return graphdef, jax.jit(build, out_shardings=shardings)(params)
 
 
-def predict_velocity(model: NextDiT, patches, positions, token_mask, t, caption, caption_mask) -> jax.Array:
-    """The model's velocity for patch tokens [B, T, C*p*p], in the tokens' own feature order (c, ph, pw)."""
+def predict_velocity(
+    model: NextDiT | FlagDiT, patches, positions, token_mask, t, caption, caption_mask, end_of_line=None
+) -> jax.Array:
+    """The model's velocity for patch tokens [B, T, C*p*p], in the tokens' own feature order (c, ph, pw).
+    Next-DiT reads the tokens' grid positions; Flag-DiT their end-of-line slots (its RoPE is by index)."""
     cfg = model.config
-    rope = rope_frequencies(positions, cfg.head_dim)
-    # No proportional attention (base_sequence_length): the original trains without it.
-    out = model.forward_tokens(patches, rope, token_mask, t, caption, caption_mask)
+    # No proportional attention (base_sequence_length): the original trainers train without it.
+    if isinstance(model, FlagDiT):
+        out = model.forward_tokens(
+            patches, end_of_line, token_mask, model.rope(patches.shape[1]), t, caption, caption_mask
+        )
+    else:
+        out = model.forward_tokens(
+            patches, rope_frequencies(positions, cfg.head_dim), token_mask, t, caption, caption_mask
+        )
     batch, tokens, _ = out.shape
     # Output features read (ph, pw, c); learn_sigma's extra channels are not trained, as in the original.
     out = out.reshape(batch, tokens, cfg.patch_size**2, cfg.out_channels)[..., : cfg.in_channels]
@@ -150,8 +175,10 @@ def flow_loss(graphdef, params, batch: TrainBatch, t, noise, caption, caption_ma
     """The velocity loss of the model on a batch at times t [B] with noise shaped like batch.patches."""
     model = nnx.merge(graphdef, params)
     noisy, target = interpolate(noise, batch.patches, t)
-    prediction = predict_velocity(model, noisy, batch.positions, batch.token_mask, t, caption, caption_mask)
-    return velocity_loss(prediction, target, batch.token_mask)
+    prediction = predict_velocity(
+        model, noisy, batch.positions, batch.token_mask, t, caption, caption_mask, batch.end_of_line
+    )
+    return velocity_loss(prediction, target, batch.loss_mask)
 
 
 # jax.jit over the split model (nnx.jit walks the module graph every call); the state is donated
