@@ -290,3 +290,16 @@ def test_unknown_config_field(tmp_path):
         match=r"config.json: not a supported Next-DiT or Flag-DiT config: unknown Next-DiT config fields \['num_e",
     ):
         load_transformer(tmp_path, progress=False)
+
+
+def test_model_parallel_shards_are_refused_with_the_reason(tmp_path):
+    for rank in range(2):
+        shutil.copy(
+            ORIGINAL / "consolidated.00-of-01.safetensors", tmp_path / f"consolidated.0{rank}-of-02.safetensors"
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"consolidated.00-of-02.safetensors, consolidated.01-of-02.safetensors are "
+        "model-parallel shards.*each shard normalises its own heads",
+    ):
+        load_transformer(tmp_path)
