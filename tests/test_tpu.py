@@ -20,11 +20,11 @@ pytest.importorskip("libtpu", reason='libtpu (the TPU compiler) is not installed
 from lumina_jax import tpu  # noqa: E402
 from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
-from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
-from lumina_jax.training.config import TrainConfig  # noqa: E402
+from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
 from sample.__main__ import main as sample_main  # noqa: E402
 from train.__main__ import main as train_main  # noqa: E402
 
@@ -269,6 +269,18 @@ def test_train_compile_only_cli_says_when_the_batch_does_not_fit(config_folder, 
     figures = json.loads(report.read_text())
     assert code == 1 and not figures["fits"] and figures["peak_bytes"] > figures["hbm_bytes"]
     assert "does not fit" in capsys.readouterr().out or any(p["refused"] for p in figures["programs"])
+
+
+def test_train_step_flops_count_every_layer(config_folder):
+    """XLA's cost analysis counts a scanned loop's body once; the plan's FLOPs count every layer."""
+
+    def flops(layers: int) -> float:
+        transformer = {**TINY_TRANSFORMER, "num_layers": layers}
+        overrides = [f"pipeline={config_folder}", "init=scratch", "batch_size=8", "image_size=64"]
+        config = load_config("digits", [*overrides, *(f"transformer.{k}={v}" for k, v in transformer.items())])
+        return plan_train_step(config, tpu.tpu_slice("v5e-1")).programs[0].flops
+
+    assert flops(4) > 1.8 * flops(2)
 
 
 def test_without_libtpu_the_error_says_how_to_get_it(monkeypatch):

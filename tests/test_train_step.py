@@ -17,6 +17,7 @@ from lumina_jax.training.step import (
     init_train_state,
     make_optimizer,
     train_step,
+    unrolled_graphdef,
 )
 
 LR = 1e-3
@@ -159,3 +160,20 @@ def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():
     )
     assert float(cosine(14)) == 0.0 and float(constant(100)) == pytest.approx(1e-3)
     assert make_optimizer(LearningRate(1e-3, 4)) is make_optimizer(LearningRate(1e-3, 4))  # shared compilations
+
+
+def test_step_flops_are_counted_on_the_unrolled_layers():
+    """XLA's cost analysis counts a scanned loop's body once: FLOPs (for MFU and the TPU plan) come from the
+    same step with the layers unrolled, which counts each layer."""
+    model = tiny_model()
+    assert model.scan_layers and model.config.num_layers >= 2
+    graphdef, state = init_train_state(model, OPTIMIZER, jax.random.PRNGKey(0))
+
+    def flops(graph):
+        lowered = train_step.lower(graph, state, BATCH, EMPTY, EMPTY_MASK, optimizer=OPTIMIZER)
+        return lowered.cost_analysis()["flops"]
+
+    unrolled = unrolled_graphdef(graphdef, state.params)
+    scanned, counted = flops(graphdef), flops(unrolled)
+    model.scan_layers = False
+    assert counted == flops(nnx.graphdef(model)) > 1.5 * scanned

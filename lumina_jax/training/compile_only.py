@@ -6,6 +6,8 @@ optimizer, on square crops of `image_size` (the most tokens a multi-aspect batch
 captions of the longest bucket.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,15 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
-def lower_train_step(config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: int) -> tuple[jax.stages.Lowered, int]:
+def lower_train_step(
+    config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: int, *, unroll_layers: bool = False
+) -> tuple[jax.stages.Lowered, int]:
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
-    chip of its state (parameters, EMA and optimizer moments), resident across steps."""
+    chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
+    the layers in a Python loop, not a scan, for counting FLOPs (`step.unrolled_graphdef`)."""
     latent_scale = LuminaPipeline.abstract(config.pipeline, config.compute_dtype).latent_scale
     model = nnx.eval_shape(transformer_factory(config))
+    model.scan_layers = model.scan_layers and not unroll_layers
     cfg = model.config
     optimizer = make_run_optimizer(config)
     state = abstract_train_state(model, optimizer, mesh)
@@ -72,9 +78,11 @@ def lower_train_step(config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: i
     return lowered, tpu.per_chip_bytes(state)
 
 
-def plan_train_step(config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: int | None = None) -> tpu.MemoryPlan:
+def plan_train_step(
+    config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: int | None = None, *, count_flops: bool = True
+) -> tpu.MemoryPlan:
     """The train step's plan for the slice with `per_chip_batch` images per batch shard (data x fsdp;
-    default: the config's batch)."""
+    default: the config's batch); with count_flops, its FLOPs per chip, counted on the unrolled layers."""
     mesh = run_mesh(config, tpu.compile_devices(target))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % shards:
@@ -83,6 +91,13 @@ def plan_train_step(config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: i
     lowered, resident = lower_train_step(config, mesh, batch_size)
     # The state is donated: the step's arguments and its aliased outputs, resident between steps.
     step = tpu.compile_program("train_step", lowered, resident, "train_state")
+    if count_flops:
+        # Counted on one CPU device: a lowering for a TPU topology has no cost analysis, a fused attention
+        # kernel would be opaque to it, and a loop's body counts once (so the layers are unrolled).
+        cpu = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
+        unrolled, _ = lower_train_step(config, cpu, batch_size, unroll_layers=True)
+        flops = (unrolled.cost_analysis() or {}).get("flops")
+        step = dataclasses.replace(step, flops=flops and flops / mesh.size)
     return tpu.MemoryPlan(target, {"train_state": resident}, [step])
 
 
@@ -92,7 +107,7 @@ def largest_per_chip_batch(config: TrainConfig, target: tpu.TpuSlice, log=None) 
 
     def fits_with(per_chip: int) -> bool:
         if per_chip not in fits:
-            plan = plan_train_step(config, target, per_chip)
+            plan = plan_train_step(config, target, per_chip, count_flops=False)
             fits[per_chip] = plan.fits
             if log:
                 log(f"  {per_chip} per chip: {plan.peak_bytes / tpu.GiB:.2f} GiB, {'fits' if plan.fits else 'too big'}")

@@ -37,7 +37,14 @@ from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import read_examples
 from lumina_jax.training.run_log import RunLog
 from lumina_jax.training.samples import SampleDrawer
-from lumina_jax.training.step import LearningRate, TrainBatch, init_train_state, make_optimizer, train_step
+from lumina_jax.training.step import (
+    LearningRate,
+    TrainBatch,
+    init_train_state,
+    make_optimizer,
+    train_step,
+    unrolled_graphdef,
+)
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
 from lumina_jax.weights.nextdit import MODELS, find_checkpoint, load_transformer, save_diffusers
@@ -238,6 +245,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
     hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
     flops_per_step, peak = {}, peak_flops(config)
+    unrolled = unrolled_graphdef(graphdef, state.params)  # for counting FLOPs
 
     start_step = int(state.step)
     log = RunLog(workdir)
@@ -250,7 +258,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             batch = global_batch(next(batches), transformer, mesh)
             signature = (batch.patches.shape, batch.caption.shape)
             if signature not in flops_per_step:  # one program per batch shape; its FLOPs give the MFU
-                lowered = train_step.lower(graphdef, state, batch, *empty, **options, **hyper)
+                lowered = train_step.lower(unrolled, state, batch, *empty, **options, **hyper)
                 flops_per_step[signature] = (lowered.cost_analysis() or {}).get("flops")
             state, metrics = train_step(graphdef, state, batch, *empty, **options, **hyper)
             step += 1
