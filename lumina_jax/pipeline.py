@@ -123,15 +123,43 @@ def _decode(graphdef, params, latents: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params).decode(latents)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _noise(seed: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.Array:
+    """Normal noise of a seed: stream 0 the sampler's start, stream 1 the image-to-image posterior sample."""
+    key = jax.random.key(seed)
+    return jax.random.normal(key if stream == 0 else jax.random.fold_in(key, stream), shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _noise_per_image(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _noise_per_image(seeds: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.Array:
     """Image i's noise from seeds[i] alone: what `_noise(seeds[i], (1, *shape))` draws for one image."""
-    return jax.vmap(lambda seed: _noise(seed, (1, *shape))[0])(seeds)
+    return jax.vmap(lambda seed: _noise(seed, (1, *shape), stream)[0])(seeds)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(graphdef, params, images: jax.Array, noise: jax.Array) -> jax.Array:
+    """Images [B, 3, H, W] in [-1, 1] -> scaled latents of a sample of the VAE's posterior, as the original
+    img2img draws them (`latent_dist.sample()`), with `noise` [B, C, h, w]."""
+    vae = nnx.merge(graphdef, params)
+    mean, logvar = vae.encode(images)
+    config = vae.config
+    return (mean + jnp.exp(0.5 * logvar) * noise - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def load_image(image, height: int, width: int) -> np.ndarray:
+    """A PIL image, or an array [H, W, 3] (uint8, or floats in [0, 1]), as the original img2img reads it:
+    resized to width x height (PIL's resize), then RGB, [3, H, W] in [-1, 1]."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"image: expected a PIL image or an array [height, width, 3], got shape {array.shape}")
+        if array.dtype != np.uint8:
+            if not (np.isfinite(array).all() and 0.0 <= array.min() and array.max() <= 1.0):
+                raise ValueError("image: a float array must hold values in [0, 1]")
+            array = (array * 255).round().astype(np.uint8)
+        image = Image.fromarray(array)
+    pixels = np.asarray(image.resize((width, height)).convert("RGB"), np.float32) / np.float32(255)
+    return ((pixels - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)  # ToTensor, Normalize(0.5, 0.5)
 
 
 def _scheduler_shift(pipeline: Path) -> float | None:
@@ -384,9 +412,18 @@ class LuminaPipeline:
         sigmas: list[float] | None = None,
         cfg_all_channels: bool = False,
         context_drop: int = 1,
+        image=None,
+        strength: float = 1.0,
     ) -> LuminaPipelineOutput:
         """Images for the prompts. schedule, shift and scaling_watershed default to the family's reference
-        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift."""
+        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift.
+
+        Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
+        a list of one per prompt; PIL or [H, W, 3] arrays) is resized to height x width (default: its
+        own size), encoded by the VAE (a posterior sample, seeded by `seed`), and the flow starts from
+        t0 * image + (1 - t0) * noise at the grid point that `strength` cuts the schedule at
+        (`FlowSchedule.image_to_image_start`): 1 ignores the image, 0 returns its VAE round trip. A new
+        strength or image of the same size reuses the compiled programs."""
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
         if self.weightless:
@@ -394,9 +431,22 @@ class LuminaPipeline:
                 "this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
                 ".lower(...), or load one with from_pretrained"
             )
+        if image is None and strength != 1.0:
+            raise ValueError("strength is for image-to-image: pass image= (a PIL image or an array) with it")
+        if image is not None:
+            first_image = image[0] if isinstance(image, (list, tuple)) else image
+            own_width, own_height = (
+                first_image.size if isinstance(first_image, Image.Image) else np.shape(first_image)[1::-1]
+            )
+            height, width = height or own_height, width or own_width
         height = height or self.default_sample_size
         width = width or self.default_sample_size
-        self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
+        try:
+            self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
+        except ValueError as e:
+            if image is None or "height and width" not in str(e):
+                raise
+            raise ValueError(f"{e}; pass height= and width= to resize the image to such a size") from None
         guided = guidance_scale > 1.0
 
         if prompt_embeds is None:
@@ -433,8 +483,6 @@ class LuminaPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = jnp.asarray(latents)
-        if self.mesh is not None:
-            latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
         defaults = self.sampler_defaults()
         schedule_ = sampling.make_schedule(
             schedule or defaults["schedule"],
@@ -442,6 +490,13 @@ class LuminaPipeline:
             shift=self.scheduler_shift if shift is None else shift,
             sigmas=sigmas,
         )
+        first_step = 0
+        if image is not None:
+            first_step, t0 = schedule_.image_to_image_start(strength)
+            start = self._image_latents(image, batch // num_images_per_prompt, num_images_per_prompt, shape, seed)
+            latents = sampling.start_from_image(latents, start, t0)
+        if self.mesh is not None:
+            latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
         with self._on_mesh():
             latents = sampling.sample(
                 self.transformer,
@@ -455,6 +510,7 @@ class LuminaPipeline:
                 proportional_attn=proportional_attn,
                 cfg_all_channels=cfg_all_channels,
                 context_drop=context_drop,
+                first_step=first_step,
             )
             if output_type == "latent":
                 return LuminaPipelineOutput(np.asarray(latents))
@@ -539,6 +595,26 @@ class LuminaPipeline:
             if self.vae is not None:
                 programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
         return programs
+
+    def _image_latents(self, image, prompts: int, per_prompt: int, shape: tuple[int, ...], seed) -> jax.Array:
+        """The images' latents [B, C, h, w] (each prompt's repeated for its images): a VAE posterior sample,
+        its noise from each image's seed (another stream than the sampler's), or in pixel space the pixels."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * prompts
+        if len(images) != prompts:
+            raise ValueError(f"{len(images)} images for {prompts} prompts; give one image, or one per prompt")
+        height, width = shape[2] * self.latent_scale, shape[3] * self.latent_scale
+        pixels = np.repeat(np.stack([load_image(i, height, width) for i in images]), per_prompt, axis=0)
+        if self.vae is None:  # pixel space: the image is the latent, in grey as the training data is
+            return jnp.asarray(pixels if shape[1] == 3 else pixels.mean(axis=1, keepdims=True))
+        if isinstance(seed, int):
+            noise = _noise(jnp.uint32(seed), shape, 1)
+        else:
+            noise = _noise_per_image(jnp.asarray(seed, jnp.uint32), shape[1:], 1)
+        pixels = jnp.asarray(pixels)
+        if self.mesh is not None:
+            pixels, noise = self._spread(pixels), self._spread(noise)
+        with self._on_mesh():
+            return _encode_image(*self._vae_split, pixels.astype(self.vae.dtype), noise)
 
     def sampler_defaults(self) -> dict:
         """How the family's reference samples: Lumina-Next as diffusers does (its flow-match schedule, RoPE

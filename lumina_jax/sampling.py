@@ -40,6 +40,21 @@ class FlowSchedule:
         grid = np.asarray(grid, np.float32)
         return cls(grid[:-1], np.diff(grid))
 
+    def image_to_image_start(self, strength: float) -> tuple[int, float]:
+        """Where image-to-image starts, as the original Lumina-Next sampler cuts its grid of points
+        (`t[int(num_points * (1 - strength)):]`): the first step to take and its time t0, at which the
+        state is t0 * image + (1 - t0) * noise. strength 1: every step from t0 = 0; 0: none (t0 = 1)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        steps = len(self.times)
+        first = min(int((steps + 1) * (1 - strength)), steps)
+        return first, float(self.times[first] if first < steps else self.times[-1] + self.steps[-1])
+
+
+def start_from_image(noise: jax.Array, image_latents: jax.Array, t0: float) -> jax.Array:
+    """Image-to-image's start state at model time t0: the point on the straight path from noise to the image."""
+    return noise * (1 - t0) + image_latents * t0
+
 
 def diffusers_schedule(num_steps: int, *, shift: float = 1.0, sigmas: list[float] | None = None) -> FlowSchedule:
     """diffusers' FlowMatchEulerDiscreteScheduler as LuminaPipeline uses it, rounding included.
@@ -131,6 +146,7 @@ def _integrate(
     times,
     steps,
     scaling_watershed,
+    first_step,
     *,
     solver,
     guided_channels,
@@ -173,7 +189,8 @@ def _integrate(
         midpoint = x + 0.5 * dt * velocity(x, t)
         return x + dt * velocity(midpoint, t + 0.5 * dt)
 
-    return jax.lax.fori_loop(0, times.shape[0], step, latents.astype(jnp.float32))
+    # first_step is traced: image-to-image at any strength runs the same program
+    return jax.lax.fori_loop(first_step, times.shape[0], step, latents.astype(jnp.float32))
 
 
 def sample(
@@ -189,8 +206,10 @@ def sample(
     proportional_attn: bool = True,
     cfg_all_channels: bool = False,
     context_drop: int = 1,
+    first_step: int = 0,
 ) -> jax.Array:
-    """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32).
+    """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32); from the
+    schedule's step `first_step` on (image-to-image: `FlowSchedule.image_to_image_start`).
 
     With guidance_scale > 1, caption/caption_mask hold 2B rows, the conditional ones first;
     otherwise B rows and no guidance. As in diffusers, channels 0..2 are guided unless
@@ -208,6 +227,7 @@ def sample(
         proportional_attn=proportional_attn,
         cfg_all_channels=cfg_all_channels,
         context_drop=context_drop,
+        first_step=first_step,
     )
     return _integrate(*args, **static)
 
@@ -234,6 +254,7 @@ def _integrate_arguments(
     proportional_attn=True,
     cfg_all_channels=False,
     context_drop=1,
+    first_step=0,
 ) -> tuple[tuple, dict]:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -256,6 +277,7 @@ def _integrate_arguments(
         schedule.times,
         schedule.steps,
         np.float32(scaling_watershed),
+        np.int32(first_step),
     )
     static = dict(
         solver=solver,

@@ -1,6 +1,7 @@
 """python -m sample --model PATH_OR_HUB_ID --prompt "..." [options]: text to image with lumina-jax."""
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from lumina_jax import jobs, sampling
 from sample import DEFAULT_MODEL
@@ -122,6 +125,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="time from which RoPE is NTK-scaled rather than linearly (default: 1 for Lumina-Next, 0 for Lumina-T2I)",
     )
     parser.add_argument(
+        "--image",
+        type=Path,
+        help="image-to-image: start from this picture (resized to --height/--width; default: its own size)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=fraction,
+        default=None,
+        help="image-to-image: how much of the flow to run from the picture, 0 to 1 (default 0.6, as the "
+        "original sample_img2img.py; 1 ignores the picture, 0 returns it through the VAE)",
+    )
+    parser.add_argument(
         "--context-drop",
         type=positive_int,
         default=1,
@@ -186,6 +201,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"argument --caption-length: at most 256 tokens, got {args.caption_length}")
     if args.prompts_file and not args.prompts_file.is_file():
         parser.error(f"argument --prompts-file: {args.prompts_file} is not a file")
+    if args.strength is not None and args.image is None:
+        parser.error("--strength needs --image")
+    if args.image is not None and args.compile_only:
+        parser.error("--compile-only plans text-to-image; leave out --image")
     return args
 
 
@@ -264,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryFile(dir=args.out).close()
     except OSError as e:
         return fail(f"--out {args.out}: cannot write there ({e.strerror or e})")
+    picture = None
+    if args.image is not None:
+        try:
+            picture = Image.open(args.image)
+            picture.load()
+        except OSError as e:
+            return fail(f"--image {args.image}: not an image this machine can read ({e})")
     import jax  # after argument parsing, so --help is instant
 
     from lumina_jax.sharding import BATCH_AXES, initialize_distributed, make_mesh
@@ -285,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         defaults = dict(
             negative_prompt=args.negative_prompt,
             seed=args.seed,
-            height=args.height or pipe.default_sample_size,
-            width=args.width or pipe.default_sample_size,
+            height=args.height or (picture.height if picture else pipe.default_sample_size),
+            width=args.width or (picture.width if picture else pipe.default_sample_size),
             guidance=args.guidance,
             steps=args.steps,
             num_images=args.num_images,
@@ -295,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width)
     except (FileNotFoundError, PermissionError, ValueError) as e:
-        return fail(e)
+        resize = f"; --image is {picture.width}x{picture.height}: give --height and --width to resize it"
+        return fail(f"{e}{resize if picture and 'height and width' in str(e) else ''}")
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
@@ -307,14 +334,20 @@ def main(argv: list[str] | None = None) -> int:
         **{name: value for name, value in chosen.items() if value is not None},
         context_drop=args.context_drop,
     )
+    metadata = {"model": str(args.model), "dtype": args.dtype}
+    draw = pipe
+    if picture is not None:
+        settings["strength"] = 0.6 if args.strength is None else args.strength
+        metadata["image"] = str(args.image)
+        draw = functools.partial(pipe, image=picture)
     try:
         report = jobs.run_jobs(
-            pipe,
+            draw,
             todo,
             args.out,
             per_call=images_per_call,
             skip_existing=args.skip_existing,
-            metadata={"model": str(args.model), "dtype": args.dtype},
+            metadata=metadata,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             **settings,
