@@ -147,6 +147,7 @@ def _integrate(
     steps,
     scaling_watershed,
     first_step,
+    caption_regions,
     *,
     solver,
     guided_channels,
@@ -165,6 +166,7 @@ def _integrate(
         rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
         inputs = jnp.concatenate([x, x]) if guided else x
         t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
+        regions = {} if caption_regions is None else dict(caption_regions=caption_regions)
         out = model(
             inputs,
             t_batch,
@@ -174,6 +176,7 @@ def _integrate(
             rope=rope,
             caption_kv=caption_kv,
             context_drop=context_drop,
+            **regions,
         )
         out = out[:, :channels].astype(jnp.float32)
         if not guided:
@@ -207,9 +210,11 @@ def sample(
     cfg_all_channels: bool = False,
     context_drop: int = 1,
     first_step: int = 0,
+    caption_regions: jax.Array | None = None,
 ) -> jax.Array:
     """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32); from the
-    schedule's step `first_step` on (image-to-image: `FlowSchedule.image_to_image_start`).
+    schedule's step `first_step` on (image-to-image: `FlowSchedule.image_to_image_start`). caption_regions
+    [rows, tokens, L]: what each image token of each caption row attends to (`regions.regional_captions`).
 
     With guidance_scale > 1, caption/caption_mask hold 2B rows, the conditional ones first;
     otherwise B rows and no guidance. As in diffusers, channels 0..2 are guided unless
@@ -228,6 +233,7 @@ def sample(
         cfg_all_channels=cfg_all_channels,
         context_drop=context_drop,
         first_step=first_step,
+        caption_regions=caption_regions,
     )
     return _integrate(*args, **static)
 
@@ -255,11 +261,14 @@ def _integrate_arguments(
     cfg_all_channels=False,
     context_drop=1,
     first_step=0,
+    caption_regions=None,
 ) -> tuple[tuple, dict]:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     guided = float(guidance_scale) > 1.0
     rows = latents.shape[0] * (2 if guided else 1)
+    if caption_regions is not None and caption_regions.shape[0] != rows:
+        raise ValueError(f"caption_regions has {caption_regions.shape[0]} rows for {rows} caption rows")
     if caption.shape[0] != rows or caption_mask.shape[0] != rows:
         raise ValueError(
             f"{'guidance doubles the batch: ' if guided else ''}expected {rows} caption rows for "
@@ -278,6 +287,7 @@ def _integrate_arguments(
         schedule.steps,
         np.float32(scaling_watershed),
         np.int32(first_step),
+        caption_regions,
     )
     static = dict(
         solver=solver,

@@ -7,6 +7,7 @@ splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -104,8 +105,10 @@ def dual_attention(
         softmax(scale q k^T) v + caption_gate * softmax(caption_scale q ck^T) cv
 
     query [B, T, heads, D]; key/value [B, S, kv_heads, D]; caption_key/value [B, L, kv_heads, D];
-    caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to.
-    caption_query, where the caption branch has a query of its own, replaces q there.
+    caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to; caption_mask
+    may be [B, T, L], a mask per query token (regional captions), which only XLA takes: with a fused
+    kernel the caption branch then runs in XLA. caption_query, where the caption branch has a query of
+    its own, replaces q there.
     Returns [B, T, heads, D] in float32. With XLA, a segment whose keys are all masked is attended
     uniformly (finite) rather than giving NaN; with splash attention it is finite too, but averages
     over the kernel's zero padding as well.
@@ -117,7 +120,11 @@ def dual_attention(
         if caption_key is None:
             return out
         caption_query = query if caption_query is None else caption_query
-        caption = attend(caption_query, caption_key, caption_value, caption_scale, caption_mask)
+        if caption_mask is not None and caption_mask.ndim == 3:
+            attend = functools.partial(dual_attention, backend="xla")
+            caption = attend(caption_query, caption_key, caption_value, scale=caption_scale, kv_mask=caption_mask)
+        else:
+            caption = attend(caption_query, caption_key, caption_value, caption_scale, caption_mask)
         return out + caption_gate[:, None] * caption.astype(jnp.float32)
 
     batch, length, heads, head_dim = query.shape
@@ -144,13 +151,18 @@ def dual_attention(
 
 
 def _grouped_attention(query, key, value, scale, mask):
-    """query [B, K, M, D] (M: tokens x query heads per kv head), key/value [B, S, K, D], mask [B, S]
-    -> [B, K, M, D] float32. The softmax is normalised after the product with the values, on
-    [M, D] rather than on the [M, S] probabilities."""
+    """query [B, K, M, D] (M: tokens x query heads per kv head), key/value [B, S, K, D], mask [B, S] or,
+    per token, [B, T, S] -> [B, K, M, D] float32. The softmax is normalised after the product with the
+    values, on [M, D] rather than on the [M, S] probabilities."""
     logits = jnp.einsum("bkmd,bskd->bkms", query, key, preferred_element_type=jnp.float32)
     if mask is not None:
+        mask = mask.astype(bool)
+        if mask.ndim == 3:  # each token's row, for each query head sharing the kv head (rows t * groups + g)
+            mask = jnp.repeat(mask, query.shape[2] // mask.shape[1], axis=1)[:, None]
+        else:
+            mask = mask[:, None, None, :]
         # The most negative finite float: a fully masked row stays finite (uniform), never NaN.
-        logits = jnp.where(mask.astype(bool)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     # softmax(scale * logits) without scaling the logits apart: exp(scale * (logits - max)), scale > 0.
     peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     weights = jnp.exp((logits - peak) * scale)

@@ -177,7 +177,7 @@ class BlockInputs:
 
     cond: jax.Array  # [B, cond_dim]: timestep plus pooled caption, float32
     caption: jax.Array  # [B, L, cross_attention_dim] in the compute dtype
-    caption_mask: jax.Array  # [B, L] bool: caption tokens to attend to
+    caption_mask: jax.Array  # [B, L] bool: caption tokens to attend to; or [B, T, L], per image token (regions)
     token_mask: jax.Array | None  # [B, T] bool: real image tokens (None: all are)
     cos: jax.Array  # RoPE tables [B or 1, T, head_dim / 2]
     sin: jax.Array
@@ -373,8 +373,13 @@ class NextDiT(nnx.Module):
         rope: tuple[jax.Array, jax.Array] | None = None,
         caption_kv: jax.Array | None = None,
         context_drop: int = 1,
+        caption_regions: jax.Array | None = None,
     ) -> jax.Array:
         """Velocity (and learned sigma) for latents [B, C, H, W]: [B, out_channels, H, W].
+
+        caption_regions [B, (H/p)(W/p), L] bool, for compositional generation (Lumina-Next's regional
+        captions): the caption tokens each image token attends to, in place of encoder_mask, which then
+        only says which tokens' mean conditions the model (a global caption's, say).
 
         base_sequence_length turns on proportional attention (diffusers passes
         `config.base_sequence_length`). The RoPE factors may be traced values; a sampler may instead
@@ -405,6 +410,7 @@ class NextDiT(nnx.Module):
             base_sequence_length=base_sequence_length,
             caption_kv=caption_kv,
             context_drop=ContextDrop(height // p, width // p, context_drop) if context_drop != 1 else None,
+            caption_regions=caption_regions,
         )
         return unpatchify(out, height, width, p)
 
@@ -436,9 +442,11 @@ class NextDiT(nnx.Module):
         base_sequence_length: int | None = None,
         caption_kv: jax.Array | None = None,
         context_drop: ContextDrop | None = None,
+        caption_regions: jax.Array | None = None,
     ) -> jax.Array:
         """The transformer on patches [B, T, p*p*in_channels] (`patchify`'s feature order) with RoPE
-        tables [B or 1, T, head_dim / 2] (`rope_frequencies` of the patches' grid positions).
+        tables [B or 1, T, head_dim / 2] (`rope_frequencies` of the patches' grid positions);
+        caption_regions [B, T, L] as `__call__` takes it.
 
         token_mask [B, T] marks real tokens in a batch of images of different sizes: the others
         become the learned pad token and are never attended to. context_drop merges the image keys
@@ -447,6 +455,11 @@ class NextDiT(nnx.Module):
         cfg = self.config
         batch, num_tokens, _ = patches.shape
         check_conditioning(cfg, batch, timestep, caption, caption_mask, caption_kv)
+        if caption_regions is not None and caption_regions.shape != (batch, num_tokens, caption.shape[1]):
+            raise ValueError(
+                f"caption_regions must be [batch, tokens, caption length] = {(batch, num_tokens, caption.shape[1])}, "
+                f"got {caption_regions.shape}"
+            )
         if context_drop is not None and (token_mask is not None or context_drop.rows * context_drop.cols != num_tokens):
             raise ValueError(
                 f"Context Drop needs the {num_tokens} tokens of one {context_drop.rows}x{context_drop.cols} grid per "
@@ -460,7 +473,7 @@ class NextDiT(nnx.Module):
         inputs = BlockInputs(
             cond=cond,
             caption=caption.astype(self.dtype),
-            caption_mask=caption_mask.astype(bool),
+            caption_mask=(caption_mask if caption_regions is None else caption_regions).astype(bool),
             token_mask=token_mask,
             cos=rope[0],
             sin=rope[1],
