@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from lumina_jax import hub, sampling
+from lumina_jax import hub, regions, sampling
 from lumina_jax.models import flagdit
 from lumina_jax.models.flagdit import ROPE_MAX_TOKENS, FlagDiT
 from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
@@ -414,6 +414,8 @@ class LuminaPipeline:
         context_drop: int = 1,
         image=None,
         strength: float = 1.0,
+        region_prompts: list[str] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> LuminaPipelineOutput:
         """Images for the prompts. schedule, shift and scaling_watershed default to the family's reference
         (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift.
@@ -423,7 +425,13 @@ class LuminaPipeline:
         own size), encoded by the VAE (a posterior sample, seeded by `seed`), and the flow starts from
         t0 * image + (1 - t0) * noise at the grid point that `strength` cuts the schedule at
         (`FlowSchedule.image_to_image_start`): 1 ignores the image, 0 returns its VAE round trip. A new
-        strength or image of the same size reuses the compiled programs."""
+        strength or image of the same size reuses the compiled programs.
+
+        Compositional generation, as Lumina-T2X's lumina_next_compositional_generation: `region_prompts`,
+        one caption per cell of a `grid` (rows, cols; default one row), numbered row by row, each cell's
+        image tokens attending to their own caption only; `prompt` is the global caption (its mean
+        conditions the model, as the original's). Next-DiT only; the same regions for every prompt. New
+        captions of the same lengths reuse the compiled programs."""
         if self.transformer is None:
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
         if self.weightless:
@@ -449,6 +457,10 @@ class LuminaPipeline:
             raise ValueError(f"{e}; pass height= and width= to resize the image to such a size") from None
         guided = guidance_scale > 1.0
 
+        if region_prompts is not None and prompt_embeds is not None:
+            raise ValueError("region_prompts take prompt (the global caption), not prompt_embeds")
+        if grid is not None and region_prompts is None:
+            raise ValueError("grid is for compositional generation: pass region_prompts with it")
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             negatives = None
@@ -457,7 +469,14 @@ class LuminaPipeline:
                 negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
                 if len(negatives) != len(prompts):
                     raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts, negatives)
+            cells = list(region_prompts or [])  # encoded with the prompts: one caption length for all
+            negatives = None if negatives is None else negatives + [""] * len(cells)
+            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts + cells, negatives)
+            if cells:
+                cell_embeds, cell_mask = np.asarray(embeds[len(prompts) :]), np.asarray(mask[len(prompts) :])
+                embeds, mask = embeds[: len(prompts)], mask[: len(prompts)]
+                if guided:
+                    neg_embeds, neg_mask = neg_embeds[: len(prompts)], neg_mask[: len(prompts)]
         else:
             embeds, mask = jnp.asarray(prompt_embeds), jnp.asarray(prompt_attention_mask)
             neg_embeds, neg_mask = negative_prompt_embeds, negative_prompt_attention_mask
@@ -472,6 +491,28 @@ class LuminaPipeline:
         batch = embeds.shape[0]
         caption = jnp.concatenate([embeds, neg_embeds]) if guided else embeds
         caption_mask = jnp.concatenate([mask, neg_mask]) if guided else mask
+        caption_regions = None
+        if region_prompts is not None:
+            grid = grid or (1, len(region_prompts))
+            if len(region_prompts) != grid[0] * grid[1]:
+                raise ValueError(
+                    f"{len(region_prompts)} region prompts for a {grid[0]}x{grid[1]} grid; give one a cell"
+                )
+            self.check_size(height, width, grid)
+            unit = self.transformer.config.patch_size * self.latent_scale
+            cell_of = regions.cell_of_tokens(height // unit, width // unit, grid)
+            negative = lambda i: (np.asarray(neg_embeds[i]), np.asarray(neg_mask[i])) if guided else (None, None)  # noqa: E731
+            rows = [
+                regions.regional_captions(
+                    np.asarray(embeds[i]), np.asarray(mask[i]), cell_embeds, cell_mask, *negative(i), cell_of
+                )
+                for i in range(batch)
+            ]
+            # the guided rows of every image, then the negative rows, as the sampler takes them
+            caption, caption_mask, caption_regions = (
+                jnp.asarray(np.concatenate([row[part][:1] for row in rows] + [row[part][1:] for row in rows]))
+                for part in range(3)
+            )
 
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         if latents is None and isinstance(seed, int):
@@ -497,6 +538,7 @@ class LuminaPipeline:
             latents = sampling.start_from_image(latents, start, t0)
         if self.mesh is not None:
             latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
+            caption_regions = None if caption_regions is None else self._spread(caption_regions)
         with self._on_mesh():
             latents = sampling.sample(
                 self.transformer,
@@ -511,6 +553,7 @@ class LuminaPipeline:
                 cfg_all_channels=cfg_all_channels,
                 context_drop=context_drop,
                 first_step=first_step,
+                caption_regions=caption_regions,
             )
             if output_type == "latent":
                 return LuminaPipelineOutput(np.asarray(latents))
@@ -624,8 +667,14 @@ class LuminaPipeline:
             return dict(schedule="shifted", scaling_watershed=0.0)
         return dict(schedule="diffusers", scaling_watershed=1.0)
 
-    def check_size(self, height: int, width: int) -> None:
-        """Raise ValueError unless the model can draw images of this size (pixels)."""
+    def check_size(self, height: int, width: int, grid: tuple[int, int] | None = None) -> None:
+        """Raise ValueError unless the model can draw images of this size (pixels), split into `grid` cells
+        of whole tokens for regional captions."""
+        if grid is not None:
+            if isinstance(self.transformer, FlagDiT):
+                raise ValueError("regional captions are Lumina-Next's (Next-DiT); this pipeline holds a Flag-DiT")
+            unit = self.latent_scale * self.transformer.config.patch_size
+            regions.cell_of_tokens(height // unit, width // unit, grid)
         unit = self.latent_scale * self.transformer.config.patch_size
         if isinstance(self.transformer, FlagDiT):  # rows of tokens, each closed by an end-of-line token
             fits = (height // unit) * (width // unit + 1) <= ROPE_MAX_TOKENS

@@ -137,6 +137,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "original sample_img2img.py; 1 ignores the picture, 0 returns it through the VAE)",
     )
     parser.add_argument(
+        "--regions",
+        nargs="+",
+        metavar="CAPTION",
+        help="compositional generation: one caption per cell of --grid, row by row (the prompt is the global one)",
+    )
+    parser.add_argument(
+        "--grid", type=parse_grid, default=None, metavar="ROWSxCOLS", help="the cells of --regions (default: one row)"
+    )
+    parser.add_argument(
         "--context-drop",
         type=positive_int,
         default=1,
@@ -203,9 +212,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"argument --prompts-file: {args.prompts_file} is not a file")
     if args.strength is not None and args.image is None:
         parser.error("--strength needs --image")
+    if args.grid is not None and not args.regions:
+        parser.error("--grid needs --regions")
+    grid = args.grid or (1, len(args.regions or ()))
+    if args.regions and len(args.regions) != grid[0] * grid[1]:
+        parser.error(f"--regions: {len(args.regions)} captions for a {grid[0]}x{grid[1]} grid; give one a cell")
     if args.image is not None and args.compile_only:
         parser.error("--compile-only plans text-to-image; leave out --image")
     return args
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """A --grid value, "2x2" (rows x columns)."""
+    rows, _, cols = text.partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) >= 1 and int(cols) >= 1):
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 2x2 or 1x4, got {text!r}")
+    return int(rows), int(cols)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -319,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
-            pipe.check_size(height, width)
+            pipe.check_size(height, width, (args.grid or (1, len(args.regions))) if args.regions else None)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         resize = f"; --image is {picture.width}x{picture.height}: give --height and --width to resize it"
         return fail(f"{e}{resize if picture and 'height and width' in str(e) else ''}")
@@ -336,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     metadata = {"model": str(args.model), "dtype": args.dtype}
     draw = pipe
+    if args.regions:
+        settings |= dict(region_prompts=args.regions, grid=args.grid or (1, len(args.regions)))
     if picture is not None:
         settings["strength"] = 0.6 if args.strength is None else args.strength
         metadata["image"] = str(args.image)
