@@ -15,30 +15,17 @@ v5e-16`): the training state alone is 80 GB (float32 weights, EMA and two Adam m
 so FSDP over all 16 chips, every layer rematerialised. Captions are cut at 256 tokens (the original at 128).
 """
 
+import dataclasses
+
 from lumina_jax.training.config import TrainConfig
+from train.configs import lumina_next_sft
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
+    # the same recipe as Lumina-Next's trainer (the two original trainers' defaults agree), batch and mesh included
+    return dataclasses.replace(
+        lumina_next_sft.get_config(),
         workdir="out/lumina-t2i",
         pipeline="lumina-t2i",
-        data="data/captions.jsonl",
         cache="data/cache-lumina-t2i",
-        init="pretrained",
-        image_size=1024,
-        max_aspect=4.0,
-        batch_size=32,
-        steps=10_000,
-        lr=1e-4,
-        weight_decay=0.0,
-        grad_clip=2.0,
-        ema_decay=0.9999,
-        caption_dropout=0.1,
-        compute_dtype="bfloat16",
-        remat="full",
-        mesh_data=1,
-        mesh_fsdp=-1,
-        mesh_tensor=1,
-        log_every=10,
-        save_every=500,
     )
