@@ -343,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width, (args.grid or (1, len(args.regions))) if args.regions else None)
     except (FileNotFoundError, PermissionError, ValueError) as e:
-        resize = f"; --image is {picture.width}x{picture.height}: give --height and --width to resize it"
-        return fail(f"{e}{resize if picture and 'height and width' in str(e) else ''}")
+        if picture is not None and "height and width" in str(e):
+            return fail(f"{e}; --image is {picture.width}x{picture.height}: give --height and --width to resize it")
+        return fail(e)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     if args.offload_text_encoder:
         pipe.offload_text_encoder()

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -123,6 +124,11 @@ def test_a_save_killed_midway_leaves_the_previous_step(tmp_path):
     child = script("killed", tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert child.stdout.readline().strip() == SAVING_MARKER
+        # Orbax makes step 2's temporary folder on its own thread: kill once it is there (a loaded CI
+        # machine may take a moment), long before its 512 MB are written
+        deadline = time.monotonic() + 60
+        while not any(path.name.startswith("2") for path in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         child.kill()
         child.wait(timeout=60)
