@@ -6,6 +6,7 @@ import sys
 import time
 
 from lumina_jax import hub
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.weights.convert import assemble_pipeline, convert_pipeline, convert_transformer
 from lumina_jax.weights.nextdit import find_checkpoint
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    found = "Flag-DiT (Lumina-T2I)" if family.__name__ == "FlagDiTConfig" else "Next-DiT (Lumina-Next)"
+    found = "Flag-DiT (Lumina-T2I)" if family is FlagDiTConfig else "Next-DiT (Lumina-Next)"
     print(f"wrote {out} ({args.dtype}, {found}) in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -498,9 +498,7 @@ class LuminaPipeline:
                 raise ValueError(
                     f"{len(region_prompts)} region prompts for a {grid[0]}x{grid[1]} grid; give one a cell"
                 )
-            self.check_size(height, width, grid)
-            unit = self.transformer.config.patch_size * self.latent_scale
-            cell_of = regions.cell_of_tokens(height // unit, width // unit, grid)
+            cell_of = self._cells(height, width, grid)
             negative = lambda i: (np.asarray(neg_embeds[i]), np.asarray(neg_mask[i])) if guided else (None, None)  # noqa: E731
             rows = [
                 regions.regional_captions(
@@ -524,13 +522,7 @@ class LuminaPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = jnp.asarray(latents)
-        defaults = self.sampler_defaults()
-        schedule_ = sampling.make_schedule(
-            schedule or defaults["schedule"],
-            num_inference_steps,
-            shift=self.scheduler_shift if shift is None else shift,
-            sigmas=sigmas,
-        )
+        schedule_, scaling_watershed = self._sampler(schedule, num_inference_steps, shift, scaling_watershed, sigmas)
         first_step = 0
         if image is not None:
             first_step, t0 = schedule_.image_to_image_start(strength)
@@ -548,7 +540,7 @@ class LuminaPipeline:
                 schedule_,
                 guidance_scale=guidance_scale,
                 solver=solver,
-                scaling_watershed=defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed,
+                scaling_watershed=scaling_watershed,
                 proportional_attn=proportional_attn,
                 cfg_all_channels=cfg_all_channels,
                 context_drop=context_drop,
@@ -608,8 +600,7 @@ class LuminaPipeline:
         bucket = caption_bucket(caption_length)
         shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
         tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
-        defaults = self.sampler_defaults()
-        shift = self.scheduler_shift if shift is None else shift
+        schedule_, scaling_watershed = self._sampler(schedule, num_inference_steps, shift, scaling_watershed)
         with self._on_mesh():
             encode = _encode_text.lower(self._text_encoder_split[0], self._text_encoder_params(), tokens, tokens)
             features = encode.out_info
@@ -622,12 +613,10 @@ class LuminaPipeline:
                         struct(shape, jnp.float32),
                         struct((rows, bucket, features.shape[-1]), features.dtype),
                         struct((rows, bucket), jnp.int32),
-                        sampling.make_schedule(schedule or defaults["schedule"], num_inference_steps, shift=shift),
+                        schedule_,
                         guidance_scale=guidance_scale,
                         solver=solver,
-                        scaling_watershed=defaults["scaling_watershed"]
-                        if scaling_watershed is None
-                        else scaling_watershed,
+                        scaling_watershed=scaling_watershed,
                         proportional_attn=proportional_attn,
                         cfg_all_channels=cfg_all_channels,
                         context_drop=context_drop,
@@ -667,14 +656,28 @@ class LuminaPipeline:
             return dict(schedule="shifted", scaling_watershed=0.0)
         return dict(schedule="diffusers", scaling_watershed=1.0)
 
+    def _sampler(
+        self, schedule, num_steps, shift, scaling_watershed, sigmas=None
+    ) -> tuple[sampling.FlowSchedule, float]:
+        """The schedule and watershed of a call: the given ones, else the family's (`sampler_defaults`), the
+        shift the given one, else the scheduler config's."""
+        defaults = self.sampler_defaults()
+        shift = self.scheduler_shift if shift is None else shift
+        steps = sampling.make_schedule(schedule or defaults["schedule"], num_steps, shift=shift, sigmas=sigmas)
+        return steps, defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed
+
+    def _cells(self, height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
+        """The grid cell of each image token at this size (`regions.cell_of_tokens`); Next-DiT only."""
+        if isinstance(self.transformer, FlagDiT):
+            raise ValueError("regional captions are Lumina-Next's (Next-DiT); this pipeline holds a Flag-DiT")
+        unit = self.latent_scale * self.transformer.config.patch_size
+        return regions.cell_of_tokens(height // unit, width // unit, grid)
+
     def check_size(self, height: int, width: int, grid: tuple[int, int] | None = None) -> None:
         """Raise ValueError unless the model can draw images of this size (pixels), split into `grid` cells
         of whole tokens for regional captions."""
         if grid is not None:
-            if isinstance(self.transformer, FlagDiT):
-                raise ValueError("regional captions are Lumina-Next's (Next-DiT); this pipeline holds a Flag-DiT")
-            unit = self.latent_scale * self.transformer.config.patch_size
-            regions.cell_of_tokens(height // unit, width // unit, grid)
+            self._cells(height, width, grid)
         unit = self.latent_scale * self.transformer.config.patch_size
         if isinstance(self.transformer, FlagDiT):  # rows of tokens, each closed by an end-of-line token
             fits = (height // unit) * (width // unit + 1) <= ROPE_MAX_TOKENS

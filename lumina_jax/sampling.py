@@ -161,12 +161,12 @@ def _integrate(
     linear_rope = model.image_rope(height, width, linear_factor=scale, ntk_factor=1.0)
     ntk_rope = model.image_rope(height, width, linear_factor=1.0, ntk_factor=scale)
     caption_kv = model.caption_keys_values(caption)  # the same at every step
+    regions = {} if caption_regions is None else dict(caption_regions=caption_regions)  # Next-DiT takes them
 
     def velocity(x, t):
         rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
         inputs = jnp.concatenate([x, x]) if guided else x
         t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
-        regions = {} if caption_regions is None else dict(caption_regions=caption_regions)
         out = model(
             inputs,
             t_batch,

@@ -33,34 +33,24 @@ def seed(text: str) -> int:
     return int(text)
 
 
-def guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (1 or less turns guidance off), got {text!r}")
-    return value
+def number(accept, expected: str):
+    """An argparse type: a finite float that `accept` takes, else the error "expected {expected}"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
+guidance = number(lambda v: v >= 0, "a number >= 0 (1 or less turns guidance off)")
+positive_float = number(lambda v: v > 0, "a number > 0")
+fraction = number(lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -214,9 +204,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--strength needs --image")
     if args.grid is not None and not args.regions:
         parser.error("--grid needs --regions")
-    grid = args.grid or (1, len(args.regions or ()))
-    if args.regions and len(args.regions) != grid[0] * grid[1]:
-        parser.error(f"--regions: {len(args.regions)} captions for a {grid[0]}x{grid[1]} grid; give one a cell")
+    if args.regions:
+        args.grid = args.grid or (1, len(args.regions))
+        if len(args.regions) != args.grid[0] * args.grid[1]:
+            parser.error(
+                f"--regions: {len(args.regions)} captions for a {args.grid[0]}x{args.grid[1]} grid; give one a cell"
+            )
     if args.image is not None and args.compile_only:
         parser.error("--compile-only plans text-to-image; leave out --image")
     return args
@@ -341,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
-            pipe.check_size(height, width, (args.grid or (1, len(args.regions))) if args.regions else None)
+            pipe.check_size(height, width, args.grid)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         if picture is not None and "height and width" in str(e):
             return fail(f"{e}; --image is {picture.width}x{picture.height}: give --height and --width to resize it")
@@ -360,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {"model": str(args.model), "dtype": args.dtype}
     draw = pipe
     if args.regions:
-        settings |= dict(region_prompts=args.regions, grid=args.grid or (1, len(args.regions)))
+        settings |= dict(region_prompts=args.regions, grid=args.grid)
     if picture is not None:
         settings["strength"] = 0.6 if args.strength is None else args.strength
         metadata["image"] = str(args.image)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from lumina_jax import hub
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.nextdit import MODELS, convert_transformer, find_checkpoint
 from lumina_jax.weights.text_encoder import text_encoder_family
@@ -88,18 +89,19 @@ def assemble_pipeline(
         (folder / "tokenizer").mkdir()
         for file in tokenizer_files:
             shutil.copy2(file, folder / "tokenizer" / file.name)
-        scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+        scheduler = "FlowMatchEulerDiscreteScheduler"
         if shift is not None:
             (folder / "scheduler").mkdir()
-            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "shift": shift}))
-        model = MODELS[type(config)].__name__
+            (folder / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps({"_class_name": scheduler, "shift": shift})
+            )
         index = {
-            "_class_name": "LuminaT2IPipeline" if model == "FlagDiT" else "LuminaPipeline",
-            "transformer": ["lumina_jax", model],
+            "_class_name": "LuminaT2IPipeline" if isinstance(config, FlagDiTConfig) else "LuminaPipeline",
+            "transformer": ["lumina_jax", MODELS[type(config)].__name__],
             "text_encoder": ["lumina_jax", encoder.model.__name__],
             "tokenizer": ["transformers", "AutoTokenizer"],
             "vae": ["lumina_jax", "AutoencoderKL"],
-            **({"scheduler": ["diffusers", scheduler["_class_name"]]} if shift is not None else {}),
+            **({"scheduler": ["diffusers", scheduler]} if shift is not None else {}),
         }
         (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return Path(destination)

@@ -180,10 +180,14 @@ class TransformerFamily(ModelFamily):
         for suffix in (".safetensors", ".pth"):
             if (path / f"{stem}{suffix}").exists():
                 return _from_file(path / f"{stem}{suffix}")
-        shards = sorted(p for p in path.glob("consolidated*-of-*") if not p.name.split("-of-")[1].startswith("01."))
+        shards = sorted(
+            p.name
+            for p in (path.iterdir() if path.is_dir() else ())
+            if hub.ORIGINAL_CHECKPOINT.fullmatch(p.name) and "-of-01." not in p.name
+        )
         if shards:
             raise ValueError(
-                f"{path}: {', '.join(s.name for s in shards)} are model-parallel shards of an original checkpoint; "
+                f"{path}: {', '.join(shards)} are model-parallel shards of an original checkpoint; "
                 "lumina-jax reads one-shard checkpoints (consolidated.00-of-01, as released). With qk-norm, each "
                 "shard normalises its own heads' queries and keys, so merged shards are a different model"
             )
