@@ -1,9 +1,11 @@
 """PyTorch references for the parity tests: diffusers modules with every parameter randomised."""
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
@@ -27,6 +29,22 @@ class ShapeOnly:
 def released(name: str) -> dict[str, ShapeOnly]:
     """The key and shape list of a released checkpoint (tests/fixtures/keys_*.json)."""
     return {k: ShapeOnly(v) for k, v in json.loads((FIXTURES / name).read_text()).items()}
+
+
+@contextlib.contextmanager
+def compilations():
+    """A list that collects one entry per program XLA compiles while the block runs."""
+    compiled = []
+
+    def count(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:

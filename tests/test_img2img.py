@@ -4,12 +4,11 @@
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import random_pipeline
+from reference import compilations, random_pipeline
 
 from lumina_jax.pipeline import LuminaPipeline, _noise, load_image
 from lumina_jax.sampling import FlowSchedule, sample, shifted_schedule, start_from_image
@@ -91,21 +90,12 @@ def test_strength_zero_is_the_vae_round_trip(pipelines):
 
 def test_a_new_strength_or_image_does_not_recompile(pipelines):
     _, ours = pipelines
-    compiles = []
-
-    def count(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     kwargs = dict(prompt=PROMPTS[0], height=64, width=64, num_inference_steps=3, output_type="latent")
     ours(image=photo(64, 64), strength=0.6, **kwargs)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with compilations() as compiles:
         for strength, seed in ((0.3, 0), (0.9, 1), (1.0, 2)):
             ours(image=photo(64, 64, seed=seed), strength=strength, **kwargs)
-        assert compiles == []
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
 
 
 def test_sizes_and_bad_input(pipelines):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 from PIL import Image
-from reference import random_pipeline, relative_error
+from reference import compilations, random_pipeline, relative_error
 
 from convert.__main__ import main as convert_main
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
@@ -82,15 +82,8 @@ def test_an_image_depends_on_its_own_prompt_negative_and_seed_only(pipelines):
 
 def test_new_prompt_seed_or_guidance_does_not_recompile(pipelines):
     _, ours = pipelines
-    compiles = []
-
-    def count(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     ours(prompt="a photo of a cat", num_inference_steps=2, output_type="latent", seed=0)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with compilations() as compiles:
         for kwargs in (
             dict(seed=1),
             dict(guidance_scale=7.5),
@@ -100,8 +93,6 @@ def test_new_prompt_seed_or_guidance_does_not_recompile(pipelines):
         assert compiles == []
         ours(prompt="a photo of a cat", num_inference_steps=3, output_type="latent")  # a new shape does compile
         assert compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
 
 
 def test_offloaded_text_encoder_gives_the_same_latents(pipelines):

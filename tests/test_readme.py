@@ -4,8 +4,8 @@ through one compiled program, not op by op; the Lumina-T2I section loads, encode
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
+from reference import compilations, randomize_
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ORIGINAL = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"
@@ -25,13 +25,8 @@ def test_using_the_transformer_compiles_one_program():
     names = dict(
         hidden_states=io["a_x"], timestep=io["a_t"], encoder_hidden_states=io["a_cap"], encoder_mask=io["a_cap_mask"]
     )
-    compiled = []
-    listener = lambda event, seconds, **_: event == "/jax/core/compile/backend_compile_duration" and compiled.append(1)  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiled:
         exec(code, names)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert names["velocity"].shape == (io["a_x"].shape[0], 8, *io["a_x"].shape[2:])
     # op by op, the same call compiles a program per primitive outside the layer scan: 68 here
     assert len(compiled) <= 3, f"{len(compiled)} programs compiled"
@@ -40,7 +35,6 @@ def test_using_the_transformer_compiles_one_program():
 def test_lumina_t2i_runs_as_written(tmp_path):
     """The Lumina-T2I snippet, with the tiny original checkpoint and a tiny random LLaMA in place of the 5B and 7B."""
     import transformers
-    from reference import randomize_
 
     code = python_block("Lumina-T2I (Flag-DiT 5B with LLaMA-2-7B): the model, its text encoder and its sampler")
     llama = transformers.LlamaModel(
