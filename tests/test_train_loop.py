@@ -208,6 +208,39 @@ def test_a_run_of_non_finite_steps_stops_with_a_clear_error(base, tmp_path):
     assert records[-1]["step"] == 4 and sum(r["skipped"] for r in records) == 3
 
 
+def open_files() -> list[str]:
+    """The paths this process holds open (Linux); the listing's own descriptor resolves to no file."""
+    return [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+
+
+@pytest.mark.parametrize("failing", ["initial_transformer", "global_batch"])  # while initialising; at the first step
+def test_a_failing_run_releases_what_it_opened(base, tmp_path, monkeypatch, failing):
+    """The checkpointer (Orbax's threads), the metrics file and the SIGTERM handler, on any error."""
+    opened = []
+
+    class Recorded(Checkpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(loop, "Checkpointer", Recorded)
+    monkeypatch.setattr(loop, failing, fail)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(base, tmp_path)
+    assert [c.closed for c in opened] == [True]
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert not [f for f in open_files() if f.startswith(str(tmp_path))]
+
+
 def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
     config_file = tmp_path / "tiny.py"
     fields = {**dataclasses.asdict(base), "workdir": str(tmp_path / "run"), "steps": 2}

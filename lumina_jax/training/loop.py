@@ -8,6 +8,7 @@ On one host or many: with several processes, `jax.distributed.initialize()` runs
 host loads its own rows of every global batch.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -211,49 +212,53 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     workdir = Path(config.workdir)
     drawer = SampleDrawer(config, workdir)  # checks the sample settings first
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json())
-    prepare_data(config)
-    cache = latent_cache.open_cache(config.cache)
+    # Whatever fails, from here on every resource opened is released (Orbax's threads, the log's files, the
+    # SIGTERM handler), in reverse order.
+    with contextlib.ExitStack() as resources:
+        checkpoints = resources.enter_context(
+            Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, save_interval_steps=config.save_every)
+        )
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(config.to_json())
+        prepare_data(config)
+        cache = latent_cache.open_cache(config.cache)
 
-    mesh = sharding.make_mesh(
-        config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp, config.mesh_tensor
-    )
-    optimizer = make_run_optimizer(config)
-    batches = make_batches(
-        cache,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    checkpoints = Checkpointer(
-        workdir / "checkpoints", keep=config.keep_checkpoints, save_interval_steps=config.save_every
-    )
-    if checkpoints.latest_step() is None:
-        model = initial_transformer(config, mesh)
-        graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
-        del model
-    else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built
-        abstract = nnx.eval_shape(transformer_factory(config))
-        graphdef = nnx.graphdef(abstract)
-        state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
-        batches.set_state(extra["data"])
-        logger.info("resumed from step %d", int(state.step))
-    transformer = architecture(config)
-    empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
-    options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
-    hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
-    flops_per_step, peak = {}, peak_flops(config)
-    unrolled = unrolled_graphdef(graphdef, state.params)  # for counting FLOPs
+        mesh = sharding.make_mesh(
+            config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp, config.mesh_tensor
+        )
+        optimizer = make_run_optimizer(config)
+        batches = make_batches(
+            cache,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        if checkpoints.latest_step() is None:
+            model = initial_transformer(config, mesh)
+            graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
+            del model
+        else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built
+            abstract = nnx.eval_shape(transformer_factory(config))
+            graphdef = nnx.graphdef(abstract)
+            state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
+            batches.set_state(extra["data"])
+            logger.info("resumed from step %d", int(state.step))
+        transformer = architecture(config)
+        empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
+        options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
+        hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
+        flops_per_step, peak = {}, peak_flops(config)
+        unrolled = unrolled_graphdef(graphdef, state.params)  # for counting FLOPs
 
-    start_step = int(state.step)
-    log = RunLog(workdir)
-    watcher = PreemptionWatcher()
-    bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
-    pending, window_start, started = [], time.perf_counter(), time.perf_counter()
-    skipped, preempted, step = 0, False, start_step
-    try:
+        start_step = int(state.step)
+        log = resources.enter_context(contextlib.closing(RunLog(workdir)))
+        watcher = resources.enter_context(PreemptionWatcher())
+        bar = resources.enter_context(
+            tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
+        )
+        pending, window_start, started = [], time.perf_counter(), time.perf_counter()
+        skipped, preempted, step = 0, False, start_step
         while step < config.steps:
             batch = global_batch(next(batches), transformer, mesh)
             signature = (batch.patches.shape, batch.caption.shape)
@@ -284,11 +289,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
                 log.samples(step, drawer.draw(step, graphdef, state.ema_params))
         checkpoints.save(step, state, {"data": batches.get_state()}, force=True)
         checkpoints.wait_until_finished()
-    finally:
-        bar.close()
-        log.close()
-        watcher.close()
-        checkpoints.close()
     export = None
     if not preempted:
         ema = state.ema_params
