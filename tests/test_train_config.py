@@ -60,6 +60,47 @@ def test_bad_overrides_name_the_problem(override, message):
         apply_overrides(BASE, [override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("steps=-5", "steps=-5: expected 1 or more"),
+        ("steps=0", "steps=0: expected 1 or more"),
+        ("batch_size=0", "batch_size=0: expected 1 or more"),
+        ("save_every=0", "save_every=0: expected 1 or more"),
+        ("log_every=0", "log_every=0: expected 1 or more"),
+        ("keep_checkpoints=0", "keep_checkpoints=0: expected 1 or more"),
+        ("image_size=-16", "image_size=-16: expected 1 or more"),
+        ("warmup_steps=-1", "warmup_steps=-1: expected 0 or more"),
+        ("lr=0", r"lr=0.0: expected a number above 0"),
+        ("lr=nan", r"lr=nan: expected a number above 0"),
+        ("ema_decay=1.5", r"ema_decay=1.5: expected a number in \[0.0, 1.0\]"),
+        ("caption_dropout=-0.1", r"caption_dropout=-0.1: expected a number in \[0.0, 1.0\]"),
+        ("mesh_fsdp=0", r"mesh_fsdp=0: expected -1 \(every device data and tensor leave\), or 1 or more"),
+        ("mesh_tensor=0", "mesh_tensor=0: expected 1 or more"),
+        ("max_aspect=0.5", "max_aspect=0.5: expected 1.0 or more"),
+        ("peak_flops=-1", "peak_flops=-1.0: expected a number above 0"),
+    ],
+)
+def test_values_out_of_range_are_refused_with_the_range(override, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        apply_overrides(BASE, [override])
+
+
+def test_values_at_the_ends_of_their_ranges_are_taken():
+    edges = ["steps=1", "ema_decay=0", "ema_decay=1", "caption_dropout=1", "mesh_fsdp=-1", "peak_flops=none"]
+    assert apply_overrides(BASE, edges).mesh_fsdp == -1
+
+
+def test_a_config_file_value_out_of_range_names_the_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from lumina_jax.training.config import TrainConfig\n\n"
+        "def get_config():\n    return TrainConfig(workdir='w', pipeline='p', data='d', cache='c', batch_size=0)\n"
+    )
+    with pytest.raises(ValueError, match=f"^{bad}: batch_size=0: expected 1 or more$"):
+        load_config(str(bad))
+
+
 def test_unknown_config_lists_the_known_ones(tmp_path):
     with pytest.raises(FileNotFoundError, match="digits"):
         load_config("no_such_config")

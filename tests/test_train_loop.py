@@ -252,3 +252,11 @@ def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
     assert "done: step 3" in capsys.readouterr().out
     assert train_main(["--config", str(config_file), "stepz=3"]) == 2
     assert "no field 'stepz'" in capsys.readouterr().err
+    assert train_main(["--config", str(config_file), "steps=-5"]) == 2
+    assert capsys.readouterr().err == "error: steps=-5: expected 1 or more\n"
+    # The run is at step 3: steps=3 has nothing to train (it exports again), steps=2 is a mistake.
+    assert train_main(["--config", str(config_file), "--no-progress", "steps=3"]) == 0
+    assert "nothing to train: " in capsys.readouterr().out
+    assert train_main(["--config", str(config_file), "steps=2"]) == 2
+    assert "steps=2: nothing to train" in capsys.readouterr().err
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]

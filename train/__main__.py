@@ -4,6 +4,8 @@ python -m train export --config CONFIG [--step N] [--out PATH]   a checkpoint's 
 python -m train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
 
 CONFIG is a name from train/configs/ (e.g. digits) or a path to a Python file defining get_config().
+A run resumes from the newest checkpoint in its workdir. One already at `steps` has nothing to train:
+it says so and exports its pipeline again (exit 0); one past `steps` is an error (exit 2).
 """
 
 import argparse
@@ -104,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except loop.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    state = "preempted, checkpoint saved" if summary.preempted else "done"
-    print(f"{state}: step {summary.step} in {summary.seconds:.0f} s, {summary.skipped_steps} skipped steps")
+    except ValueError as e:  # e.g. a run already past `steps`
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.step == summary.start_step:
+        print(f"nothing to train: {config.workdir} is at step {summary.step}, steps={config.steps}")
+    else:
+        state = "preempted, checkpoint saved" if summary.preempted else "done"
+        print(f"{state}: step {summary.step} in {summary.seconds:.0f} s, {summary.skipped_steps} skipped steps")
     if summary.export:
         print(f"pipeline with the EMA weights: {summary.export}")
     return 0

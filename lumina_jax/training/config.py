@@ -9,6 +9,7 @@ import dataclasses
 import importlib.resources
 import importlib.util
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -83,9 +84,52 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.transformer, dict):  # as the run's config.json holds it
             self.transformer = config_from_dict(self.transformer)
+        for name, (allowed, description) in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and allowed(value)):  # None: peak_flops unset
+                raise ValueError(f"{name}={value!r}: expected {description}")
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "transformer": self.transformer.to_dict()}, indent=1)
+
+
+def _at_least(low):
+    return (lambda value: value >= low), f"{low} or more"
+
+
+def _between(low, high):
+    return (lambda value: low <= value <= high), f"a number in [{low}, {high}]"
+
+
+_POSITIVE = (lambda value: value > 0), "a number above 0"
+
+# The range of every numeric field, checked whenever a TrainConfig is made (by a config file, an override,
+# `dataclasses.replace`); `seed` takes any integer.
+LIMITS = {
+    "cache_batch_size": _at_least(1),
+    "cache_shard_size": _at_least(1),
+    "image_size": _at_least(1),
+    "max_aspect": _at_least(1.0),
+    "batch_size": _at_least(1),
+    "steps": _at_least(1),
+    "lr": _POSITIVE,
+    "warmup_steps": _at_least(0),
+    "weight_decay": _at_least(0.0),
+    "grad_clip": _POSITIVE,
+    "ema_decay": _between(0.0, 1.0),
+    "caption_dropout": _between(0.0, 1.0),
+    "mesh_data": _at_least(1),
+    "mesh_fsdp": ((lambda value: value == -1 or value >= 1), "-1 (every device data and tensor leave), or 1 or more"),
+    "mesh_tensor": _at_least(1),
+    "log_every": _at_least(1),
+    "sample_every": _at_least(0),
+    "sample_steps": _at_least(1),
+    "sample_guidance": _at_least(0.0),
+    "save_every": _at_least(1),
+    "keep_checkpoints": _at_least(1),
+    "max_consecutive_skips": _at_least(1),
+    "peak_flops": _POSITIVE,
+}
 
 
 # The shipped configs (train/configs/NAME.py), found through their package wherever it is installed.
@@ -108,7 +152,10 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file defines get_config() -> TrainConfig")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except ValueError as e:  # a value out of its range
+        raise ValueError(f"{path}: {e}") from None
     return apply_overrides(config, overrides)
 
 

@@ -75,6 +75,7 @@ class RunSummary:
     skipped_steps: int
     seconds: float
     export: Path | None
+    start_step: int  # 0, or the step it resumed from (== step: nothing to train, the run only exported again)
 
 
 def base_pipeline(config: TrainConfig) -> Path:
@@ -218,6 +219,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         checkpoints = resources.enter_context(
             Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, save_interval_steps=config.save_every)
         )
+        resumed_at = checkpoints.latest_step()
+        if resumed_at is not None and resumed_at > config.steps:
+            raise ValueError(
+                f"steps={config.steps}: nothing to train, {checkpoints.directory} is at step {resumed_at} already; "
+                f"give steps above {resumed_at} to go on, or another workdir to start over"
+            )
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(config.to_json())
         prepare_data(config)
@@ -234,7 +241,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        if checkpoints.latest_step() is None:
+        if resumed_at is None:
             model = initial_transformer(config, mesh)
             graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
             del model
@@ -296,7 +303,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             ema = multihost_utils.process_allgather(ema, tiled=True)
         if jax.process_index() == 0:
             export = export_pipeline(config, graphdef, ema, workdir / "pipeline")
-    return RunSummary(step, preempted, skipped, time.perf_counter() - started, export)
+    return RunSummary(step, preempted, skipped, time.perf_counter() - started, export, start_step)
 
 
 def _log_window(log, bar, pending, step, seconds, config, flops_per_step, peak) -> int:
