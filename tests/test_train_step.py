@@ -162,6 +162,21 @@ def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():
     assert make_optimizer(LearningRate(1e-3, 4)) is make_optimizer(LearningRate(1e-3, 4))  # shared compilations
 
 
+def test_the_learning_rate_follows_the_runs_step_through_skipped_steps(bf16_model):
+    """A skipped (non-finite) step leaves the optimizer state as it was, optax's count included; the schedule
+    still moves on with the run's step."""
+    schedule = LearningRate(1e-3, warmup=4)
+    optimizer = make_optimizer(schedule)
+    graphdef, state = init_train_state(bf16_model, optimizer, jax.random.PRNGKey(0))
+    poisoned = BATCH.replace(patches=BATCH.patches.at[1, 3, 0].set(jnp.nan))
+    rates = []
+    for batch in (BATCH, poisoned, BATCH, BATCH):
+        state, metrics = train_step(graphdef, state, batch, EMPTY, EMPTY_MASK, optimizer=optimizer)
+        rates.append(float(metrics["lr"]))
+    assert int(state.step) == 4 and int(state.consecutive_skips) == 0
+    np.testing.assert_allclose(rates, [float(schedule(step)) for step in range(4)], rtol=1e-6)
+
+
 def test_step_flops_are_counted_on_the_unrolled_layers():
     """XLA's cost analysis counts a scanned loop's body once: FLOPs (for MFU and the TPU plan) come from the
     same step with the layers unrolled, which counts each layer."""

@@ -108,6 +108,23 @@ class LearningRate:
         return rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
 
+@dataclasses.dataclass(frozen=True)
+class _AtRunStep:
+    """A schedule of the run's step (`TrainState.step`, which `train_step` gives the optimizer's update as
+    `step`) in optax's stateful-schedule form. Not optax's own count: a skipped step does not advance it."""
+
+    schedule: optax.Schedule
+
+    def init(self) -> None:
+        return None
+
+    def update(self, state, **extra_args) -> None:
+        return None
+
+    def __call__(self, state, step=0, **extra_args) -> jax.Array:
+        return self.schedule(step)
+
+
 # Cached: the optimizer is a static argument of `train_step`, so equal arguments must give the same
 # object for a second run in one process (a test, a notebook) to reuse the compiled step.
 @functools.cache
@@ -115,8 +132,8 @@ def make_optimizer(
     lr: float | optax.Schedule = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY, clip: float = GRAD_CLIP
 ) -> optax.GradientTransformation:
     """AdamW after global-norm gradient clipping; the learning rate (a number or a hashable schedule of the
-    optimizer's step count, e.g. `LearningRate`) is kept in the optimizer state, where `train_step` reads it."""
-    return _clipped_adamw(learning_rate=lr, weight_decay=weight_decay, clip=clip)
+    run's step, e.g. `LearningRate`) is kept in the optimizer state, where `train_step` reads it."""
+    return _clipped_adamw(learning_rate=_AtRunStep(lr) if callable(lr) else lr, weight_decay=weight_decay, clip=clip)
 
 
 def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
@@ -225,7 +242,7 @@ def train_step(
             graphdef, state.params, batch, t, noise, caption, caption_mask
         )
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
     params = optax.apply_updates(state.params, updates)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
