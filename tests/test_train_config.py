@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,7 @@ from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training import objective, step
 from lumina_jax.training.config import TrainConfig, apply_overrides, load_config, shipped_configs
+from train.__main__ import main as train_main
 
 BASE = TrainConfig(workdir="w", pipeline="p", data="m.jsonl", cache="c")
 
@@ -120,3 +122,49 @@ def test_a_config_round_trips_through_its_json():
     """The run's config.json (nested transformer as a dict) builds the same config."""
     config = apply_overrides(BASE, ["transformer.num_layers=3", "steps=7"])
     assert TrainConfig(**json.loads(config.to_json())) == config
+
+
+def config_file(folder, data: str) -> str:
+    """A config file reading `data` (named after it)."""
+    path = folder / f"{Path(data).stem}.py"
+    fields = {
+        "workdir": str(folder / "run"),
+        "pipeline": str(folder / "base"),
+        "cache": str(folder / "cache"),
+        "data": data,
+    }
+    path.write_text(
+        "from lumina_jax.training.config import TrainConfig\n\n"
+        f"def get_config():\n    return TrainConfig(**{fields!r})\n"
+    )
+    return str(path)
+
+
+def test_the_train_commands_say_what_is_wrong_in_one_line(tmp_path, capsys):
+    """User errors end in `error: ...` on one line and status 2, never a traceback (nothing here loads a model)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"image": [b"x"], "caption": ["a cat"]}), tmp_path / "d.parquet")
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    cases = [
+        (["cache", "--config", config_file(tmp_path, data=str(tmp_path / "d.parquet"))], "has no column 'text'"),
+        (["cache", "--config", config_file(tmp_path, data=str(tmp_path / "missing"))], "no such file or folder"),
+        (["cache", "--config", config_file(tmp_path, data=str(tmp_path / "empty"))], "no data set here"),
+        (["--config", str(broken)], f"{broken}, line 1: "),
+    ]
+    for argv, message in cases:
+        assert train_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_eval_refuses_a_count_below_one(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_main(["eval", "--samples-per-digit", "0"])
+    assert (
+        exit.value.code == 2
+        and "--samples-per-digit: '0': expected a whole number, 1 or more" in capsys.readouterr().err
+    )

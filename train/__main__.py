@@ -20,6 +20,18 @@ COMMANDS = ("cache", "export", "eval")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 1 or more")
+    return int(text)
+
+
+def fail(message) -> int:
+    """A one-line error for the user; the exit status of a bad argument or input."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     rest = argv[1:] if command != "train" else argv
@@ -31,8 +43,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         from sample import DEFAULT_MODEL
 
         parser.add_argument("--model", default=str(DEFAULT_MODEL), help="pipeline folder of a digits model")
-        parser.add_argument("--samples-per-digit", type=int, default=20)
-        parser.add_argument("--steps", type=int, default=30)
+        parser.add_argument("--samples-per-digit", type=positive_int, default=20)
+        parser.add_argument("--steps", type=positive_int, default=30)
         parser.add_argument("--guidance", type=float, default=4.0)
         parser.add_argument("--seed", type=int, default=0)
     else:
@@ -69,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lumina_jax").setLevel(logging.INFO)  # ours; JAX's and Orbax's INFO lines are noise here
+    try:
+        return run(args)
+    except (OSError, ValueError) as e:  # what the user gave: a missing or unwritable path, a bad value or data set
+        return fail(e)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from lumina_jax.pipeline import LuminaPipeline
         from lumina_jax.training.digits import evaluate_pipeline
@@ -85,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lumina_jax.training.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     if getattr(args, "compile_only", False):
         return compile_only(config, args)
     from lumina_jax.training import loop
@@ -106,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     except loop.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # e.g. a run already past `steps`
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if summary.step == summary.start_step:
         print(f"nothing to train: {config.workdir} is at step {summary.step}, steps={config.steps}")
     else:
@@ -127,8 +139,7 @@ def compile_only(config, args: argparse.Namespace) -> int:
         target = tpu.tpu_slice(args.topology)
         plan = step_plan.plan_train_step(config, target)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     flops = plan.programs[0].flops
     chips = target.chips
     print(

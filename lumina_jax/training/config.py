@@ -149,7 +149,10 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
         raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {shipped_configs()}")
     spec = importlib.util.spec_from_file_location(f"lumina_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"{path}, line {e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file defines get_config() -> TrainConfig")
     try:
