@@ -418,7 +418,8 @@ class LuminaPipeline:
         grid: tuple[int, int] | None = None,
     ) -> LuminaPipelineOutput:
         """Images for the prompts. schedule, shift and scaling_watershed default to the family's reference
-        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift.
+        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift, which applies to
+        the diffusers schedule and the family's own (`schedule="shifted"` on Lumina-Next: 4, as its demo).
 
         Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
         a list of one per prompt; PIL or [H, W, 3] arrays) is resized to height x width (default: its
@@ -659,11 +660,14 @@ class LuminaPipeline:
     def _sampler(
         self, schedule, num_steps, shift, scaling_watershed, sigmas=None
     ) -> tuple[sampling.FlowSchedule, float]:
-        """The schedule and watershed of a call: the given ones, else the family's (`sampler_defaults`), the
-        shift the given one, else the scheduler config's."""
+        """The schedule and watershed of a call: the given ones, else the family's (`sampler_defaults`); the
+        shift the given one, else the scheduler config's for the diffusers schedule and the family's own
+        (Lumina-T2I's folders keep the demo's shift there), else the schedule's default (shifted: 4)."""
         defaults = self.sampler_defaults()
-        shift = self.scheduler_shift if shift is None else shift
-        steps = sampling.make_schedule(schedule or defaults["schedule"], num_steps, shift=shift, sigmas=sigmas)
+        schedule = schedule or defaults["schedule"]
+        if shift is None and schedule in ("diffusers", defaults["schedule"]):
+            shift = self.scheduler_shift
+        steps = sampling.make_schedule(schedule, num_steps, shift=shift, sigmas=sigmas)
         return steps, defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed
 
     def _cells(self, height: int, width: int, grid: tuple[int, int]) -> np.ndarray:

@@ -105,8 +105,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--shift",
         type=positive_float,
         default=None,
-        help="time shift of the diffusers and shifted schedules (default: the pipeline's scheduler config; "
-        "without one, 1 for diffusers and 4 for shifted, as Lumina-T2I's demo)",
+        help="time shift of the diffusers and shifted schedules (default: the pipeline's scheduler config for "
+        "the diffusers schedule and the model's own; else 1 for diffusers and 4 for shifted, as the original demos)",
     )
     parser.add_argument(
         "--scaling-watershed",

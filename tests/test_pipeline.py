@@ -12,6 +12,7 @@ from PIL import Image
 from reference import compilations, random_pipeline, relative_error
 
 from convert.__main__ import main as convert_main
+from lumina_jax import sampling
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.weights.vae import load_vae
@@ -210,3 +211,26 @@ def test_one_caption_bucketing_for_sampling_and_training():
     assert [caption_bucket(n) for n in (1, 32, 33, 64, 65, 129, 256)] == [32, 32, 64, 64, 128, 256, 256]
     with pytest.raises(ValueError, match="at most 256 tokens"):
         caption_bucket(257)
+
+
+def test_the_shifted_schedule_keeps_its_shift_of_4_on_a_diffusers_folder(pipelines, monkeypatch):
+    """The scheduler config's shift (3 here) is the diffusers schedule's; schedule="shifted" on Lumina-Next
+    shifts by 4, as the README and the original demo say, unless shift= is given."""
+    _, ours = pipelines
+    monkeypatch.setattr(ours, "scheduler_shift", 3.0)
+    used = []
+    monkeypatch.setattr(
+        sampling, "sample", lambda model, latents, caption, mask, schedule, **_: used.append(schedule) or latents
+    )
+    settings = dict(prompt="a photo of a cat", num_inference_steps=3, output_type="latent")
+    ours(schedule="shifted", **settings)
+    ours(schedule="shifted", shift=2.0, **settings)
+    ours(**settings)
+    expected = [
+        sampling.shifted_schedule(3, shift=4.0),
+        sampling.shifted_schedule(3, shift=2.0),
+        sampling.diffusers_schedule(3, shift=3.0),
+    ]
+    for got, want in zip(used, expected, strict=True):
+        np.testing.assert_array_equal(got.times, want.times)
+        np.testing.assert_array_equal(got.steps, want.steps)
