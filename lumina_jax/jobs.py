@@ -60,17 +60,34 @@ class Job:
 
 
 def read_requests(path: Path) -> list[dict]:
-    """The requests of a prompts file: plain text, one prompt a line, or JSONL (a `.jsonl` file, or
-    one whose first line is a JSON object) with per-line `prompt` and any of REQUEST_FIELDS."""
+    """The requests of a prompts file: plain text, one prompt a line; JSONL (a `.jsonl` file, or one whose
+    first line is a JSON object) with per-line `prompt` and any of REQUEST_FIELDS; or a JSON array (a
+    `.json` file, or text that parses as one) of prompts or of such objects. A UTF-8 BOM is dropped."""
     try:
-        lines = [(n, line.strip()) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise FileNotFoundError(f"--prompts-file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (expected UTF-8 text or JSONL)") from None
+        raise ValueError(f"{path}: not a text file (expected UTF-8 text, JSONL or a JSON array)") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path} has no prompts")
-    if Path(path).suffix != ".jsonl" and not lines[0][1].startswith("{"):
+    suffix, first = Path(path).suffix, lines[0][1]
+    if suffix == ".json" or first.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            if suffix == ".json" and not first.startswith("{"):
+                raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+            items = None  # JSONL named .json, or a plain prompt that starts with "["
+        if isinstance(items, list):
+            if not items:
+                raise ValueError(f"{path} has no prompts")
+            return [
+                _request({"prompt": item} if isinstance(item, str) else item, f"{path}: item {i}")
+                for i, item in enumerate(items)
+            ]
+    if suffix not in (".jsonl", ".json") and not first.startswith("{"):
         return [{"prompt": line} for _, line in lines]
     requests = []
     for number, line in lines:
@@ -78,19 +95,24 @@ def read_requests(path: Path) -> list[dict]:
             request = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(request, dict):
-            raise ValueError(f'{path}:{number}: expected a JSON object with a "prompt", got {line[:60]}')
-        unknown = sorted(set(request) - set(REQUEST_FIELDS))
-        if unknown:
-            raise ValueError(f"{path}:{number}: unknown fields {unknown}; allowed: {', '.join(REQUEST_FIELDS)}")
-        if "prompt" not in request:
-            raise ValueError(f'{path}:{number}: no "prompt"')
-        for name, value in request.items():
-            kinds = REQUEST_FIELDS[name]
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                raise ValueError(f'{path}:{number}: "{name}" must be {_kind_name(kinds)}, got {value!r}')
-        requests.append(request)
+        requests.append(_request(request, f"{path}:{number}"))
     return requests
+
+
+def _request(request, where: str) -> dict:
+    """A request as read (a JSON value), checked: an object with a "prompt" and REQUEST_FIELDS of their types."""
+    if not isinstance(request, dict):
+        raise ValueError(f'{where}: expected a JSON object with a "prompt", got {json.dumps(request)[:60]}')
+    unknown = sorted(set(request) - set(REQUEST_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}; allowed: {', '.join(REQUEST_FIELDS)}")
+    if "prompt" not in request:
+        raise ValueError(f'{where}: no "prompt"')
+    for name, value in request.items():
+        kinds = REQUEST_FIELDS[name]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ValueError(f'{where}: "{name}" must be {_kind_name(kinds)}, got {value!r}')
+    return request
 
 
 def _kind_name(kinds) -> str:

@@ -70,7 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--prompts-file",
         type=Path,
         help="one prompt a line, or JSONL (.jsonl) with per-line prompt and any of "
-        "negative_prompt, seed, height, width, guidance, steps, num_images",
+        "negative_prompt, seed, height, width, guidance, steps, num_images, or a JSON array (.json) of "
+        "prompts or of such objects",
     )
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument(

@@ -44,6 +44,54 @@ def test_jsonl_lines_carry_their_own_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "name, text",
+    [
+        ("prompts.json", '["a handwritten digit one", {"prompt": "a handwritten digit two", "seed": 7}]'),
+        ("prompts.json", '[\n  "a handwritten digit one",\n  {"prompt": "a handwritten digit two", "seed": 7}\n]\n'),
+        ("prompts.txt", '\ufeff["a handwritten digit one", {"prompt": "a handwritten digit two", "seed": 7}]'),
+        (
+            "prompts.txt",
+            '\ufeff{"prompt": "a handwritten digit one"}\n{"prompt": "a handwritten digit two", "seed": 7}',
+        ),
+        ("prompts.json", '{"prompt": "a handwritten digit one"}\n{"prompt": "a handwritten digit two", "seed": 7}'),
+    ],
+)
+def test_json_arrays_and_files_behind_a_bom_are_read_as_json(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    assert jobs.read_requests(path) == [
+        {"prompt": "a handwritten digit one"},
+        {"prompt": "a handwritten digit two", "seed": 7},
+    ]
+
+
+def test_plain_text_behind_a_bom_or_opening_with_a_bracket_stays_plain_text(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\ufeff[sketch] a handwritten digit one\na handwritten digit two\n", encoding="utf-8")
+    assert jobs.read_requests(path) == [
+        {"prompt": "[sketch] a handwritten digit one"},
+        {"prompt": "a handwritten digit two"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('["a digit", 3]', r"prompts.json: item 1: expected a JSON object with a \"prompt\", got 3"),
+        ('[{"prompt": "a digit", "steps": "many"}]', 'prompts.json: item 0: "steps" must be an integer'),
+        ('[\n "a digit",\n]', r"prompts.json:3: not JSON"),
+        ("[]", "prompts.json has no prompts"),
+        ('"a digit"', r"prompts.json:1: expected a JSON object"),
+    ],
+)
+def test_bad_json_files_are_named(tmp_path, text, message):
+    path = tmp_path / "prompts.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        jobs.read_requests(path)
+
+
+@pytest.mark.parametrize(
     "line, message",
     [
         ('{"prompt": "x", "sed": 1}', "unknown fields \\['sed'\\]"),
