@@ -5,9 +5,9 @@ A job is one image: (prompt, negative prompt, seed, size, guidance, steps). Jobs
 run together, `per_call` at a time; a short last batch is padded with repeats of its last job, so
 every call of a setting has one shape and one compiled program. An image depends on its job alone,
 not on the batch it ran in (per-image noise and captions), so any device or process count draws the
-same images. Its file name comes from its request's line and its seed, it is written atomically, and
-a rerun with `skip_existing` draws only what is missing. On several processes (jax.distributed) each
-takes every n-th job.
+same images. Its file name comes from its request's line and its seed, it is written atomically with
+its settings, and a rerun with `skip_existing` draws only what is missing or was drawn with other
+settings. On several processes (jax.distributed) each takes every n-th job.
 """
 
 import dataclasses
@@ -188,7 +188,7 @@ def index_name(process_index: int, process_count: int) -> str:
 @dataclasses.dataclass
 class RunReport:
     written: int  # images drawn in this run
-    skipped: int  # already there (skip_existing)
+    skipped: int  # already there with the job's settings (skip_existing)
     seconds: float
     warm_images: int  # images of calls whose program was already compiled
     warm_seconds: float
@@ -209,15 +209,19 @@ def run_jobs(
 ) -> RunReport:
     """Draw this process's share of `jobs` (every process_count-th, from process_index) into `out`,
     per_call images per pipeline call; `settings` are further pipeline arguments, `metadata` extra
-    fields for each PNG. Writes out/index.jsonl (index.I-of-N.jsonl with several processes) listing
-    every image of the share with its settings."""
+    fields for each PNG. skip_existing: keep an image whose PNG records the job's settings (a file of
+    the same name drawn otherwise, say before lines were inserted in the prompts file, is drawn again).
+    Writes out/index.jsonl (index.I-of-N.jsonl with several processes) listing every image of the
+    share that holds its settings."""
     mine = jobs[process_index::process_count]
+    parameters = {job: {**_record(job), **(metadata or {}), **settings} for job in mine}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial-*.png"):  # left by a killed run; only our own jobs' names
         if any(stale.name.startswith(f".{Path(job.file_name).stem}.") for job in mine):
             stale.unlink(missing_ok=True)
-    todo = [job for job in mine if not (skip_existing and (out / job.file_name).exists())]
-    report = RunReport(written=0, skipped=len(mine) - len(todo), seconds=0.0, warm_images=0, warm_seconds=0.0)
+    done = {job for job in mine if skip_existing and _holds(out / job.file_name, parameters[job])}
+    todo = [job for job in mine if job not in done]
+    report = RunReport(written=0, skipped=len(done), seconds=0.0, warm_images=0, warm_seconds=0.0)
     import jax  # here: `python -m sample` parses its arguments before it pays for importing JAX
 
     compilations = []  # JAX's compile events: a call without any ran compiled programs only
@@ -240,7 +244,8 @@ def run_jobs(
                 **settings,
             ).images
             for job, image in zip(batch[:real], images):
-                write_png(image, out / job.file_name, {**_record(job), **(metadata or {}), **settings})
+                write_png(image, out / job.file_name, parameters[job])
+                done.add(job)
             if len(compilations) == compiled_before:
                 report.warm_images += real
                 report.warm_seconds += time.perf_counter() - start
@@ -250,16 +255,22 @@ def run_jobs(
         jax.monitoring.unregister_event_duration_listener(listener)
         bar.close()
         report.seconds = time.perf_counter() - started
-        lines = [
-            json.dumps({"file": job.file_name, **_record(job), **(metadata or {}), **settings})
-            for job in mine
-            if (out / job.file_name).exists()
-        ]
+        lines = [json.dumps({"file": job.file_name, **parameters[job]}) for job in mine if job in done]
         index = out / index_name(process_index, process_count)
         partial = index.with_name(f".{index.name}.partial-{uuid.uuid4().hex[:8]}")
         partial.write_text("".join(line + "\n" for line in lines))
         os.replace(partial, index)
     return report
+
+
+def _holds(path: Path, parameters: dict) -> bool:
+    """Whether `path` is a PNG that `write_png` wrote with these parameters."""
+    try:
+        with Image.open(path) as image:
+            recorded = json.loads(image.info.get("parameters", "null"))
+    except (OSError, ValueError):  # missing, not an image, or not our metadata
+        return False
+    return recorded == json.loads(json.dumps(parameters))  # as JSON reads back: a grid tuple is a list there
 
 
 def _record(job: Job) -> dict:

@@ -93,7 +93,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="images per device per call: every local device draws this many at once",
     )
     parser.add_argument(
-        "--skip-existing", action="store_true", help="resume: draw only the images whose file is not in --out yet"
+        "--skip-existing",
+        action="store_true",
+        help="resume: draw only the images not in --out yet with their settings (as their PNGs record them)",
     )
     parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
     parser.add_argument(

@@ -174,7 +174,9 @@ def test_skip_existing_draws_only_what_is_missing_and_the_index_lists_all(tmp_pa
     assert (first.written, first.skipped) == (2, 0)
     kept = (tmp_path / "00000_0.png").stat().st_mtime_ns
     (tmp_path / ".00000_2.partial-deadbeef.png").write_bytes(b"half a png")  # left by a killed run
-    second = jobs.run_jobs(pipe, made, tmp_path, per_call=2, skip_existing=True, progress=False)
+    second = jobs.run_jobs(
+        pipe, made, tmp_path, per_call=2, skip_existing=True, progress=False, metadata={"model": "digits"}
+    )
     assert (second.written, second.skipped) == (1, 2)
     assert (tmp_path / "00000_0.png").stat().st_mtime_ns == kept
     assert not list(tmp_path.glob(".*partial*"))
@@ -182,6 +184,31 @@ def test_skip_existing_draws_only_what_is_missing_and_the_index_lists_all(tmp_pa
     assert [(r["file"], r["seed"], r["steps"], r["prompt"]) for r in index] == [
         (f"00000_{i}.png", i, 3, "a handwritten digit two") for i in range(3)
     ]
+
+
+def test_skip_existing_redraws_images_drawn_with_other_settings(tmp_path, pipe):
+    """A line inserted in the prompts file moves every later prompt to another file name: the old images
+    there are drawn again, not kept under the new prompts; an image of the job's settings is kept."""
+    run = lambda prompts, **kwargs: jobs.run_jobs(  # noqa: E731
+        pipe, jobs.make_jobs([{"prompt": p} for p in prompts], DEFAULTS), tmp_path, per_call=2, progress=False, **kwargs
+    )
+    run(["a handwritten digit two", "a handwritten digit three"])
+    kept = (tmp_path / "00001_0.png").stat().st_mtime_ns
+    (tmp_path / "00002_0.png").write_bytes(b"not a png")
+    inserted = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three"]
+    again = run(inserted, skip_existing=True)
+    assert (again.written, again.skipped) == (3, 0)
+    assert (tmp_path / "00001_0.png").stat().st_mtime_ns != kept
+    index = [json.loads(line) for line in (tmp_path / "index.jsonl").read_text().splitlines()]
+    for record, prompt in zip(index, inserted, strict=True):
+        assert json.loads(Image.open(tmp_path / record["file"]).text["parameters"])["prompt"] == prompt
+        assert record["prompt"] == prompt
+    kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
+    unchanged = run(inserted, skip_existing=True)
+    assert (unchanged.written, unchanged.skipped) == (0, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")} == kept
+    other_model = run(inserted, skip_existing=True, metadata={"model": "another"})
+    assert (other_model.written, other_model.skipped) == (3, 0)
 
 
 def test_png_writes_are_atomic(tmp_path, monkeypatch):
