@@ -5,10 +5,14 @@ import io
 import json
 import math
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry as fsspec_registry
 from PIL import Image
 
 from lumina_jax.training.data import (
@@ -252,3 +256,43 @@ def test_fingerprint_follows_images_and_captions_and_reads_no_image(tmp_path):
     assert fingerprint(examples) != fingerprint([examples[0], Example("x.parquet", "b", "x row 1", 1, "image")])
     assert fingerprint(examples) != fingerprint([Example(str(tmp_path / "missing.png"), "a dog", "m"), examples[1]])
     assert fingerprint(examples) != fingerprint(examples[::-1])
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """gs://bucket on an in-memory file system that lists paths as gcsfs does: without the gs:// scheme."""
+
+    class MemoryGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        root_marker = ""
+        store, pseudo_dirs = {}, [""]  # this test's own files
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return fsspec.utils.stringify_path(path).removeprefix("gs://").removeprefix("gcs://").strip("/")
+
+    monkeypatch.setitem(fsspec_registry, "gcs", MemoryGCS)  # as gcsfs registers itself, undone after
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps one file system per scheme
+    yield epath.Path("gs://bucket")
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_folders_in_a_bucket_keep_the_scheme_on_every_listed_path(bucket):
+    for name, caption in (("photos/a.png", "an ant"), ("photos/sub/b.png", "a bee")):
+        (bucket / name).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / name).write_bytes(png_bytes(1))
+        (bucket / name).with_suffix(".txt").write_text(caption)
+    examples = read_examples("gs://bucket/photos/")
+    assert [(e.image, e.prompt) for e in examples] == [
+        ("gs://bucket/photos/a.png", "an ant"),
+        ("gs://bucket/photos/sub/b.png", "a bee"),
+    ]
+    assert examples[1].read_bytes() == png_bytes(1)
+
+    (bucket / "parquet/a").mkdir(parents=True, exist_ok=True)
+    images = pa.array([{"bytes": png_bytes(2), "path": None}] * 2, IMAGE_STRUCT)
+    with (bucket / "parquet/a/train-0.parquet").open("wb") as f:
+        pq.write_table(pa.table({"image": images, "text": ["c", "d"]}), f)
+    examples = read_examples("gs://bucket/parquet")
+    assert [(e.image, e.prompt) for e in examples] == [("gs://bucket/parquet/a/train-0.parquet", p) for p in "cd"]
+    assert examples[1].read_bytes() == png_bytes(2)

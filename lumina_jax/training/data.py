@@ -144,7 +144,9 @@ def _parquet_cell(path: str, row: int, column: str):
 
 def _files_under(folder: epath.Path) -> list[epath.Path]:
     """Every file in `folder` and its subfolders, in path order (epath refuses `**` globs, costly on buckets)."""
-    return sorted(top / name for top, _, names in folder.walk() for name in names)
+    walked = list(folder.walk())
+    listed = walked[0][0]  # `folder` as its file system names it: gcsfs drops the gs:// scheme, so rebase on `folder`
+    return sorted(folder / top.relative_to(listed) / name for top, _, names in walked for name in names)
 
 
 def _read_image_folder(folder: epath.Path, files: list[epath.Path]) -> list[Example]:
