@@ -1,5 +1,6 @@
 """The latent/text-feature cache (build, resume, skipped images, reading) and the Grain batch iterator."""
 
+import dataclasses
 import json
 import zlib
 from types import SimpleNamespace
@@ -173,6 +174,20 @@ def test_a_rerun_with_other_settings_is_refused(dataset, tmp_path):
     build(dataset, tmp_path / "cache", shard_size=100)
     with pytest.raises(ValueError, match="image_size: 64 then, 32 now"):
         build(dataset, tmp_path / "cache", image_size=32, shard_size=100)
+
+
+def test_examples_without_a_caption_are_refused_before_anything_is_written(dataset, tmp_path):
+    uncaptioned = [dataclasses.replace(e, prompt=None) for e in read_manifest(dataset)]
+    for examples in ([], uncaptioned):
+        with pytest.raises(ValueError, match=rf"cache {tmp_path / 'cache'}: no example to train on: {len(examples)} "):
+            build_cache(
+                examples,
+                tmp_path / "cache",
+                encode_images=PoolingEncoder(),
+                encode_text=hash_text,
+                image_size=IMAGE_SIZE,
+            )
+    assert not (tmp_path / "cache").exists()
 
 
 def test_open_cache_without_a_cache(tmp_path):

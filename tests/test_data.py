@@ -296,3 +296,16 @@ def test_folders_in_a_bucket_keep_the_scheme_on_every_listed_path(bucket):
     examples = read_examples("gs://bucket/parquet")
     assert [(e.image, e.prompt) for e in examples] == [("gs://bucket/parquet/a/train-0.parquet", p) for p in "cd"]
     assert examples[1].read_bytes() == png_bytes(2)
+
+
+def test_a_data_set_without_a_captioned_example_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    pq.write_table(
+        pa.table({"image": pa.array([], pa.binary()), "text": pa.array([], pa.string())}), tmp_path / "e.parquet"
+    )
+    (tmp_path / "uncaptioned").mkdir()
+    (tmp_path / "uncaptioned" / "a.png").write_bytes(png_bytes(1))
+    pq.write_table(pa.table({"image": [png_bytes(1)], "text": pa.array([None], pa.string())}), tmp_path / "n.parquet")
+    for data, count in (("empty.jsonl", 0), ("e.parquet", 0), ("uncaptioned", 1), ("n.parquet", 1)):
+        with pytest.raises(ValueError, match=rf"^{tmp_path / data}: no example to train on: {count} examples, none"):
+            read_examples(tmp_path / data)

@@ -37,7 +37,15 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from lumina_jax.training.data import CROP_STEP, MAX_ASPECT, Example, crop_sizes, fingerprint, load_image
+from lumina_jax.training.data import (
+    CROP_STEP,
+    MAX_ASPECT,
+    Example,
+    check_captioned,
+    crop_sizes,
+    fingerprint,
+    load_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +104,7 @@ def build_cache(
         raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    check_captioned(examples, f"the data set of cache {out_dir}")  # before anything is written
     min_image_side = image_size // 4 if min_image_side is None else min_image_side
     settings = {
         "format_version": FORMAT_VERSION,

@@ -61,8 +61,24 @@ def read_examples(
     data: str | os.PathLike, *, image_column: str = "image", caption_column: str = "text"
 ) -> list[Example]:
     """The examples of a data set in any of the three layouts: a `.jsonl` manifest, a `.parquet` file or a
-    folder holding any (searched recursively, in path order), or an image folder."""
-    path = epath.Path(data)
+    folder holding any (searched recursively, in path order), or an image folder.
+
+    Raises a ValueError for a data set without a captioned example: its cache would hold nothing."""
+    examples = _read_layout(epath.Path(data), image_column, caption_column)
+    check_captioned(examples, data)
+    return examples
+
+
+def check_captioned(examples: list[Example], data: str | os.PathLike) -> None:
+    """Raises a ValueError naming `data` (where the examples came from) if none has a caption."""
+    if not any(e.prompt is not None for e in examples):
+        raise ValueError(
+            f"{data}: no example to train on: {len(examples)} examples, none with a caption "
+            "(an image folder's a.jpg needs a.txt beside it; a parquet row, a caption in its caption column)"
+        )
+
+
+def _read_layout(path: epath.Path, image_column: str, caption_column: str) -> list[Example]:
     if path.is_dir():
         files = _files_under(path)
         parquet = [f for f in files if f.suffix == ".parquet"]
@@ -70,13 +86,13 @@ def read_examples(
             return [e for file in parquet for e in _read_parquet(file, image_column, caption_column)]
         return _read_image_folder(path, files)
     if not path.exists():
-        raise FileNotFoundError(f"{data}: no such file or folder")
+        raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix == ".jsonl":
         return read_manifest(path)
     if path.suffix == ".parquet":
         return _read_parquet(path, image_column, caption_column)
     raise ValueError(
-        f"{data}: not a data set; expected a .jsonl manifest, a .parquet file or a folder of them, "
+        f"{path}: not a data set; expected a .jsonl manifest, a .parquet file or a folder of them, "
         f"or a folder of images with a caption file each ({', '.join(IMAGE_SUFFIXES)} and .txt)"
     )
 
