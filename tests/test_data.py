@@ -1,9 +1,11 @@
 """The three data layouts (JSONL manifests, parquet data sets, image folders) and the original trainer's
 multi-aspect crops."""
 
+import concurrent.futures
 import io
 import json
 import math
+import time
 
 import fsspec
 import numpy as np
@@ -309,3 +311,26 @@ def test_a_data_set_without_a_captioned_example_is_refused(tmp_path):
     for data, count in (("empty.jsonl", 0), ("e.parquet", 0), ("uncaptioned", 1), ("n.parquet", 1)):
         with pytest.raises(ValueError, match=rf"^{tmp_path / data}: no example to train on: {count} examples, none"):
             read_examples(tmp_path / data)
+
+
+def test_threads_reading_one_parquet_row_group_at_once_read_it_once(tmp_path, monkeypatch):
+    images = [png_bytes(i) for i in range(8)]
+    pq.write_table(pa.table({"image": images, "text": list("abcdefgh")}), tmp_path / "t.parquet", row_group_size=4)
+    examples = read_examples(tmp_path / "t.parquet")
+    arrived, reads, read_row_group = [], [], pq.ParquetFile.read_row_group
+
+    def counting_read(self, group, **kwargs):  # waits until every thread asked for its row, so their misses overlap
+        reads.append(group)
+        while len(arrived) < len(examples):
+            time.sleep(0.01)
+        time.sleep(0.1)
+        return read_row_group(self, group, **kwargs)
+
+    def read(example):
+        arrived.append(example)
+        return example.read_bytes()
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting_read)
+    with concurrent.futures.ThreadPoolExecutor(len(examples)) as pool:
+        assert list(pool.map(read, examples)) == images
+    assert sorted(reads) == [0, 1]

@@ -14,12 +14,15 @@ random, the image is resized so that size just fits, and a random window of that
 original's `var_center_crop`, despite its name, places the window at random).
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import io
 import json
 import os
+import threading
 
 import numpy as np
 from etils import epath
@@ -131,7 +134,40 @@ def _read_parquet(path: epath.Path, image_column: str, caption_column: str) -> l
     ]
 
 
-@functools.lru_cache(maxsize=16)
+def _shared_lru_cache(maxsize: int):
+    """functools.lru_cache(maxsize), except that threads asking for the same arguments at once share one
+    call: the cache's reader threads all miss on the row group they start in, and lru_cache would read it
+    once per thread. A call that raises is not kept."""
+
+    def decorate(read):
+        lock, futures = threading.Lock(), collections.OrderedDict()
+
+        @functools.wraps(read)
+        def cached(*key):
+            with lock:
+                future = futures.get(key)
+                first = future is None
+                if first:
+                    future = futures[key] = concurrent.futures.Future()
+                futures.move_to_end(key)
+                if len(futures) > maxsize:
+                    futures.popitem(last=False)  # its waiters hold their future
+            if first:
+                try:
+                    future.set_result(read(*key))
+                except BaseException as e:
+                    with lock:
+                        if futures.get(key) is future:
+                            del futures[key]
+                    future.set_exception(e)
+            return future.result()
+
+        return cached
+
+    return decorate
+
+
+@_shared_lru_cache(maxsize=16)
 def _parquet_row_groups(path: str) -> tuple[int, ...]:
     """The first row of each row group of a parquet file, and its row count last."""
     import pyarrow.parquet as pq
@@ -144,7 +180,7 @@ def _parquet_row_groups(path: str) -> tuple[int, ...]:
     return tuple(starts)
 
 
-@functools.lru_cache(maxsize=4)  # the few row groups the cache's shards are reading; thread-safe
+@_shared_lru_cache(maxsize=4)  # the few row groups the cache's loader threads are reading
 def _parquet_row_group(path: str, group: int, column: str) -> list:
     import pyarrow.parquet as pq
 
