@@ -1,7 +1,9 @@
 """The latent/text-feature cache (build, resume, skipped images, reading) and the Grain batch iterator."""
 
 import dataclasses
+import gc
 import json
+import weakref
 import zlib
 from types import SimpleNamespace
 
@@ -346,3 +348,16 @@ def test_pipeline_encoders_use_the_vae_posterior_and_encode_prompt():
     got_features, got_mask = encode_text(["a red fox", "a cat"])
     np.testing.assert_array_equal(got_features, features)
     assert got_mask.dtype == bool and (got_mask == mask).all()
+
+
+def test_each_plan_caches_its_own_epochs_and_is_freed_with_its_iterator():
+    shapes = [(4, 2, 2)] * 8
+    plan, other = BatchPlan(shapes, 2, seed=0), BatchPlan(shapes, 2, seed=1)
+    first = plan(0)
+    for step in range(0, 40, 4):  # ten epochs of the other plan
+        other(step)
+    assert plan.epoch.cache_info().currsize == 1 and plan(0) is first  # not evicted by the other plan's epochs
+    freed = weakref.ref(plan)
+    del plan
+    gc.collect()
+    assert freed() is None

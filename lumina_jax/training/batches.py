@@ -30,6 +30,7 @@ class BatchPlan:
             by_shape.setdefault(shape, []).append(index)
         self.buckets = [np.array(by_shape[shape]) for shape in sorted(by_shape)]
         self.global_batch_size, self.seed = global_batch_size, seed
+        self.epoch = functools.lru_cache(maxsize=4)(self._epoch)  # the few epochs being read at once, per plan
         self.batches_per_epoch = sum(len(b) // global_batch_size for b in self.buckets)
         if self.batches_per_epoch == 0:
             sizes = ", ".join(f"{len(b)} of latent shape {shape}" for b, shape in zip(self.buckets, sorted(by_shape)))
@@ -38,8 +39,8 @@ class BatchPlan:
                 f"(buckets: {sizes or 'none, the cache is empty'}); lower the batch size or add images"
             )
 
-    @functools.lru_cache(maxsize=4)  # the few epochs being read at once; a plan lives as long as its iterator
-    def epoch(self, epoch: int) -> list[np.ndarray]:
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of `epoch`, in order."""
         rng = np.random.default_rng([self.seed, _SHUFFLE, epoch])
         batches = []
         for bucket in self.buckets:
