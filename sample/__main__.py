@@ -237,6 +237,15 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def run_mesh(args: argparse.Namespace, devices) -> tuple:
+    """The run's mesh over one host's devices (--mesh, default data = every device) and the images each
+    pipeline call draws: --batch-size for each device of the batch axes."""
+    from lumina_jax.sharding import BATCH_AXES, make_mesh
+
+    mesh = make_mesh(**(args.mesh or {"data": len(devices)}), devices=devices)
+    return mesh, args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def fail(message) -> int:
     """A one-line error for the user; the exit status of a bad argument or input."""
     print(f"error: {message}", file=sys.stderr)
@@ -247,20 +256,18 @@ def compile_only(args: argparse.Namespace) -> int:
     """Compile the run's programs for a TPU slice without weights, print the per-chip plan."""
     from lumina_jax import tpu
     from lumina_jax.pipeline import LuminaPipeline
-    from lumina_jax.sharding import make_mesh
 
     try:
         target = tpu.tpu_slice(args.topology)
-        # As the run itself: one device unless --mesh says otherwise.
-        mesh = make_mesh(**(args.mesh or dict(fsdp=1)), devices=tpu.compile_devices(target))
+        # As the run itself: on one host's devices, each call drawing per_call images of as many prompts.
+        mesh, per_call = run_mesh(args, [d for d in tpu.compile_devices(target) if d.process_index == 0])
         pipe = LuminaPipeline.abstract(args.model, args.dtype or "bfloat16", vae_dtype=args.vae_dtype).shard(mesh)
         if args.offload_text_encoder:
             pipe.offload_text_encoder()
         programs = pipe.lower(
             height=args.height,
             width=args.width,
-            prompts=1,
-            num_images_per_prompt=args.num_images,
+            prompts=per_call,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             caption_length=args.caption_length,
@@ -279,12 +286,13 @@ def compile_only(args: argparse.Namespace) -> int:
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
     size = f"{args.height or pipe.default_sample_size}x{args.width or pipe.default_sample_size}"
     print(
-        f"\n{args.model} at {size}, {args.num_images} image(s), {args.steps} steps, guidance {args.guidance}, "
-        f"mesh {mesh_text}"
+        f"\n{args.model} at {size}, {per_call} image(s) a call ({args.batch_size} per device), {args.steps} steps, "
+        f"guidance {args.guidance}, mesh {mesh_text}"
     )
     print(plan.summary())
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "mesh": dict(mesh.shape), **plan.to_json()}, indent=1))
+        figures = {"model": args.model, "mesh": dict(mesh.shape), "images_per_call": per_call, **plan.to_json()}
+        args.json.write_text(json.dumps(figures, indent=1))
     return 0 if plan.fits else 1
 
 
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"--image {args.image}: not an image this machine can read ({e})")
     import jax  # after argument parsing, so --help is instant
 
-    from lumina_jax.sharding import BATCH_AXES, initialize_distributed, make_mesh
+    from lumina_jax.sharding import initialize_distributed
 
     initialize_distributed()  # several hosts: each draws its own share of the jobs on its own devices
     # Compiled programs persist across runs: a second start skips compilation.
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = jax.local_devices()
     start = time.perf_counter()
     try:
-        mesh = make_mesh(**(args.mesh or {"data": len(devices)}), devices=devices)
+        mesh, images_per_call = run_mesh(args, devices)
         pipe = LuminaPipeline.from_pretrained(
             args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh, revision=args.revision
         )
@@ -345,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
-    images_per_call = args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     chosen = dict(schedule=args.schedule, shift=args.shift, scaling_watershed=args.scaling_watershed)
     settings = dict(
         solver=args.solver,

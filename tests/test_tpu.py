@@ -297,3 +297,39 @@ def test_per_chip_bytes_counts_each_device_its_shard():
     whole = jax.ShapeDtypeStruct((8, 16), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
     assert tpu.per_chip_bytes([split, whole]) == 2 * 16 * 4 + 8 * 16 * 2
     assert np.isclose(tpu.per_chip_bytes({"a": split}), 128)
+
+
+def test_sample_compile_only_plans_batch_size_images_a_call_on_every_device(config_folder, tmp_path):
+    """On a v5e-4 a run draws --batch-size images on each of the 4 chips per call: that is the program to plan."""
+
+    def plan(batch_size: int) -> dict:
+        report = tmp_path / f"plan-{batch_size}.json"
+        options = ["--model", str(config_folder), "--height", "64", "--width", "64", "--steps", "1"]
+        arguments = ["--compile-only", "--topology", "v5e-4", *options, "--caption-length", "16"]
+        assert sample_main([*arguments, "--batch-size", str(batch_size), "--json", str(report)]) == 0
+        return json.loads(report.read_text())
+
+    one, two = plan(1), plan(2)
+    assert (one["mesh"]["data"], one["images_per_call"], two["images_per_call"]) == (4, 4, 8)
+    noise = [next(p for p in figures["programs"] if p["name"] == "noise") for figures in (one, two)]
+    assert noise[1]["outputs"] == 2 * noise[0]["outputs"] > 0  # the latents of twice the images
+
+
+def test_train_compile_only_plans_a_scratch_config_before_its_pipeline_exists(tmp_path, monkeypatch):
+    """The digits config trains in pixel space from a pipeline that its `prepare` writes: no files are needed."""
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "plan.json"
+    arguments = ["--compile-only", "--topology", "v5e-1", "--no-batch-search", "--json", str(report)]
+    assert train_main(["--config", "digits", *arguments]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["fits"] and figures["batch_size"] == 64 and not (tmp_path / "out").exists()
+
+
+def test_train_compile_only_fine_tunes_the_transformer_of_a_config_only_folder(config_folder, tmp_path):
+    report = tmp_path / "plan.json"
+    overrides = [f"pipeline={config_folder}", "init=pretrained", "batch_size=2", "image_size=64"]
+    arguments = ["--compile-only", "--topology", "v5e-1", "--no-batch-search", "--json", str(report)]
+    assert train_main(["--config", "digits", *overrides, *arguments]) == 0
+    config = load_config("digits", [*overrides, *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items())])
+    _, expected = lower_train_step(config, one_chip("v5e-1"), 2)  # the folder's transformer, not the config's
+    assert json.loads(report.read_text())["resident_bytes"]["train_state"] == expected

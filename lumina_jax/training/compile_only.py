@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lumina_jax import sharding, tpu
 from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
 from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
@@ -30,14 +31,29 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
+def planned_architecture(config: TrainConfig) -> tuple[NextDiTConfig | FlagDiTConfig, int]:
+    """The transformer the run trains and its image pixels per latent pixel, from config files alone: the
+    pipeline's (a folder of them, or a released name), whose transformer/config.json a fine-tuning run
+    starts from. A from-scratch run whose pipeline is not written yet (by `prepare`, as the digits
+    config's) is planned in pixel space when its model has 1 (grey) or 3 (RGB) channels, as
+    `cache.pipeline_encoders` feeds one without a VAE."""
+    try:
+        pipe = LuminaPipeline.abstract(config.pipeline, config.compute_dtype)
+    except FileNotFoundError:
+        if config.init == "pretrained" or config.transformer.in_channels not in (1, 3):
+            raise
+        return config.transformer, 1
+    return (config.transformer if config.init == "scratch" else pipe.transformer.config), pipe.latent_scale
+
+
 def lower_train_step(
     config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: int, *, unroll_layers: bool = False
 ) -> tuple[jax.stages.Lowered, int]:
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
     chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
     the layers in a Python loop, not a scan, for counting FLOPs (`step.unrolled_graphdef`)."""
-    latent_scale = LuminaPipeline.abstract(config.pipeline, config.compute_dtype).latent_scale
-    model = nnx.eval_shape(transformer_factory(config))
+    transformer, latent_scale = planned_architecture(config)
+    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=transformer)))
     model.scan_layers = model.scan_layers and not unroll_layers
     cfg = model.config
     optimizer = make_run_optimizer(config)
