@@ -1,16 +1,14 @@
 """Hugging Face hub ids wherever a path is taken, offline: repos are laid out by hand in a hub cache in
 tmp_path (blobs, snapshot symlinks, refs) and huggingface_hub is pointed at it."""
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import huggingface_hub
-import huggingface_hub._snapshot_download as snapshot_module
 import jax
 import numpy as np
 import pytest
+from fake_hub import REVISION, cache_repo
 from flax import nnx
 from huggingface_hub import constants
 from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -22,42 +20,7 @@ from sample import DEFAULT_MODEL as DIGITS
 from sample.__main__ import main as sample_main
 
 ORIGINAL = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 OTHER_REVISION = "89abcdef0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline: the code under test finds only what a test puts there."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads its environment once, at import (and before 1.0 copied the cache's place
-    # into _snapshot_download)
-    for module in (constants, snapshot_module):
-        if hasattr(module, "HF_HUB_CACHE"):
-            monkeypatch.setattr(module, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def cache_repo(cache: Path, repo_id: str, source: Path, *, revision: str = REVISION, ref: str = "main") -> Path:
-    """Put `source`'s files in the cache as a download lays them out: content-addressed blobs, the
-    snapshot of symlinks to them, and `ref` naming the commit. Returns the snapshot folder."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(revision)
-    return snapshot
 
 
 def params(module: nnx.Module) -> dict:

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from fake_hub import cache_repo
 from flax import nnx
 from PIL import Image
 from tensorboardX.proto.event_pb2 import Event
@@ -130,6 +131,29 @@ def test_a_flag_dit_trains_resumes_and_exports(base, tmp_path):
     np.testing.assert_array_equal(leaves(exported), leaves(jax.tree.leaves(nnx.state(straight_export.transformer))))
     images = pipe(prompt=["a handwritten digit three", "the number 7"], num_inference_steps=2, output_type="np")
     assert images.images.shape == (2, 16, 16, 3) and np.isfinite(images.images).all()
+
+
+def test_a_fine_tune_resumes_as_its_files_say_whatever_the_pipelines_name(base, tmp_path, hub_cache):
+    """A pipeline published under a released one's name (a fork, here a tiny one) is fine-tuned and resumed
+    as its files say, not as the released architecture its name matches; config.json records the transformer
+    trained, not the config's unused one."""
+    fork = run(base, tmp_path / "fork", steps=2).export
+    cache_repo(hub_cache, "someone/Lumina-Next-SFT-diffusers", fork)
+    tune = dict(init="pretrained", pipeline="someone/Lumina-Next-SFT-diffusers", transformer=NextDiTConfig())
+    run(base, tmp_path / "straight", steps=4, **tune)
+    run(base, tmp_path / "resumed", steps=2, **tune)
+    resumed = run(base, tmp_path / "resumed", steps=4, **tune)
+    assert resumed.step == 4
+    expected, got = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    np.testing.assert_array_equal([m["loss"] for m in got], [m["loss"] for m in expected])
+    saved = TrainConfig(**json.loads((tmp_path / "resumed" / "config.json").read_text()))
+    assert saved.transformer == TINY and saved.init == "pretrained"
+
+
+def test_a_resumed_run_refuses_a_config_of_another_transformer(base, tmp_path):
+    run(base, tmp_path, steps=2)
+    with pytest.raises(ValueError, match="another transformer than the config's"):
+        run(base, tmp_path, steps=4, transformer=dataclasses.replace(TINY, num_layers=3))
 
 
 def tensorboard_events(workdir) -> list[Event]:

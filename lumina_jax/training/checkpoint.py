@@ -134,10 +134,7 @@ class Checkpointer:
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
         """The state and extra of `step` (default: the latest), read into abstract_state's structure,
         dtypes and shardings (`abstract_train_state`; leaves without a sharding go to the first device)."""
-        steps = self.all_steps()
-        step = steps[-1] if step is None and steps else step
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; it holds steps {steps}")
+        step = self._saved_step(step)
         device = SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device),
@@ -146,6 +143,19 @@ class Checkpointer:
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target), EXTRA_ITEM: ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
         return from_nested_dict(restored[STATE_ITEM], abstract_state), restored[EXTRA_ITEM]
+
+    def extra(self, step: int | None = None) -> dict:
+        """The extra JSON of `step` (default: the latest) alone, without reading the state."""
+        args = ocp.args.Composite(**{EXTRA_ITEM: ocp.args.JsonRestore()})
+        return self._manager.restore(self._saved_step(step), args=args)[EXTRA_ITEM]
+
+    def _saved_step(self, step: int | None) -> int:
+        """`step`, or the latest when None, once checked to be on disk."""
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; it holds steps {steps}")
+        return step
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""

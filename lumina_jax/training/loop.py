@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from lumina_jax import hub, sharding
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
-from lumina_jax.pipeline import released_architecture
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
@@ -48,9 +47,12 @@ from lumina_jax.training.step import (
 )
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
-from lumina_jax.weights.nextdit import MODELS, find_checkpoint, load_transformer, save_diffusers
+from lumina_jax.weights.nextdit import MODELS, config_from_dict, find_checkpoint, load_transformer, save_diffusers
 
 logger = logging.getLogger(__name__)
+
+# The key of a checkpoint's extra JSON holding the transformer's config: a resumed run is rebuilt from it.
+TRANSFORMER_RECORD = "transformer"
 
 # Dense bfloat16 matrix rate per device, for MFU. Anything else: TrainConfig.peak_flops.
 PEAK_FLOPS = {
@@ -84,21 +86,39 @@ def base_pipeline(config: TrainConfig) -> Path:
 
 
 def architecture(config: TrainConfig) -> NextDiTConfig | FlagDiTConfig:
-    """The config's transformer (Next-DiT or Flag-DiT), or the pipeline's for fine-tuning (a released one's by
-    name, for compiling only)."""
+    """The transformer a new run of `config` trains: the config's (from scratch), or the one in its pipeline's
+    files (fine-tuning)."""
     if config.init == "scratch":
         return config.transformer
-    if released := released_architecture(config.pipeline):  # not downloaded: known from its name
-        return released[0]
     return find_checkpoint(base_pipeline(config) / "transformer").config
 
 
-def transformer_factory(config: TrainConfig) -> Callable[[], NextDiT | FlagDiT]:
-    """A function building the run's transformer, freshly initialised: float32 master weights, the
-    configured compute dtype."""
-    compute, architecture_ = resolve_dtype(config.compute_dtype), architecture(config)
-    return lambda: MODELS[type(architecture_)](
-        architecture_, dtype=compute, param_dtype=jnp.float32, remat=config.remat, rngs=nnx.Rngs(config.seed)
+def saved_architecture(
+    config: TrainConfig, checkpoints: Checkpointer, step: int | None = None
+) -> NextDiTConfig | FlagDiTConfig:
+    """The transformer a checkpoint of the run holds, as the run recorded it when saving; for checkpoints
+    that predate that record, `architecture(config)`. A from-scratch config that now asks for another
+    transformer is refused: its weights would not fit the saved ones."""
+    recorded = checkpoints.extra(step).get(TRANSFORMER_RECORD)
+    if recorded is None:
+        return architecture(config)
+    saved = config_from_dict(recorded)
+    if config.init == "scratch" and saved != config.transformer:
+        raise ValueError(
+            f"{checkpoints.directory} holds a run of another transformer than the config's ({saved} there, "
+            f"{config.transformer} asked for); give the run's own transformer, or another workdir to start over"
+        )
+    return saved
+
+
+def transformer_factory(
+    config: TrainConfig, transformer: NextDiTConfig | FlagDiTConfig | None = None
+) -> Callable[[], NextDiT | FlagDiT]:
+    """A function building `transformer` (default: `architecture(config)`) freshly initialised: float32 master
+    weights, the configured compute dtype."""
+    compute, transformer = resolve_dtype(config.compute_dtype), transformer or architecture(config)
+    return lambda: MODELS[type(transformer)](
+        transformer, dtype=compute, param_dtype=jnp.float32, remat=config.remat, rngs=nnx.Rngs(config.seed)
     )
 
 
@@ -202,8 +222,8 @@ def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path
 
 def export_checkpoint(config: TrainConfig, destination: str | Path, step: int | None = None) -> Path:
     """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
-    abstract = nnx.eval_shape(transformer_factory(config))
     with Checkpointer(Path(config.workdir) / "checkpoints") as checkpoints:
+        abstract = nnx.eval_shape(transformer_factory(config, saved_architecture(config, checkpoints, step)))
         state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
     return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination))
 
@@ -225,10 +245,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
                 f"steps={config.steps}: nothing to train, {checkpoints.directory} is at step {resumed_at} already; "
                 f"give steps above {resumed_at} to go on, or another workdir to start over"
             )
-        if jax.process_index() == 0:
-            (workdir / "config.json").write_text(config.to_json())
         prepare_data(config)
         cache = latent_cache.open_cache(config.cache)
+        # A resumed run is rebuilt as it was saved; config.json records what is trained, whatever init says.
+        transformer = architecture(config) if resumed_at is None else saved_architecture(config, checkpoints)
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(dataclasses.replace(config, transformer=transformer).to_json())
 
         mesh = sharding.make_mesh(
             config.mesh_data, None if config.mesh_fsdp == -1 else config.mesh_fsdp, config.mesh_tensor
@@ -246,12 +268,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
             del model
         else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built
-            abstract = nnx.eval_shape(transformer_factory(config))
+            abstract = nnx.eval_shape(transformer_factory(config, transformer))
             graphdef = nnx.graphdef(abstract)
             state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
             batches.set_state(extra["data"])
             logger.info("resumed from step %d", int(state.step))
-        transformer = architecture(config)
         empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
         options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
         hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
@@ -265,6 +286,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             tqdm(total=config.steps, initial=start_step, desc="training", unit="step", disable=not progress)
         )
         pending, window_start, started = [], time.perf_counter(), time.perf_counter()
+
+        def saved_extra() -> dict:  # what a checkpoint holds beside the state
+            return {"data": batches.get_state(), TRANSFORMER_RECORD: transformer.to_dict()}
+
         skipped, preempted, step = 0, False, start_step
         while step < config.steps:
             batch = global_batch(next(batches), transformer, mesh)
@@ -291,10 +316,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             if watcher.should_stop(step):
                 preempted = True
                 break
-            checkpoints.save(step, state, {"data": batches.get_state()})
+            checkpoints.save(step, state, saved_extra())
             if drawer.due(step):
                 log.samples(step, drawer.draw(step, graphdef, state.ema_params))
-        checkpoints.save(step, state, {"data": batches.get_state()}, force=True)
+        checkpoints.save(step, state, saved_extra(), force=True)
         checkpoints.wait_until_finished()
     export = None
     if not preempted:

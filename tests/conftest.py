@@ -1,0 +1,21 @@
+"""Fixtures shared by several test files."""
+
+import huggingface_hub._snapshot_download as snapshot_module
+import pytest
+from huggingface_hub import constants
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline: the code under test finds only what a test puts there."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import (and before 1.0 copied the cache's place
+    # into _snapshot_download)
+    for module in (constants, snapshot_module):
+        if hasattr(module, "HF_HUB_CACHE"):
+            monkeypatch.setattr(module, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
