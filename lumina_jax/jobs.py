@@ -34,6 +34,7 @@ REQUEST_FIELDS = {
     "num_images": int,
 }
 MAX_SEED = 2**32 - 1  # seeds are uint32 keys
+MAX_IMAGES = 1_000_000  # a run's jobs are built up front, in memory: a larger one is split into several runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,19 @@ def _request(request, where: str) -> dict:
         kinds = REQUEST_FIELDS[name]
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise ValueError(f'{where}: "{name}" must be {_kind_name(kinds)}, got {value!r}')
+        if isinstance(value, str) and (error := text_error(value)):
+            raise ValueError(f'{where}: "{name}" {error}')
     return request
+
+
+def text_error(text: str) -> str | None:
+    """Why tokenizers would refuse `text` (None if they would not): UTF-8 cannot encode the surrogates
+    that stand for undecodable bytes of command-line arguments, or JSON's lone \\ud800 escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{text!r:.60} is not UTF-8 text ({e.reason} at character {e.start})"
+    return None
 
 
 def _kind_name(kinds) -> str:
@@ -122,9 +135,13 @@ def _kind_name(kinds) -> str:
 
 
 def make_jobs(requests: list[dict], defaults: dict) -> list[Job]:
-    """One job per image: each request's fields over `defaults` (the REQUEST_FIELDS but prompt);
-    num_images n draws seeds seed, seed + 1, ..., seed + n - 1."""
+    """One job per image: each request's fields (but nulls) over `defaults` (the REQUEST_FIELDS but prompt);
+    num_images n draws seeds seed, seed + 1, ..., seed + n - 1. At most MAX_IMAGES in all."""
     jobs = []
+    requests = [{name: value for name, value in request.items() if value is not None} for request in requests]
+    images = sum(max(request.get("num_images", defaults["num_images"]), 0) for request in requests)
+    if images > MAX_IMAGES:
+        raise ValueError(f"{images} images in one run; at most {MAX_IMAGES}: split the prompts into several runs")
     for line, request in enumerate(requests):
         fields = {**defaults, **request}
         where = f"request {line} ({fields['prompt'][:40]!r})"

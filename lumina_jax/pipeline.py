@@ -26,6 +26,8 @@ import functools
 import json
 import logging
 import math
+import numbers
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -160,6 +162,42 @@ def load_image(image, height: int, width: int) -> np.ndarray:
         image = Image.fromarray(array)
     pixels = np.asarray(image.resize((width, height)).convert("RGB"), np.float32) / np.float32(255)
     return ((pixels - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)  # ToTensor, Normalize(0.5, 0.5)
+
+
+def _read_image(image):
+    """A file name (str or path) as the PIL image it holds, as diffusers users pass them; anything else as it is."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    try:
+        picture = Image.open(image)
+        picture.load()
+    except OSError as e:
+        raise ValueError(f"image {str(image)!r}: not a picture PIL can read ({e.strerror or e})") from None
+    return picture
+
+
+def _check_texts(name: str, texts) -> None:
+    """TypeError unless `texts` is None, a string or a list of strings; ValueError for a string that UTF-8
+    cannot encode (the surrogates standing for undecodable bytes), which the tokenizer would refuse."""
+    if texts is None:
+        return
+    items = [texts] if isinstance(texts, str) else texts
+    if not isinstance(items, (list, tuple)) or not all(isinstance(text, str) for text in items):
+        raise TypeError(f"{name} must be a string or a list of strings, got {texts!r:.80}")
+    for text in items:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} {text!r:.80} is not UTF-8 text ({e.reason} at character {e.start})") from None
+
+
+def _checked_seed(seed) -> int | list[int]:
+    """`seed` as __call__ takes it, one integer or one per image, in the range of JAX's uint32 keys."""
+    seeds, top = np.asarray(seed), np.iinfo(np.uint32).max
+    integers = np.issubdtype(seeds.dtype, np.integer) and seeds.ndim <= 1 and seeds.size
+    if not (integers and 0 <= seeds.min() and seeds.max() <= top):
+        raise ValueError(f"seed must be an integer from 0 to {top}, or a list of one per image, got {seed!r:.80}")
+    return int(seeds) if seeds.ndim == 0 else seeds.tolist()
 
 
 def _scheduler_shift(pipeline: Path) -> float | None:
@@ -422,9 +460,9 @@ class LuminaPipeline:
         the diffusers schedule and the family's own (`schedule="shifted"` on Lumina-Next: 4, as its demo).
 
         Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
-        a list of one per prompt; PIL or [H, W, 3] arrays) is resized to height x width (default: its
-        own size), encoded by the VAE (a posterior sample, seeded by `seed`), and the flow starts from
-        t0 * image + (1 - t0) * noise at the grid point that `strength` cuts the schedule at
+        a list of one per prompt; PIL images, file names or [H, W, 3] arrays) is resized to height x width
+        (default: its own size), encoded by the VAE (a posterior sample, seeded by `seed`), and the flow
+        starts from t0 * image + (1 - t0) * noise at the grid point that `strength` cuts the schedule at
         (`FlowSchedule.image_to_image_start`): 1 ignores the image, 0 returns its VAE round trip. A new
         strength or image of the same size reuses the compiled programs.
 
@@ -440,6 +478,8 @@ class LuminaPipeline:
                 "this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
                 ".lower(...), or load one with from_pretrained"
             )
+        if image is not None:
+            image = [_read_image(i) for i in image] if isinstance(image, (list, tuple)) else _read_image(image)
         if image is None and strength != 1.0:
             raise ValueError("strength is for image-to-image: pass image= (a PIL image or an array) with it")
         if image is not None:
@@ -456,6 +496,10 @@ class LuminaPipeline:
             if image is None or "height and width" not in str(e):
                 raise
             raise ValueError(f"{e}; pass height= and width= to resize the image to such a size") from None
+        _check_texts("negative_prompt", negative_prompt)
+        if context_drop != 1:  # its windows must tile the token grid
+            self.check_size(height, width, context_drop=context_drop)
+        seed = _checked_seed(seed)
         guided = guidance_scale > 1.0
 
         if region_prompts is not None and prompt_embeds is not None:
@@ -677,9 +721,9 @@ class LuminaPipeline:
         unit = self.latent_scale * self.transformer.config.patch_size
         return regions.cell_of_tokens(height // unit, width // unit, grid)
 
-    def check_size(self, height: int, width: int, grid: tuple[int, int] | None = None) -> None:
+    def check_size(self, height: int, width: int, grid: tuple[int, int] | None = None, context_drop: int = 1) -> None:
         """Raise ValueError unless the model can draw images of this size (pixels), split into `grid` cells
-        of whole tokens for regional captions."""
+        of whole tokens for regional captions, and into Context Drop's context_drop x context_drop windows."""
         if grid is not None:
             self._cells(height, width, grid)
         unit = self.latent_scale * self.transformer.config.patch_size
@@ -691,12 +735,24 @@ class LuminaPipeline:
             limit = f"between {unit} and {ROPE_MAX_GRID * unit} px"
         if height % unit or width % unit or height < unit or width < unit or not fits:
             raise ValueError(f"height and width must be multiples of {unit} {limit}, got {height}x{width}")
+        if context_drop != 1 and isinstance(self.transformer, FlagDiT):
+            raise ValueError(f"context_drop={context_drop}: Context Drop is Next-DiT's; Flag-DiT takes 1")
+        rows, cols = height // unit, width // unit
+        windows = [w for w in range(1, min(rows, cols) + 1) if rows % w == 0 and cols % w == 0]
+        if context_drop not in windows:
+            raise ValueError(
+                f"context_drop must divide both sides of the {rows}x{cols} token grid of {height}x{width} px "
+                f"(one of {windows}), got {context_drop!r}"
+            )
 
     def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
+        _check_texts("prompt", prompt)
         if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
             raise ValueError("prompt is an empty list; give at least one prompt")
+        if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in (height, width)):
+            raise TypeError(f"height and width must be whole numbers of pixels, got {height!r} and {width!r}")
         self.check_size(height, width)
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +32,13 @@ def seed(text: str) -> int:
     if not text.isdigit() or int(text) > jobs.MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {jobs.MAX_SEED}, got {text!r}")
     return int(text)
+
+
+def utf8_text(value: str) -> str:
+    """Command-line text: argument bytes that are not UTF-8 reach Python as surrogates, which tokenizers refuse."""
+    if error := jobs.text_error(value):
+        raise argparse.ArgumentTypeError(error)
+    return value
 
 
 def number(accept, expected: str):
@@ -65,7 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--revision", help="hub id: the branch, tag or commit to download (default: main)")
     prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", help="what to draw")
+    prompts.add_argument("--prompt", type=utf8_text, help="what to draw")
     prompts.add_argument(
         "--prompts-file",
         type=Path,
@@ -73,7 +81,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "negative_prompt, seed, height, width, guidance, steps, num_images, or a JSON array (.json) of "
         "prompts or of such objects",
     )
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--negative-prompt", type=utf8_text, default=None)
     parser.add_argument(
         "--height", type=positive_int, default=None, help="pixels, a multiple of 16 (default: the model's)"
     )
@@ -85,7 +93,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--guidance", type=guidance, default=4.0, help="classifier-free guidance scale; <= 1 turns it off"
     )
     parser.add_argument("--seed", type=seed, default=0, help="image i of a prompt uses seed + i")
-    parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=1, help=f"images per prompt (at most {jobs.MAX_IMAGES:,} a run)"
+    )
     parser.add_argument(
         "--batch-size",
         type=positive_int,
@@ -132,6 +142,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--regions",
         nargs="+",
+        type=utf8_text,
         metavar="CAPTION",
         help="compositional generation: one caption per cell of --grid, row by row (the prompt is the global one)",
     )
@@ -142,7 +153,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--context-drop",
         type=positive_int,
         default=1,
-        help="Context Drop window: 2 merges 2x2 image keys/values (faster at 2048 px, approximate)",
+        help="Context Drop window: 2 merges 2x2 image keys/values (faster at 2048 px, approximate); it must "
+        "divide both sides of the image's token grid",
     )
     parser.add_argument(
         "--dtype",
@@ -199,6 +211,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--compile-only needs --topology")
     if not args.compile_only and not (args.prompt or args.prompts_file):
         parser.error("one of --prompt or --prompts-file is required")
+    if args.num_images > jobs.MAX_IMAGES:
+        parser.error(f"argument --num-images: at most {jobs.MAX_IMAGES} images a run, got {args.num_images}")
+    if args.json is not None and not writable(args.json):
+        parser.error(f"argument --json: cannot write {args.json} (a folder, or its folder is missing or read-only)")
     if args.caption_length > 256:
         parser.error(f"argument --caption-length: at most 256 tokens, got {args.caption_length}")
     if args.prompts_file and not args.prompts_file.is_file():
@@ -216,6 +232,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.image is not None and args.compile_only:
         parser.error("--compile-only plans text-to-image; leave out --image")
     return args
+
+
+def writable(path: Path) -> bool:
+    """Whether a file can be written at `path` (checked before minutes of compiling)."""
+    if path.exists():
+        return path.is_file() and os.access(path, os.W_OK)
+    return path.parent.is_dir() and os.access(path.parent, os.W_OK)
 
 
 def parse_grid(text: str) -> tuple[int, int]:
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
-            pipe.check_size(height, width, args.grid)
+            pipe.check_size(height, width, args.grid, args.context_drop)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         if picture is not None and "height and width" in str(e):
             return fail(f"{e}; --image is {picture.width}x{picture.height}: give --height and --width to resize it")
@@ -381,10 +404,11 @@ def main(argv: list[str] | None = None) -> int:
             **settings,
         )
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        # Accelerators say RESOURCE_EXHAUSTED; XLA's CPU client can say INTERNAL: "Failed to allocate memory".
+        if not re.search(r"RESOURCE_EXHAUSTED|out of memory|failed to allocate", str(e), re.IGNORECASE):
             raise
         print(
-            f"error: out of accelerator memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
+            f"error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
             "--offload-text-encoder, --vae-dtype bfloat16, or --mesh fsdp=N to split the weights",
             file=sys.stderr,
         )

@@ -123,6 +123,23 @@ def test_bad_settings_are_refused_before_any_work(request_, message):
         jobs.make_jobs([{"prompt": "x", **request_}], DEFAULTS)
 
 
+def test_null_fields_take_the_defaults():
+    (job,) = jobs.make_jobs([{"prompt": "x", "height": None, "width": None, "negative_prompt": None}], DEFAULTS)
+    assert (job.height, job.width, job.negative_prompt) == (32, 32, None)
+
+
+def test_runs_beyond_max_images_are_refused_before_building_their_jobs():
+    with pytest.raises(ValueError, match=f"100000001 images in one run; at most {jobs.MAX_IMAGES}"):
+        jobs.make_jobs([{"prompt": "x", "num_images": 100_000_000}, {"prompt": "y"}], DEFAULTS)
+
+
+def test_text_that_utf8_cannot_encode_is_refused(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a digit \\ud800"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: \"prompt\" 'a digit \\ud800' is not UTF-8 text"):
+        jobs.read_requests(path)
+
+
 def test_empty_or_unreadable_prompts_files_are_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="has no prompts"):

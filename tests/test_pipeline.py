@@ -234,3 +234,33 @@ def test_the_shifted_schedule_keeps_its_shift_of_4_on_a_diffusers_folder(pipelin
     for got, want in zip(used, expected, strict=True):
         np.testing.assert_array_equal(got.times, want.times)
         np.testing.assert_array_equal(got.steps, want.steps)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(seed=-1), ValueError, "seed must be an integer from 0 to 4294967295, or a list of one per image, got -1"),
+        (dict(seed=2**32), ValueError, "seed must be an integer from 0 to 4294967295"),
+        (dict(seed="3"), ValueError, "seed must be an integer from 0 to 4294967295"),
+        (dict(prompt=123), TypeError, "prompt must be a string or a list of strings, got 123"),
+        (dict(negative_prompt=["a dog", None]), TypeError, "negative_prompt must be a string or a list of strings"),
+        (dict(prompt="a cat \udcff"), ValueError, r"prompt 'a cat \\udcff' is not UTF-8 text"),
+        (dict(height="32"), TypeError, "height and width must be whole numbers of pixels, got '32' and 128"),
+        (dict(context_drop=3), ValueError, r"context_drop must divide both sides of the 8x8 token grid .* got 3"),
+        (dict(image="missing.png"), ValueError, "image 'missing.png': not a picture PIL can read"),
+    ],
+)
+def test_bad_arguments_are_refused_up_front(pipelines, kwargs, error, message):
+    _, ours = pipelines
+    with pytest.raises(error, match=message):
+        ours(**{"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent", **kwargs})
+
+
+def test_image_may_be_a_file_name(pipelines, tmp_path):
+    _, ours = pipelines
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (128, 128, 3), np.uint8))
+    picture.save(tmp_path / "picture.png")
+    settings = dict(prompt=PROMPTS[0], num_inference_steps=2, output_type="latent", strength=0.5)
+    expected = ours(image=picture, **settings).images
+    np.testing.assert_array_equal(ours(image=str(tmp_path / "picture.png"), **settings).images, expected)
+    np.testing.assert_array_equal(ours(image=[tmp_path / "picture.png"], **settings).images, expected)

@@ -1,5 +1,6 @@
 """`python -m sample` as users run it, in fresh processes: bad flags, the same images on 8 simulated
-devices as on one, two jax.distributed processes sharing the jobs, and a killed job resumed."""
+devices as on one, two jax.distributed processes sharing the jobs, and a killed job resumed; and, in
+this process (main), errors refused before any work or caught on the way."""
 
 import json
 import os
@@ -10,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+from lumina_jax import jobs
+from sample.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = [
@@ -178,3 +183,36 @@ def test_bad_inputs_get_one_line_and_status_2(tmp_path, case, message):
     assert run.returncode == 2
     assert message in run.stderr.splitlines()[-1]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "a digit \udcff"], "argument --prompt: 'a digit \\udcff' is not UTF-8 text"),
+        (["--prompt", "a digit", "--regions", "\udcff"], "argument --regions: '\\udcff' is not UTF-8 text"),
+        (["--prompt", "a digit", "--num-images", "100000000"], "argument --num-images: at most 1000000 images a run"),
+        (["--compile-only", "--topology", "v5e-1", "--json", "{tmp}/missing/plan.json"], "argument --json: cannot"),
+        (["--compile-only", "--topology", "v5e-1", "--json", "{tmp}"], "argument --json: cannot write"),
+    ],
+)
+def test_bad_flags_are_refused_at_parsing(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        main([flag.format(tmp=tmp_path) for flag in flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m sample: error: {message}")
+
+
+def test_a_context_drop_window_that_does_not_divide_the_token_grid_is_refused(tmp_path, capsys):
+    assert main(["--prompt", "a digit", "--context-drop", "3", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: context_drop must divide both sides of the 4x4 token grid of 32x32 px")
+
+
+def test_running_out_of_memory_on_a_cpu_gets_the_hint(tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):  # as XLA's CPU client reports it
+        raise jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate memory: 34359738368 bytes")
+
+    monkeypatch.setattr(jobs, "run_jobs", out_of_memory)
+    assert main(["--prompt", "a digit", "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: out of memory (INTERNAL: Failed to allocate memory") and "--batch-size" in error
