@@ -7,16 +7,20 @@ import weakref
 import zlib
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
+from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.models.vae import AutoencoderKLConfig
 from lumina_jax.training.batches import BatchPlan, load_batch, make_batches
 from lumina_jax.training.cache import build_cache, open_cache, pipeline_encoders
 from lumina_jax.training.data import crop_sizes, load_image, read_manifest
+from lumina_jax.training.step import TrainBatch
 
 IMAGE_SIZE, SEED, SCALE, SHIFT = 64, 0, 0.5, 0.1
 # (width, height) of the good images: squares, wide and tall ones, so crops fall into several buckets
@@ -254,6 +258,34 @@ def test_pixel_space_latents_are_the_scaled_images(dataset, tmp_path):
         mean = cache[int(index)]["mean"]
         assert mean.shape[1:] == tuple(cache.records[int(index)]["crop"])
         np.testing.assert_array_equal(batch["latents"][row], (mean - 0.5) * 2.0)
+
+
+@pytest.mark.parametrize("transformer", [NextDiTConfig(), FlagDiTConfig()], ids=["next-dit", "flag-dit"])
+def test_token_batches_are_assembled_on_the_host_with_the_values_jax_gives(cache, transformer):
+    def assert_same_tokens(got, expected):
+        assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(got))  # no device: never waits on one
+        assert jax.tree.structure(got) == jax.tree.structure(expected)
+        for ours, theirs in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            assert ours.dtype == theirs.dtype
+            np.testing.assert_array_equal(ours, theirs)
+
+    def on_device(latents, caption, mask):  # the batch as JAX assembles it
+        return TrainBatch.from_latents([jnp.asarray(x) for x in latents], caption, mask, transformer)
+
+    plan = BatchPlan(cache.latent_shapes, 2, seed=0)
+    iterator = make_batches(cache, global_batch_size=2, seed=0, tokens=transformer)
+    for step in range(4):
+        batch = load_batch(cache, plan, step, slice(None))
+        assert_same_tokens(next(iterator), on_device(batch["latents"], batch["caption"], batch["caption_mask"]))
+
+    # Images of two sizes, padded; under the guard any JAX operation (it would go through a device) raises.
+    latents = [load_batch(cache, plan, step, slice(None))["latents"][0] for step in range(6)]
+    latents = [latents[0], *[x for x in latents if x.shape != latents[0].shape][:1]]
+    assert len({x.shape for x in latents}) == 2
+    caption, mask = np.ones((2, 3, 4), np.float32), np.array([[True, True, False]] * 2)
+    with jax.transfer_guard("disallow"):
+        host = TrainBatch.from_latents(latents, caption, mask, transformer)
+    assert_same_tokens(host, on_device(latents, caption, mask))
 
 
 def assert_same_batches(got, expected):

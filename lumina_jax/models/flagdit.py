@@ -118,20 +118,22 @@ def flag_tokens(images: list[jax.Array] | jax.Array, patch: int) -> tuple[jax.Ar
     """Images [C, H_i, W_i] (or a batch [B, C, H, W]) as Flag-DiT's token sequence: each row of patches
     then an end-of-line slot, and pad slots up to the longest sequence. Returns patches [B, T, C*p*p]
     (zero in the end-of-line and pad slots), which slots are end-of-line [B, T] bool, and the real
-    tokens [B, T] bool (None when no image is padded)."""
+    tokens [B, T] bool (None when no image is padded). Numpy images give numpy arrays (a training batch
+    assembled on the host), JAX arrays JAX arrays."""
+    xp = images[0].__array_namespace__()
     lengths, rows = [], []
     for image in images:
         _, height, width = image.shape
         grid = patchify(image[None], patch)[0].reshape(height // patch, width // patch, -1)
-        rows.append(jnp.pad(grid, ((0, 0), (0, 1), (0, 0))).reshape(-1, grid.shape[-1]))
+        rows.append(xp.pad(grid, ((0, 0), (0, 1), (0, 0))).reshape(-1, grid.shape[-1]))
         lengths.append((height // patch, width // patch + 1))
     length = max(r * c for r, c in lengths)
-    patches = jnp.stack([jnp.pad(x, ((0, length - len(x)), (0, 0))) for x in rows])
+    patches = xp.stack([xp.pad(x, ((0, length - len(x)), (0, 0))) for x in rows])
     eol = np.zeros((len(rows), length), bool)
     for i, (r, c) in enumerate(lengths):
         eol[i, c - 1 : r * c : c] = True
     real = np.arange(length)[None] < np.array([[r * c for r, c in lengths]]).T
-    return patches, jnp.asarray(eol), None if real.all() else jnp.asarray(real)
+    return patches, xp.asarray(eol), None if real.all() else xp.asarray(real)
 
 
 def unflag_tokens(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:

@@ -110,19 +110,21 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
 
 
 def patchify_padded(images: list[jax.Array], patch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2], mask [B, T].
+    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2] int32, mask [B, T].
 
     Shorter sequences are padded at the end; pad tokens sit at their image's last position, as in
-    the original trainer. The model swaps their embeddings for the learned pad token.
+    the original trainer. The model swaps their embeddings for the learned pad token. Numpy images
+    give numpy arrays (a training batch assembled on the host), JAX arrays JAX arrays.
     """
+    xp = images[0].__array_namespace__()
     patches = [patchify(image[None], patch)[0] for image in images]
     grids = [grid_positions(image.shape[1] // patch, image.shape[2] // patch) for image in images]
     length = max(len(p) for p in patches)
     pad = [length - len(p) for p in patches]
     return (
-        jnp.stack([jnp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),
-        jnp.stack([jnp.asarray(np.concatenate([g, np.repeat(g[-1:], n, axis=0)])) for g, n in zip(grids, pad)]),
-        jnp.stack([jnp.arange(length) < len(p) for p in patches]),
+        xp.stack([xp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),
+        xp.asarray(np.stack([np.concatenate([g, np.repeat(g[-1:], n, axis=0)]) for g, n in zip(grids, pad)]), np.int32),
+        xp.stack([xp.arange(length) < len(p) for p in patches]),
     )
 
 

@@ -15,8 +15,11 @@ import sys
 import grain
 import numpy as np
 
+from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.training.cache import LatentCache
+from lumina_jax.training.step import TrainBatch
 
 _SHUFFLE, _POSTERIOR = 0, 1  # keep the two random streams apart
 
@@ -78,6 +81,11 @@ def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> d
     }
 
 
+def host_tokens(batch: dict[str, np.ndarray], transformer: NextDiTConfig | FlagDiTConfig) -> TrainBatch:
+    """A batch of `load_batch` as the transformer's tokens, numpy arrays made on the host."""
+    return TrainBatch.from_latents(list(batch["latents"]), batch["caption"], batch["caption_mask"], transformer)
+
+
 def make_batches(
     cache: LatentCache,
     *,
@@ -87,13 +95,16 @@ def make_batches(
     process_count: int = 1,
     num_threads: int = 4,
     prefetch: int = 8,
+    tokens: NextDiTConfig | FlagDiTConfig | None = None,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's share of each global batch: {"latents" [b, C, H, W]
     float32, "caption" [b, L, D] float32, "caption_mask" [b, L] bool}, b = global_batch_size //
-    process_count, L the longest caption of the global batch rounded up to 32, 64, 128 or 256.
+    process_count, L the longest caption of the global batch rounded up to 32, 64, 128 or 256; or,
+    given the transformer's config as `tokens`, that share as a `TrainBatch` of numpy arrays.
 
-    Batches are read by `num_threads` threads, `prefetch` ahead. The iterator's `get_state()` is a
-    small JSON-serialisable dict; `set_state(state)` on a fresh iterator resumes from it.
+    Batches are read and assembled by `num_threads` threads, `prefetch` ahead of the training step (which
+    they never wait for: they are numpy). The iterator's `get_state()` is a small JSON-serialisable dict;
+    `set_state(state)` on a fresh iterator resumes from it.
     """
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
@@ -106,4 +117,6 @@ def make_batches(
     rows = slice(process_index * per_process, (process_index + 1) * per_process)
     steps = grain.MapDataset.range(sys.maxsize)  # endless: step i is read as batch i
     batches = steps.map(functools.partial(load_batch, cache, plan, rows=rows))
+    if tokens is not None:
+        batches = batches.map(functools.partial(host_tokens, transformer=tokens))
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

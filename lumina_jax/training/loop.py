@@ -150,13 +150,10 @@ def peak_flops(config: TrainConfig) -> float | None:
     return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
 
 
-def global_batch(host_batch: dict, transformer: NextDiTConfig | FlagDiTConfig, mesh) -> TrainBatch:
-    """This host's rows as the global, sharded TrainBatch of the transformer's tokens."""
-    rows = TrainBatch.from_latents(
-        list(host_batch["latents"]), host_batch["caption"], host_batch["caption_mask"], transformer
-    )
+def global_batch(rows: TrainBatch, mesh) -> TrainBatch:
+    """This host's rows (numpy, from `make_batches(tokens=...)`) as the global, sharded TrainBatch."""
     placement = sharding.batch_sharding(mesh)
-    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(placement, np.asarray(rows)), rows)
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(placement, rows), rows)
 
 
 def prepare_data(config: TrainConfig) -> None:
@@ -262,6 +259,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            tokens=transformer,
         )
         if resumed_at is None:
             model = initial_transformer(config, mesh)
@@ -292,7 +290,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
 
         skipped, preempted, step = 0, False, start_step
         while step < config.steps:
-            batch = global_batch(next(batches), transformer, mesh)
+            batch = global_batch(next(batches), mesh)
             signature = (batch.patches.shape, batch.caption.shape)
             if signature not in flops_per_step:  # one program per batch shape; its FLOPs give the MFU
                 lowered = train_step.lower(unrolled, state, batch, *empty, **options, **hyper)

@@ -57,11 +57,13 @@ class TrainBatch:
         cls, latents: list[jax.Array], caption, caption_mask, config: NextDiTConfig | FlagDiTConfig
     ) -> "TrainBatch":
         """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L], as tokens of
-        the transformer `config` describes."""
-        caption, caption_mask = jnp.asarray(caption), jnp.asarray(caption_mask)
+        the transformer `config` describes. Numpy latents give a batch of numpy arrays, assembled on the
+        host without waiting for the device; JAX arrays a batch of JAX arrays."""
+        xp = latents[0].__array_namespace__()
+        caption, caption_mask = xp.asarray(caption), xp.asarray(caption_mask)
         if isinstance(config, FlagDiTConfig):
             patches, end_of_line, real = flag_tokens(latents, config.patch_size)
-            token_mask = jnp.ones(end_of_line.shape, bool) if real is None else real
+            token_mask = xp.ones(end_of_line.shape, bool) if real is None else real
             return cls(patches, None, token_mask, caption, caption_mask, end_of_line)
         patches, positions, token_mask = patchify_padded(latents, config.patch_size)
         return cls(patches, positions, token_mask, caption, caption_mask)
