@@ -5,6 +5,7 @@ import gc
 import json
 import weakref
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -194,6 +195,22 @@ def test_examples_without_a_caption_are_refused_before_anything_is_written(datas
                 image_size=IMAGE_SIZE,
             )
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_data_set_of_unusable_images_writes_no_cache(dataset, tmp_path):
+    """Every image corrupt, missing or too small: the build says so and the cache never reads as complete."""
+    unusable = [e for e in read_manifest(dataset) if Path(e.image).name in ("corrupt.png", "missing.png", "tiny.png")]
+    with pytest.raises(ValueError, match=r"none of the 3 images could be used \(the first, .*train.jsonl:4: OSError"):
+        build_cache(
+            unusable,
+            tmp_path / "cache",
+            encode_images=PoolingEncoder(),
+            encode_text=hash_text,
+            image_size=IMAGE_SIZE,
+            progress=False,
+        )
+    with pytest.raises(FileNotFoundError):
+        open_cache(tmp_path / "cache")
 
 
 def test_open_cache_without_a_cache(tmp_path):

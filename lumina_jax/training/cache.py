@@ -160,6 +160,12 @@ def build_cache(
         "skipped": len(skipped),
         "skipped_images": skipped,
     }
+    if not metadata["examples"]:  # a cache of nothing would load as complete and fail only when batched
+        first = skipped[0]
+        raise ValueError(
+            f"{out_dir}: none of the {len(skipped)} images could be used (the first, {first['source']}: "
+            f"{first['reason']}; the log lists every one)"
+        )
     if process_index == 0:
         _write_json(out_dir / COMPLETE_FILE, metadata)
         logger.info(f"cache {out_dir}: {metadata['examples']} examples, {len(skipped)} images skipped")
