@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,3 +118,44 @@ def test_a_killed_conversion_never_leaves_a_loadable_half(tmp_path):
         else:
             outcomes.add("absent")
     assert "complete" in outcomes  # the last run was given time to finish
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_overwrite_never_deletes_what_we_did_not_write(tmp_path, monkeypatch, capsys):
+    """--overwrite refuses a destination that holds the source, the working directory or foreign files, and
+    deletes nothing; it replaces an earlier output of ours."""
+    models = tmp_path / "models"
+    shutil.copytree(ORIGINAL, models / "original")
+    (models / "notes.txt").write_text("mine")
+    work = models / "work"
+    work.mkdir()
+    (work / "run.log").write_text("today's")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    refusals = [
+        (models, "is or contains the source"),  # an ancestor of SRC and of the working directory
+        (models / "original", "is or contains the source"),
+        (work, "is or contains the working directory"),
+        (Path(".."), "is or contains the source"),
+    ]
+    for destination, why in refusals:
+        assert main([str(models / "original"), str(destination), "--overwrite"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {destination} ") and why in error and error.count("\n") == 1, error
+    monkeypatch.chdir(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    assert main([str(models / "original"), str(foreign), "--overwrite"]) == 2
+    assert "not an earlier output of lumina-jax" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {**before, "foreign/thesis.tex": b"years of work"}
+    # an earlier output of ours is replaced, and no temporary folder is left beside it
+    ours = tmp_path / "ours"
+    assert main([str(models / "original"), str(ours), "--ema"]) == 0
+    assert (ours / orbax_io.MARKER).is_file()
+    assert main([str(models / "original"), str(ours), "--overwrite"]) == 0
+    np.testing.assert_array_equal(run(load_transformer(ours, progress=False)), run(load_transformer(ORIGINAL)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "models", "ours"]

@@ -265,12 +265,18 @@ def test_a_failing_run_releases_what_it_opened(base, tmp_path, monkeypatch, fail
     assert not [f for f in open_files() if f.startswith(str(tmp_path))]
 
 
-def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
-    config_file = tmp_path / "tiny.py"
-    fields = {**dataclasses.asdict(base), "workdir": str(tmp_path / "run"), "steps": 2}
-    config_file.write_text(
+def write_config_file(config: TrainConfig, path) -> str:
+    """A config file for python -m train whose get_config() returns `config`."""
+    path.write_text(
         "from lumina_jax.training.config import TrainConfig\n\n"
-        f"def get_config():\n    return TrainConfig(**{fields!r})\n"
+        f"def get_config():\n    return TrainConfig(**{dataclasses.asdict(config)!r})\n"
+    )
+    return str(path)
+
+
+def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
+    config_file = write_config_file(
+        dataclasses.replace(base, workdir=str(tmp_path / "run"), steps=2), tmp_path / "tiny.py"
     )
     assert train_main(["--config", str(config_file), "--no-progress", "steps=3"]) == 0
     assert "done: step 3" in capsys.readouterr().out
@@ -290,3 +296,23 @@ def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert train_main(["export", "--config", str(config_file), "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_export_replaces_only_an_earlier_export_and_with_overwrite(base, tmp_path, capsys):
+    run(base, tmp_path / "run", steps=1)  # writes run/pipeline, an export of ours
+    config_file = write_config_file(dataclasses.replace(base, workdir=str(tmp_path / "run")), tmp_path / "tiny.py")
+    export = ["export", "--config", config_file]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert train_main([*export, "--out", str(foreign), "--overwrite"]) == 2
+    assert f"error: {foreign} is not an earlier output of lumina-jax" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    weights = tmp_path / "run" / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"
+    earlier = weights.stat().st_mtime_ns
+    assert train_main(export) == 2
+    assert "already exists; choose another output or pass --overwrite" in capsys.readouterr().err
+    assert weights.stat().st_mtime_ns == earlier
+    assert train_main([*export, "--overwrite"]) == 0
+    assert weights.stat().st_mtime_ns != earlier
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # nothing left aside

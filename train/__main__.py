@@ -1,6 +1,6 @@
 """python -m train --config CONFIG [field=value ...]   train (resumes from the newest checkpoint)
 python -m train cache --config CONFIG [field=value ...]   encode the config's manifest into its cache
-python -m train export --config CONFIG [--step N] [--out PATH]   a checkpoint's EMA weights as a pipeline folder
+python -m train export --config CONFIG [--step N] [--out PATH] [--overwrite]   EMA weights as a pipeline folder
 python -m train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
 
 CONFIG is a name from train/configs/ (e.g. digits) or a path to a Python file defining get_config().
@@ -70,6 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if command == "export":
             parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
             parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")
+            parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(rest)
     args.command = command
     if getattr(args, "compile_only", False) and not args.topology:
@@ -113,7 +114,13 @@ def run(args: argparse.Namespace) -> int:
         loop.prepare_data(config)
         return 0
     if args.command == "export":
-        out = loop.export_checkpoint(config, args.out or f"{config.workdir}/pipeline", args.step)
+        try:
+            out = loop.export_checkpoint(
+                config, args.out or f"{config.workdir}/pipeline", args.step, overwrite=args.overwrite
+            )
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"pipeline with the EMA weights: {out}")
         return 0
     try:

@@ -201,12 +201,15 @@ def prepare_data(config: TrainConfig) -> None:
     )
 
 
-def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path) -> Path:
+def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path, *, overwrite: bool = True) -> Path:
     """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout
-    (a Flag-DiT, which has none, in ours)."""
+    (a Flag-DiT, which has none, in ours). With `overwrite` it replaces an earlier export (never a folder we
+    did not write, the base pipeline or the checkpoints)."""
     model = nnx.merge(graphdef, jax.device_get(ema_params))
-    with orbax_io.atomic_folder(destination, overwrite=True) as folder:
-        for item in base_pipeline(config).iterdir():
+    base = base_pipeline(config)
+    keep = (base, Path(config.workdir) / "checkpoints")
+    with orbax_io.atomic_folder(destination, overwrite=overwrite, keep=keep) as folder:
+        for item in base.iterdir():
             if item.name != "transformer":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         if isinstance(model, FlagDiT):
@@ -217,12 +220,15 @@ def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path
     return destination
 
 
-def export_checkpoint(config: TrainConfig, destination: str | Path, step: int | None = None) -> Path:
+def export_checkpoint(
+    config: TrainConfig, destination: str | Path, step: int | None = None, *, overwrite: bool = False
+) -> Path:
     """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
+    orbax_io.check_destination(destination, overwrite=overwrite)  # before the restore
     with Checkpointer(Path(config.workdir) / "checkpoints") as checkpoints:
         abstract = nnx.eval_shape(transformer_factory(config, saved_architecture(config, checkpoints, step)))
         state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
-    return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination))
+    return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination), overwrite=overwrite)
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:

@@ -36,7 +36,7 @@ def convert_pipeline(
     missing = [name for name in needed if not (source / name).exists()]
     if missing:
         raise ValueError(f"{source}: a Lumina pipeline folder needs {', '.join(missing)}")
-    with orbax_io.atomic_folder(destination, overwrite=overwrite) as folder:
+    with orbax_io.atomic_folder(destination, overwrite=overwrite, keep=(source,)) as folder:
         options = dict(dtype=dtype, progress=progress)
         convert_transformer(source / "transformer", folder / "transformer", **options)
         text_encoder_family(source / "text_encoder").convert(
@@ -80,7 +80,8 @@ def assemble_pipeline(
         raise ValueError(
             f"{tokenizer}: no tokenizer beside the text encoder (expected one of {', '.join(hub.TOKENIZER_FILES)})"
         )
-    with orbax_io.atomic_folder(destination, overwrite=overwrite) as folder:
+    parts = (transformer, text_encoder, vae, tokenizer)
+    with orbax_io.atomic_folder(destination, overwrite=overwrite, keep=parts) as folder:
         options = dict(dtype=dtype, progress=progress)
         convert_transformer(transformer, folder / "transformer", ema=ema, **options)
         encoder = text_encoder_family(encoder_folder)

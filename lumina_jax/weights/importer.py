@@ -128,9 +128,12 @@ def convert_checkpoint(
     """Import a PyTorch checkpoint and write it in our format (config.json, Orbax params/), atomically."""
     if checkpoint.tensors is None:
         raise ValueError(f"{checkpoint.path} is already in our format; load it directly")
+    orbax_io.check_destination(destination, overwrite=overwrite, keep=(checkpoint.path,))  # before the reading
     # Orbax copies numpy leaves while saving but not device arrays: hand it device arrays.
     params = to_device(import_params(checkpoint, resolve_dtype(dtype), progress=progress))
-    return orbax_io.write_converted(destination, checkpoint.config.to_dict(), params, overwrite=overwrite)
+    return orbax_io.write_converted(
+        destination, checkpoint.config.to_dict(), params, overwrite=overwrite, keep=(checkpoint.path,)
+    )
 
 
 def resolve_dtype(dtype: str | Any) -> Any:

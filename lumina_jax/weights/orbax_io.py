@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -19,6 +19,9 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+# In every folder atomic_folder writes: what --overwrite may replace (never a folder we did not write).
+MARKER = ".lumina-jax-output"
+MARKER_TEXT = "Written by lumina-jax: --overwrite may replace this folder.\n"
 
 
 def _in_flight_gb(tree: dict) -> int:
@@ -33,28 +36,68 @@ def is_converted(folder: Path) -> bool:
     return (folder / PARAMS_DIR).is_dir() and (folder / CONFIG_FILE).is_file()
 
 
-@contextlib.contextmanager
-def atomic_folder(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; it becomes `destination` only if the block succeeds."""
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
+def check_destination(
+    destination: str | os.PathLike, *, overwrite: bool, keep: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Raise unless writing `destination` can lose nothing: it must not be, or contain, the working directory
+    or any of `keep` (the sources), and may exist only with `overwrite`, as an earlier output of ours (it
+    holds MARKER) or an empty folder."""
+    destination, resolved = Path(destination), Path(destination).resolve()
+    for kept, what in [*((Path(path), "the source") for path in keep), (Path.cwd(), "the working directory")]:
+        if resolved == kept.resolve() or resolved in kept.resolve().parents:
+            raise FileExistsError(f"{destination} is or contains {what} ({kept}); choose another output")
+    if not destination.exists() and not destination.is_symlink():
+        return
+    if not overwrite:
         raise FileExistsError(f"{destination} already exists; choose another output or pass --overwrite")
+    if not destination.is_dir() or not ((destination / MARKER).is_file() or not any(destination.iterdir())):
+        raise FileExistsError(
+            f"{destination} is not an earlier output of lumina-jax (no {MARKER} in it), so --overwrite leaves it "
+            "alone; choose another output, or delete it yourself"
+        )
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    destination: str | os.PathLike, *, overwrite: bool = False, keep: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; it becomes `destination` (marked as ours) only if the block
+    succeeds. With `overwrite` it replaces an earlier output of ours (`check_destination`); the old folder
+    is renamed aside before the new one is renamed in, and deleted only then."""
+    destination = Path(destination)
+    check_destination(destination, overwrite=overwrite, keep=keep)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
         yield partial
+        (partial / MARKER).write_text(MARKER_TEXT)
         if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(partial, destination)
+            replaced = destination.parent / f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.replace(destination, replaced)
+            try:
+                os.replace(partial, destination)
+            except OSError:
+                os.replace(replaced, destination)
+                raise
+            shutil.rmtree(replaced)
+        else:
+            os.replace(partial, destination)
     finally:
         if partial.exists():
             shutil.rmtree(partial)
 
 
-def write_converted(destination: str | os.PathLike, config: dict, params: dict, *, overwrite: bool = False) -> Path:
-    """Write config.json and the Orbax params of one model as `destination`, atomically."""
-    with atomic_folder(destination, overwrite=overwrite) as folder:
+def write_converted(
+    destination: str | os.PathLike,
+    config: dict,
+    params: dict,
+    *,
+    overwrite: bool = False,
+    keep: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write config.json and the Orbax params of one model as `destination`, atomically (`atomic_folder`)."""
+    with atomic_folder(destination, overwrite=overwrite, keep=keep) as folder:
         write_config(folder, config)
         save_params(folder, params)
     return Path(destination)
