@@ -3,9 +3,10 @@
 python tests/checkpoint_checks.py meshes DIR   (XLA_FLAGS=--xla_force_host_platform_device_count=8)
     saves a training state laid out for fsdp=8, restores it under data=2 x fsdp=4 and onto one
     device; prints the measurements as JSON.
-python tests/checkpoint_checks.py killed DIR
-    saves step 1 and waits for it, starts an asynchronous save of a large step 2, prints
-    SAVING_MARKER and waits for the save: the test kills the process before it completes.
+python tests/checkpoint_checks.py saving DIR
+    saves step 1 (unless DIR holds it) and waits for it, starts an asynchronous save of a large step 2,
+    prints SAVING_MARKER and waits for the save, then prints SAVED_MARKER: a test kills the process
+    before the save completes, or opens DIR beside it.
 """
 
 import json
@@ -22,13 +23,14 @@ from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abst
 from lumina_jax.training.step import make_optimizer
 
 SAVING_MARKER = "step 2 is being saved"
+SAVED_MARKER = "step 2 saved"
 READY_MARKER = "stepping"
 LARGE_STATE_BYTES = 512 * 2**20
 RESTORE_MESHES = {"data2_fsdp4": dict(data=2, fsdp=4), "one_device": None}
 
 
 def small_state(seed: int = 1) -> dict:
-    """The killed run's complete step: a few arrays of several dtypes."""
+    """The complete step 1 of the saving run: a few arrays of several dtypes."""
     rng = np.random.default_rng(seed)
     return {
         "weights": [jnp.asarray(rng.standard_normal((3, 5), np.float32)), jnp.asarray(rng.standard_normal(7))],
@@ -45,14 +47,14 @@ def large_state() -> dict:
     return {"weights": weights, "count": jnp.int32(2)}
 
 
-def killed(directory: str) -> None:
+def saving(directory: str) -> None:
     checkpointer = Checkpointer(directory)
     checkpointer.save(1, small_state())
     checkpointer.wait_until_finished()
     checkpointer.save(2, large_state())  # returns when the arrays are copied; the writing goes on
     print(SAVING_MARKER, flush=True)
     checkpointer.wait_until_finished()
-    print("step 2 saved", flush=True)
+    print(SAVED_MARKER, flush=True)
 
 
 def host(tree) -> list[np.ndarray]:
@@ -113,8 +115,8 @@ def preempted(process_id: int, port: int) -> None:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    if mode == "killed":
-        killed(*args)
+    if mode == "saving":
+        saving(*args)
     elif mode == "preempted":
         preempted(*map(int, args))
     else:

@@ -121,7 +121,7 @@ def test_restore_onto_other_meshes(tmp_path):
 
 
 def test_a_save_killed_midway_leaves_the_previous_step(tmp_path):
-    child = script("killed", tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = script("saving", tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert child.stdout.readline().strip() == SAVING_MARKER
         # Orbax makes step 2's temporary folder on its own thread: kill once it is there (a loaded CI

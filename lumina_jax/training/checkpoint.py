@@ -4,7 +4,7 @@ A checkpoint is one step folder with two items: "state", the TrainState (params,
 state, step, RNG, skip counter) as a nested dict of plain arrays named by their paths, and "extra",
 JSON (the data iterator's state, the config). Orbax writes a step under a temporary name and renames
 it when whole, so a process killed mid-save leaves the earlier steps as they were and the partial
-folder is never listed as a step (it is deleted when a Checkpointer next opens the folder).
+folder is never listed as a step (it is deleted when a Checkpointer next opens the folder to write).
 Restoring reads into the shardings of a target, so a checkpoint written on one mesh loads onto
 another mesh shape or onto one device.
 """
@@ -97,6 +97,8 @@ def abstract_train_state(
 
 class Checkpointer:
     """Saves the training state every `save_interval_steps` steps, asynchronously, keeping the last `keep`.
+    With `read_only` it restores and deletes nothing: open so a folder a training may be writing (a writer
+    deletes temporary step folders, the one of a save in flight among them).
 
     With async_save, `save` returns once the arrays are copied off the accelerator, so the caller may
     donate or change the state at once; the files are written in the background while training goes
@@ -104,17 +106,26 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         if keep < 1 or save_interval_steps < 1:
             raise ValueError(f"keep ({keep}) and save_interval_steps ({save_interval_steps}) must be at least 1")
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # partial steps of killed saves
-        )
+        if read_only:  # a reader beside a running training, whose save in flight is a temporary folder
+            options = ocp.CheckpointManagerOptions(read_only=True)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=save_interval_steps,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # partial steps of killed saves
+            )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
 
     def save(self, step: int, state, extra: dict | None = None, *, force: bool = False) -> bool:

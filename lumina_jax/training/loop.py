@@ -225,7 +225,7 @@ def export_checkpoint(
 ) -> Path:
     """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
     orbax_io.check_destination(destination, overwrite=overwrite)  # before the restore
-    with Checkpointer(Path(config.workdir) / "checkpoints") as checkpoints:
+    with Checkpointer(Path(config.workdir) / "checkpoints", read_only=True) as checkpoints:
         abstract = nnx.eval_shape(transformer_factory(config, saved_architecture(config, checkpoints, step)))
         state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
     return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination), overwrite=overwrite)
