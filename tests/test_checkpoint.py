@@ -161,6 +161,17 @@ def test_sigterm_sets_the_flag_and_close_restores_the_handler():
         signal.signal(signal.SIGTERM, original)
 
 
+def test_a_ctrl_c_sets_the_flag_and_a_second_interrupts():
+    previous = signal.getsignal(signal.SIGINT)
+    with PreemptionWatcher() as watcher:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: training saves, then stops
+        assert watcher.should_stop(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_processes_agree_on_the_step_to_stop_after_a_sigterm_to_one():
     port = free_port()
     processes = [script("preempted", rank, port, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]

@@ -208,20 +208,22 @@ def test_sample_settings_are_checked_before_the_run_starts(base, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_sigterm_saves_and_stops_then_the_run_finishes(base, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # a preemption notice, a Ctrl-C
+def test_a_signal_saves_and_stops_then_the_run_finishes(base, tmp_path, signum):
     log = tmp_path / "metrics.jsonl"
+    handler = signal.getsignal(signum)
 
     def preempt_after_first_step():
         while not (log.exists() and log.read_text().strip()):
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
     threading.Thread(target=preempt_after_first_step, daemon=True).start()
     summary = run(base, tmp_path, steps=1000)
     assert summary.preempted and 1 <= summary.step < 1000 and summary.export is None
     with Checkpointer(tmp_path / "checkpoints", keep=3, save_interval_steps=base.save_every) as checkpoints:
         assert checkpoints.latest_step() == summary.step
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the watcher put the default back
+    assert signal.getsignal(signum) is handler  # the watcher put the previous handler back
     finished = run(base, tmp_path, steps=summary.step + 1)
     assert not finished.preempted and finished.step == summary.step + 1
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, summary.step + 2))

@@ -192,26 +192,29 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-    """Notices a preemption notice (SIGTERM) so that training can save and exit at a step all
-    processes agree on: `if watcher.should_stop(step): save(force=True); wait; exit`.
+    """Notices a preemption notice (SIGTERM) or a Ctrl-C (SIGINT) so that training can save and exit at a
+    step all processes agree on: `if watcher.should_stop(step): save(force=True); wait; exit`.
 
-    One process: a SIGTERM handler sets `requested`, which `should_stop` returns; `close` puts the
-    previous handler back. Several processes (`jax.distributed.initialize`): JAX's preemption service
-    already handles SIGTERM (a Python handler would displace it) and agrees on the first step every
-    process can still reach; `should_stop` asks it, so every process must call it at every step.
+    One process: a handler of both signals sets `requested`, which `should_stop` returns; a second Ctrl-C
+    interrupts at once (the first puts SIGINT's previous handler back); `close` puts the previous handlers
+    back. Several processes (`jax.distributed.initialize`): JAX's preemption service already handles
+    SIGTERM (a Python handler would displace it) and agrees on the first step every process can still
+    reach; `should_stop` asks it, so every process must call it at every step. A Ctrl-C reaches one process
+    only, which could not stop alone: it interrupts as usual.
     """
 
-    def __init__(self, signum: int = signal.SIGTERM):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested = False
-        self._signum = signum
         self._distributed = jax.process_count() > 1
-        self._installed = not self._distributed
-        if self._installed:
-            # None when the handler was set outside Python: the default is put back then
-            self._previous_handler = signal.signal(signum, self._on_signal) or signal.SIG_DFL
+        # A signal ignored stays ignored (SIGINT in a background job); a handler set outside Python reads as
+        # None: the default is put back then.
+        watched = [] if self._distributed else [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
+        self._previous = {s: signal.signal(s, self._on_signal) or signal.SIG_DFL for s in watched}
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts the save too
+            signal.signal(signum, self._previous[signum])
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after `step`: the same answer on every process."""
@@ -220,9 +223,9 @@ class PreemptionWatcher:
         return self.requested
 
     def close(self) -> None:
-        if self._installed:
-            signal.signal(self._signum, self._previous_handler)
-            self._installed = False
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def __enter__(self) -> "PreemptionWatcher":
         return self
