@@ -296,7 +296,7 @@ def test_cli_trains_from_a_config_file(base, tmp_path, capsys):
     assert "steps=2: nothing to train" in capsys.readouterr().err
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
     # Export: a step the run does not hold, a file where the folder goes
-    assert train_main(["export", "--config", str(config_file), "--step", "999"]) == 2
+    assert train_main(["export", "--config", str(config_file), "--step", "999", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: no checkpoint of step 999 in ")
     (tmp_path / "file").write_text("")
     assert train_main(["export", "--config", str(config_file), "--out", str(tmp_path / "file")]) == 2
