@@ -14,7 +14,7 @@ from pathlib import Path
 from lumina_jax import tpu
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.sharding import make_mesh
-from lumina_jax.training.compile_only import largest_per_chip_batch, plan_train_step
+from lumina_jax.training.compile_only import largest_per_chip_batch, model_flops, plan_train_step
 from lumina_jax.training.config import apply_overrides, load_config
 
 # (slice, height = width, images) of the pipeline, one chip each; 30 steps with CFG, bfloat16 transformer
@@ -69,7 +69,8 @@ def training_rows(log) -> list[dict]:
                 "remat": config.remat,
                 "batch_size": config.batch_size,
                 "largest_per_chip_batch": largest,
-                "flops_per_step": flops and flops * target.chips,
+                "model_flops_per_step": model_flops(config),
+                "compiled_flops_per_step": flops and flops * target.chips,
                 "seconds": time.perf_counter() - started,
                 **plan.to_json(),
             }

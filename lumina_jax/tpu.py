@@ -26,15 +26,14 @@ class Generation:
     device_kind: str  # what jax.Device.device_kind says
     hbm_bytes: int  # per chip: what XLA lets a program use (its RESOURCE_EXHAUSTED message names it)
     megacore: bool  # two TensorCores act as one device; slice names count cores, not chips
-    peak_bf16_flops: float  # per chip, dense
 
 
 # The HBM figures are those the compiler states (libtpu 0.0.42.1): 16, 32, 95 and 32 GiB chips less a reserve.
 GENERATIONS = {
-    "v4": Generation("v4", "TPU v4", int(30.75 * GiB), True, 275e12),
-    "v5e": Generation("v5e", "TPU v5 lite", int(15.75 * GiB), False, 197e12),
-    "v5p": Generation("v5p", "TPU v5", int(95.74 * GiB), True, 459e12),
-    "v6e": Generation("v6e", "TPU v6 lite", int(31.25 * GiB), False, 918e12),
+    "v4": Generation("v4", "TPU v4", int(30.75 * GiB), True),
+    "v5e": Generation("v5e", "TPU v5 lite", int(15.75 * GiB), False),
+    "v5p": Generation("v5p", "TPU v5", int(95.74 * GiB), True),
+    "v6e": Generation("v6e", "TPU v6 lite", int(31.25 * GiB), False),
 }
 # Chip grids of the slices Cloud TPU sells: 2D for v5e and v6e, 3D for v4 and v5p.
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}

@@ -21,6 +21,7 @@ from lumina_jax import tpu  # noqa: E402
 from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
 from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
+from lumina_jax.peak_flops import PEAK_BF16_FLOPS  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
@@ -116,6 +117,12 @@ def test_hbm_table_is_what_the_compiler_allows(generation):
     refused = tpu.compile_program("huge", jax.jit(needs_200_gib).lower(huge))
     available = re.search(r"available HBM \(([\d.]+)G\)", refused.refused)
     assert available and round(float(available[1]) * tpu.GiB) == pytest.approx(target.hbm_bytes, abs=2**20)
+
+
+@pytest.mark.parametrize("generation", sorted(tpu.GENERATIONS))
+def test_peak_flops_are_known_by_the_device_kind_libtpu_reports(generation):
+    kind = tpu.compile_devices(tpu.tpu_slice(f"{generation}-8"))[0].device_kind
+    assert kind == tpu.GENERATIONS[generation].device_kind and kind in PEAK_BF16_FLOPS
 
 
 def test_splash_attention_compiles_through_mosaic_forward_and_backward():

@@ -27,6 +27,7 @@ from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training import digits, loop
 from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.flops import train_step_flops
 from train.__main__ import main as train_main
 from train.configs.digits_flag_dit import SIZES
 
@@ -349,3 +350,11 @@ def test_an_export_beside_a_save_in_flight_leaves_the_save_whole(base, tmp_path)
     assert saving.returncode == 0 and checkpoint_checks.SAVED_MARKER in stdout, stderr[-3000:]
     with Checkpointer(checkpoints, read_only=True) as checkpointer:
         assert checkpointer.all_steps() == [1, 2]  # Orbax lists a step once it is whole
+
+
+def test_mfu_counts_the_model_flops_of_each_step(base, tmp_path):
+    run(base, tmp_path, steps=2, peak_flops=1e12)
+    tokens = (base.image_size // TINY.patch_size) ** 2
+    flops = train_step_flops(TINY, base.batch_size, tokens, 32)  # the digits' captions: the 32-token bucket
+    for record in metrics(tmp_path):
+        assert record["mfu"] == pytest.approx(flops * record["steps_per_s"] / (1e12 * jax.device_count()))

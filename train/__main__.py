@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def compile_only(config, args: argparse.Namespace) -> int:
     from lumina_jax import tpu
+    from lumina_jax.peak_flops import PEAK_BF16_FLOPS
     from lumina_jax.training import compile_only as step_plan
 
     try:
@@ -147,15 +148,22 @@ def compile_only(config, args: argparse.Namespace) -> int:
         plan = step_plan.plan_train_step(config, target)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         return fail(e)
-    flops = plan.programs[0].flops
-    chips = target.chips
+    flops, chips = plan.programs[0].flops, target.chips
+    model_flops = step_plan.model_flops(config)
     print(
         f"{args.config}: {config.batch_size} images of {config.image_size} px a step, remat {config.remat}, "
         f"mesh data={config.mesh_data} fsdp={config.mesh_fsdp} tensor={config.mesh_tensor}"
     )
     print(plan.summary())
+    peak = PEAK_BF16_FLOPS[target.generation.device_kind] * chips
+    print(
+        f"step: {model_flops / 1e12:.2f} TFLOP of model FLOPs (what MFU counts), at least "
+        f"{model_flops / peak * 1e3:.1f} ms at the slice's bfloat16 peak"
+    )
     if flops:
-        print(f"step: {flops * chips / 1e12:.1f} TFLOP ({flops / 1e12:.2f} per chip)")
+        print(
+            f"as compiled: {flops * chips / 1e12:.2f} TFLOP ({flops / 1e12:.3f} per chip; remat recomputation included)"
+        )
     largest = None
     if not args.no_batch_search:
         print("largest batch per chip:")
@@ -166,7 +174,8 @@ def compile_only(config, args: argparse.Namespace) -> int:
             "config": args.config,
             **plan.to_json(),
             "batch_size": config.batch_size,
-            "flops_per_step": flops and flops * chips,
+            "model_flops_per_step": model_flops,
+            "compiled_flops_per_step": flops and flops * chips,
             "largest_per_chip_batch": largest,
         }
         Path(args.json).write_text(json.dumps(figures, indent=1))

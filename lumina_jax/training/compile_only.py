@@ -20,6 +20,7 @@ from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
 from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.loop import make_run_optimizer, transformer_factory
 from lumina_jax.training.step import TrainBatch, train_step
 
@@ -31,19 +32,26 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
-def planned_architecture(config: TrainConfig) -> tuple[NextDiTConfig | FlagDiTConfig, int]:
-    """The transformer the run trains and its image pixels per latent pixel, from config files alone: the
-    pipeline's (a folder of them, or a released name), whose transformer/config.json a fine-tuning run
-    starts from. A from-scratch run whose pipeline is not written yet (by `prepare`, as the digits
-    config's) is planned in pixel space when its model has 1 (grey) or 3 (RGB) channels, as
+def planned_step(config: TrainConfig) -> tuple[NextDiTConfig | FlagDiTConfig, int, int]:
+    """The transformer the run trains, and the image tokens and caption tokens of the step planned:
+    square crops of `image_size` (the most tokens a multi-aspect batch holds), captions of the longest
+    bucket. From config files alone: the pipeline's (a folder of them, or a released name), whose
+    transformer/config.json a fine-tuning run starts from and whose VAE sets the latent size. A
+    from-scratch run whose pipeline is not written yet (by `prepare`, as the digits config's) is
+    planned in pixel space when its model has 1 (grey) or 3 (RGB) channels, as
     `cache.pipeline_encoders` feeds one without a VAE."""
     try:
         pipe = LuminaPipeline.abstract(config.pipeline, config.compute_dtype)
+        cfg = config.transformer if config.init == "scratch" else pipe.transformer.config
+        latent_scale = pipe.latent_scale
     except FileNotFoundError:
         if config.init == "pretrained" or config.transformer.in_channels not in (1, 3):
             raise
-        return config.transformer, 1
-    return (config.transformer if config.init == "scratch" else pipe.transformer.config), pipe.latent_scale
+        cfg, latent_scale = config.transformer, 1
+    side = config.image_size // (latent_scale * cfg.patch_size)
+    # Flag-DiT: rows of tokens, each closed by an end-of-line slot
+    tokens = side * (side + 1) if isinstance(cfg, FlagDiTConfig) else side * side
+    return cfg, tokens, CAPTION_BUCKETS[-1]
 
 
 def lower_train_step(
@@ -51,23 +59,19 @@ def lower_train_step(
 ) -> tuple[jax.stages.Lowered, int]:
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
     chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
-    the layers in a Python loop, not a scan, for counting FLOPs (`step.unrolled_graphdef`)."""
-    transformer, latent_scale = planned_architecture(config)
-    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=transformer)))
+    the layers in a Python loop, not a scan, for counting FLOPs (XLA counts a loop's body once)."""
+    cfg, tokens, caption = planned_step(config)
+    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
     model.scan_layers = model.scan_layers and not unroll_layers
-    cfg = model.config
     optimizer = make_run_optimizer(config)
     state = abstract_train_state(model, optimizer, mesh)
-    side = config.image_size // (latent_scale * cfg.patch_size)
-    caption = CAPTION_BUCKETS[-1]
     rows = sharding.batch_sharding(mesh)
     everywhere = NamedSharding(mesh, PartitionSpec())
 
     def struct(shape, dtype, where=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-    flag = isinstance(cfg, FlagDiTConfig)  # rows of tokens, each closed by an end-of-line slot
-    tokens = side * (side + 1) if flag else side * side
+    flag = isinstance(cfg, FlagDiTConfig)
     batch = TrainBatch(
         patches=struct((batch_size, tokens, cfg.in_channels * cfg.patch_size**2), jnp.float32),
         positions=None if flag else struct((batch_size, tokens, 2), jnp.int32),
@@ -98,7 +102,8 @@ def plan_train_step(
     config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: int | None = None, *, count_flops: bool = True
 ) -> tpu.MemoryPlan:
     """The train step's plan for the slice with `per_chip_batch` images per batch shard (data x fsdp;
-    default: the config's batch); with count_flops, its FLOPs per chip, counted on the unrolled layers."""
+    default: the config's batch); with count_flops, the program's FLOPs per chip as XLA counts them: what
+    remat recomputes and the elementwise work included, attention as XLA's dot products."""
     mesh = run_mesh(config, tpu.compile_devices(target))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % shards:
@@ -115,6 +120,12 @@ def plan_train_step(
         flops = (unrolled.cost_analysis() or {}).get("flops")
         step = dataclasses.replace(step, flops=flops and flops / mesh.size)
     return tpu.MemoryPlan(target, {"train_state": resident}, [step])
+
+
+def model_flops(config: TrainConfig) -> float:
+    """The model FLOPs of the config's planned step (`training.flops`), which MFU counts."""
+    cfg, tokens, caption = planned_step(config)
+    return train_step_flops(cfg, config.batch_size, tokens, caption)
 
 
 def largest_per_chip_batch(config: TrainConfig, target: tpu.TpuSlice, log=None) -> int | None:

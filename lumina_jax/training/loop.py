@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from lumina_jax import hub, sharding
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
+from lumina_jax.peak_flops import PEAK_BF16_FLOPS
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import read_examples
+from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.run_log import RunLog
 from lumina_jax.training.samples import SampleDrawer
 from lumina_jax.training.step import (
@@ -43,7 +45,6 @@ from lumina_jax.training.step import (
     init_train_state,
     make_optimizer,
     train_step,
-    unrolled_graphdef,
 )
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
@@ -53,17 +54,6 @@ logger = logging.getLogger(__name__)
 
 # The key of a checkpoint's extra JSON holding the transformer's config: a resumed run is rebuilt from it.
 TRANSFORMER_RECORD = "transformer"
-
-# Dense bfloat16 matrix rate per device, for MFU. Anything else: TrainConfig.peak_flops.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6": 918e12,
-}
 
 
 class TrainingStopped(RuntimeError):
@@ -144,10 +134,7 @@ def make_run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def peak_flops(config: TrainConfig) -> float | None:
-    if config.peak_flops:
-        return config.peak_flops
-    kind = jax.devices()[0].device_kind
-    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+    return config.peak_flops or PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind)
 
 
 def global_batch(rows: TrainBatch, mesh) -> TrainBatch:
@@ -280,8 +267,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
         options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
         hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
-        flops_per_step, peak = {}, peak_flops(config)
-        unrolled = unrolled_graphdef(graphdef, state.params)  # for counting FLOPs
+        peak = peak_flops(config)
 
         start_step = int(state.step)
         log = resources.enter_context(contextlib.closing(RunLog(workdir)))
@@ -297,18 +283,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         skipped, preempted, step = 0, False, start_step
         while step < config.steps:
             batch = global_batch(next(batches), mesh)
-            signature = (batch.patches.shape, batch.caption.shape)
-            if signature not in flops_per_step:  # one program per batch shape; its FLOPs give the MFU
-                lowered = train_step.lower(unrolled, state, batch, *empty, **options, **hyper)
-                flops_per_step[signature] = (lowered.cost_analysis() or {}).get("flops")
             state, metrics = train_step(graphdef, state, batch, *empty, **options, **hyper)
             step += 1
-            pending.append((signature, metrics))
+            pending.append((train_step_flops(transformer, *batch.patches.shape[:2], batch.caption.shape[1]), metrics))
             bar.update()
             if step % config.log_every == 0 or step == config.steps:
-                skipped += _log_window(
-                    log, bar, pending, step, time.perf_counter() - window_start, config, flops_per_step, peak
-                )
+                skipped += _log_window(log, bar, pending, step, time.perf_counter() - window_start, config, peak)
                 pending, window_start = [], time.perf_counter()
                 run_of_skips = int(state.consecutive_skips)
                 if run_of_skips >= config.max_consecutive_skips:
@@ -335,8 +315,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     return RunSummary(step, preempted, skipped, time.perf_counter() - started, export, start_step)
 
 
-def _log_window(log, bar, pending, step, seconds, config, flops_per_step, peak) -> int:
-    """Write the mean metrics of the steps since the last log; returns how many of them were skipped."""
+def _log_window(log, bar, pending, step, seconds, config, peak) -> int:
+    """Write the mean metrics of the steps since the last log (each with its model FLOPs); returns how
+    many of them were skipped."""
     values = jax.device_get([m for _, m in pending])
     finite = [v for v in values if not v["skipped"]]
     steps_per_s = len(pending) / seconds
@@ -349,9 +330,8 @@ def _log_window(log, bar, pending, step, seconds, config, flops_per_step, peak) 
         "steps_per_s": steps_per_s,
         "images_per_s": steps_per_s * config.batch_size,
     }
-    flops = [flops_per_step[s] for s, _ in pending]
-    if peak and all(flops):
-        record["mfu"] = float(np.mean(flops)) * steps_per_s / (peak * jax.device_count())
+    if peak:  # model FLOPs (`training.flops`), not what the program computes: remat and kernels do not count
+        record["mfu"] = sum(flops for flops, _ in pending) / seconds / (peak * jax.device_count())
     log.metrics(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", it_s=f"{steps_per_s:.2f}")
     return record["skipped"]

@@ -169,14 +169,6 @@ def init_train_state(
     return graphdef, jax.jit(build, out_shardings=shardings)(params)
 
 
-def unrolled_graphdef(graphdef: nnx.GraphDef, params) -> nnx.GraphDef:
-    """The same model with its layers run by a Python loop rather than a scan. XLA's cost analysis counts
-    a loop's body once, so a scanned model's FLOPs are counted on this graph (lowered, never compiled)."""
-    model = nnx.merge(graphdef, params)
-    model.scan_layers = False
-    return nnx.graphdef(model)
-
-
 def predict_velocity(
     model: NextDiT | FlagDiT, patches, positions, token_mask, t, caption, caption_mask, end_of_line=None
 ) -> jax.Array:
