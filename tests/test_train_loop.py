@@ -243,6 +243,14 @@ def open_files() -> list[str]:
     return [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
 
 
+def test_a_pipeline_folder_not_ours_in_the_workdir_stops_the_run_before_it_trains(base, tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not an earlier output of lumina-jax"):
+        run(base, tmp_path, steps=1)
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "pipeline" / "notes.txt").exists()
+
+
 @pytest.mark.parametrize("failing", ["initial_transformer", "global_batch"])  # while initialising; at the first step
 def test_a_failing_run_releases_what_it_opened(base, tmp_path, monkeypatch, failing):
     """The checkpointer (Orbax's threads), the metrics file and the SIGTERM handler, on any error."""

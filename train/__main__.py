@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.step == summary.start_step:
         print(f"nothing to train: {config.workdir} is at step {summary.step}, steps={config.steps}")
     else:
-        state = "preempted, checkpoint saved" if summary.preempted else "done"
+        state = "stopped (SIGTERM or Ctrl-C), checkpoint saved" if summary.preempted else "done"
         print(f"{state}: step {summary.step} in {summary.seconds:.0f} s, {summary.skipped_steps} skipped steps")
     if summary.export:
         print(f"pipeline with the EMA weights: {summary.export}")

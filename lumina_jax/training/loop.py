@@ -222,6 +222,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     sharding.initialize_distributed()
     workdir = Path(config.workdir)
     drawer = SampleDrawer(config, workdir)  # checks the sample settings first
+    orbax_io.check_destination(workdir / "pipeline", overwrite=True)  # the final export's, before any training
     workdir.mkdir(parents=True, exist_ok=True)
     # Whatever fails, from here on every resource opened is released (Orbax's threads, the log's files, the
     # SIGTERM handler), in reverse order.
