@@ -21,7 +21,7 @@ from lumina_jax.training.config import apply_overrides, load_config
 # and Gemma, the float32 VAE its config asks for. Each is planned with every model resident, and with the
 # text encoder offloaded to the host between prompts (--offload-text-encoder).
 SAMPLING = [("v5e-1", 1024, 1), ("v5e-1", 2048, 1)]
-# (slice, overrides of train/configs/lumina_next_sft.py, whether to search the largest batch)
+# (slice, overrides of lumina_jax/configs/lumina_next_sft.py, whether to search the largest batch)
 TRAINING = [
     ("v5e-8", ["batch_size=64"], True),
     ("v6e-8", ["batch_size=128"], True),

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.__main__ import main as convert_main
 from lumina_jax import NextDiT, NextDiTConfig, load_transformer
+from lumina_jax.cli.convert import main as convert_main
 from lumina_jax.weights.nextdit import save_diffusers
 
 DEMO = NextDiTConfig(

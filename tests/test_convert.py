@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from reference import inputs, random_transformer, relative_error, transformer_forward
 
-from convert.__main__ import main
 from lumina_jax import load_transformer
+from lumina_jax.cli.convert import main
 from lumina_jax.weights import orbax_io
 
 ORIGINAL = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"

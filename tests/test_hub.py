@@ -14,10 +14,10 @@ from huggingface_hub import constants
 from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from PIL import Image
 
-from convert.__main__ import main as convert_main
 from lumina_jax import LuminaPipeline, hub, load_text_encoder, load_transformer, load_vae
-from sample import DEFAULT_MODEL as DIGITS
-from sample.__main__ import main as sample_main
+from lumina_jax.assets import DIGITS_MODEL as DIGITS
+from lumina_jax.cli.convert import main as convert_main
+from lumina_jax.cli.sample import main as sample_main
 
 ORIGINAL = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"
 OTHER_REVISION = "89abcdef0123456789abcdef0123456789abcdef"

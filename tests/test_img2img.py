@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from reference import compilations, random_pipeline
 
+from lumina_jax.assets import DIGITS_MODEL
+from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.pipeline import LuminaPipeline, _noise, load_image
 from lumina_jax.sampling import FlowSchedule, sample, shifted_schedule, start_from_image
-from sample import DEFAULT_MODEL
-from sample.__main__ import main as sample_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lumina_next_img2img.npz"
 PROMPTS = ["A red fox in the snow", "an astronaut riding a horse"]
@@ -137,7 +137,7 @@ def test_sample_command_draws_from_an_image(pipelines, tmp_path, capsys):
 
 def test_in_pixel_space_the_picture_is_the_latent():
     """The shipped digits model (grey pixels, no VAE): strength 0 returns the picture in grey, as trained."""
-    pipe = LuminaPipeline.from_pretrained(DEFAULT_MODEL, dtype="float32", progress=False)
+    pipe = LuminaPipeline.from_pretrained(DIGITS_MODEL, dtype="float32", progress=False)
     picture = photo(32, 32)
     got = pipe(prompt="a handwritten digit eight", image=picture, strength=0.0, output_type="np").images[0]
     grey = load_image(picture, 32, 32).mean(axis=0) * 0.5 + 0.5

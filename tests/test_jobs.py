@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from lumina_jax import jobs
+from lumina_jax.assets import DIGITS_MODEL
 from lumina_jax.pipeline import LuminaPipeline
-from sample import DEFAULT_MODEL
 
 DEFAULTS = dict(negative_prompt=None, seed=0, height=32, width=32, guidance=4.0, steps=3, num_images=1)
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return LuminaPipeline.from_pretrained(DEFAULT_MODEL, "float32", progress=False)
+    return LuminaPipeline.from_pretrained(DIGITS_MODEL, "float32", progress=False)
 
 
 def test_plain_text_is_one_prompt_a_line(tmp_path):

@@ -11,12 +11,12 @@ from flax import nnx
 from PIL import Image
 from reference import compilations, random_pipeline, relative_error
 
-from convert.__main__ import main as convert_main
 from lumina_jax import sampling
+from lumina_jax.cli.convert import main as convert_main
+from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.pipeline import LuminaPipeline as OurPipeline
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.weights.vae import load_vae
-from sample.__main__ import main as sample_main
 
 PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed"]
 

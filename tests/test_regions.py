@@ -11,10 +11,10 @@ from PIL import Image
 from reference import random_pipeline, relative_error
 
 from lumina_jax import load_transformer
+from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.regions import cell_of_tokens, regional_captions
 from lumina_jax.sampling import FlowSchedule, sample
-from sample.__main__ import main as sample_main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lumina_next_compositional_tiny"
 FLOAT32_BOUND = 1e-5

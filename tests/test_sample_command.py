@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from lumina_jax import jobs
-from sample.__main__ import main
+from lumina_jax.cli.sample import main
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = [
@@ -93,7 +93,7 @@ def test_two_processes_split_the_jobs_without_overlap(prompts, one_device, tmp_p
         port = s.getsockname()[1]
     start = (
         "import sys, jax; jax.distributed.initialize('localhost:{port}', num_processes=2, process_id={rank}); "
-        "from sample.__main__ import main; sys.exit(main(sys.argv[1:]))"
+        "from lumina_jax.cli.sample import main; sys.exit(main(sys.argv[1:]))"
     )
     args = ["--prompts-file", str(prompts), "--steps", "3", "--out", str(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -199,7 +199,7 @@ def test_bad_flags_are_refused_at_parsing(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit:
         main([flag.format(tmp=tmp_path) for flag in flags])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m sample: error: {message}")
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"lumina-sample: error: {message}")
 
 
 def test_a_context_drop_window_that_does_not_divide_the_token_grid_is_refused(tmp_path, capsys):

@@ -19,12 +19,12 @@ from PIL import Image
 from reference import random_t2i_pipeline, relative_error
 from transformers import AutoTokenizer
 
-from convert.__main__ import main as convert_main
+from lumina_jax.cli.convert import main as convert_main
+from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.flagdit import FlagDiT
 from lumina_jax.models.llama import LlamaEncoder
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.sampling import sample, shifted_schedule
-from sample.__main__ import main as sample_main
 
 PROMPTS = ["A red Cat sits on the mat", "a blue sky"]
 CORPUS = PROMPTS + ["the quick brown fox jumps over the lazy dog", "a photo of a red cat"]

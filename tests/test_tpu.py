@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 pytest.importorskip("libtpu", reason='libtpu (the TPU compiler) is not installed: pip install -e ".[tpu]"')
 
 from lumina_jax import tpu  # noqa: E402
+from lumina_jax.cli.sample import main as sample_main  # noqa: E402
+from lumina_jax.cli.train import main as train_main  # noqa: E402
 from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
 from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
@@ -26,8 +28,6 @@ from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
 from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
-from sample.__main__ import main as sample_main  # noqa: E402
-from train.__main__ import main as train_main  # noqa: E402
 
 TINY_TRANSFORMER = dict(
     sample_size=16,

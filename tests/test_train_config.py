@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from lumina_jax.cli.train import main as train_main
 from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training import objective, step
 from lumina_jax.training.config import TrainConfig, apply_overrides, load_config, shipped_configs
-from train.__main__ import main as train_main
 
 BASE = TrainConfig(workdir="w", pipeline="p", data="m.jsonl", cache="c")
 

@@ -21,6 +21,8 @@ from flax import nnx
 from PIL import Image
 from tensorboardX.proto.event_pb2 import Event
 
+from lumina_jax.cli.train import main as train_main
+from lumina_jax.configs.digits_flag_dit import SIZES
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
@@ -28,8 +30,6 @@ from lumina_jax.training import digits, loop
 from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.flops import train_step_flops
-from train.__main__ import main as train_main
-from train.configs.digits_flag_dit import SIZES
 
 TINY = NextDiTConfig(
     sample_size=16,

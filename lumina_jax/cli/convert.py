@@ -1,4 +1,4 @@
-"""python -m convert SRC DST [--dtype float32|bfloat16] [--ema] [--transformer-only] [--text-encoder SRC --vae SRC]
+"""lumina-convert SRC DST [--dtype float32|bfloat16] [--ema] [--transformer-only] [--text-encoder SRC --vae SRC]
 [--shift S] [--revision REV] [--overwrite]"""
 
 import argparse
@@ -11,9 +11,9 @@ from lumina_jax.weights.convert import assemble_pipeline, convert_pipeline, conv
 from lumina_jax.weights.nextdit import find_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lumina-convert") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m convert",
+        prog=prog,
         description="Convert Lumina weights to lumina-jax's Orbax format: a whole pipeline folder, transformer "
         "weights alone (Next-DiT or Flag-DiT: a diffusers transformer folder, an original Lumina-Next or Lumina-T2I "
         "checkpoint folder or file), or a pipeline assembled from parts (--text-encoder and --vae: Lumina-T2I's "
@@ -64,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
     found = "Flag-DiT (Lumina-T2I)" if family is FlagDiTConfig else "Next-DiT (Lumina-Next)"
     print(f"wrote {out} ({args.dtype}, {found}) in {time.perf_counter() - start:.1f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

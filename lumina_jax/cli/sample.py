@@ -1,4 +1,4 @@
-"""python -m sample --model PATH_OR_HUB_ID --prompt "..." [options]: text to image with lumina-jax."""
+"""lumina-sample --model PATH_OR_HUB_ID --prompt "..." [options]: text to image with lumina-jax."""
 
 import argparse
 import functools
@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from lumina_jax import jobs, sampling
-from sample import DEFAULT_MODEL
+from lumina_jax.assets import DIGITS_MODEL
 
 # transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -61,12 +61,12 @@ positive_float = number(lambda v: v > 0, "a number > 0")
 fraction = number(lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
-        default=str(DEFAULT_MODEL),
-        help="pipeline folder (diffusers layout or from `python -m convert`) or a hub id, e.g. "
+        default=str(DIGITS_MODEL),
+        help="pipeline folder (diffusers layout or from `lumina-convert`) or a hub id, e.g. "
         "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
         "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
         "config files is enough, or a released name: lumina-next-sft",
@@ -319,8 +319,8 @@ def compile_only(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
+    args = parse(argv, prog)
     if args.compile_only:
         return compile_only(args)
     try:
@@ -425,7 +425,3 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.skipped} already there; {speed}"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""python -m train --config CONFIG [field=value ...]   train (resumes from the newest checkpoint)
-python -m train cache --config CONFIG [field=value ...]   encode the config's manifest into its cache
-python -m train export --config CONFIG [--step N] [--out PATH] [--overwrite]   EMA weights as a pipeline folder
-python -m train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
+"""lumina-train --config CONFIG [field=value ...]   train (resumes from the newest checkpoint)
+lumina-train cache --config CONFIG [field=value ...]   encode the config's manifest into its cache
+lumina-train export --config CONFIG [--step N] [--out PATH] [--overwrite]   EMA weights as a pipeline folder
+lumina-train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
 
-CONFIG is a name from train/configs/ (e.g. digits) or a path to a Python file defining get_config().
+CONFIG is a name from lumina_jax/configs/ (e.g. digits) or a path to a Python file defining get_config().
 A run resumes from the newest checkpoint in its workdir. One already at `steps` has nothing to train:
 it says so and exports its pipeline again (exit 0); one past `steps` is an error (exit 2).
 """
@@ -32,23 +32,24 @@ def fail(message) -> int:
     return 2
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str], prog: str) -> argparse.Namespace:
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     rest = argv[1:] if command != "train" else argv
-    prog = "python -m train" + ("" if command == "train" else f" {command}")
     parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog if command == "train" else f"{prog} {command}",
+        description=__doc__.replace("lumina-train", prog),  # the usage lines as the user calls the command
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if command == "eval":
-        from sample import DEFAULT_MODEL
+        from lumina_jax.assets import DIGITS_MODEL
 
-        parser.add_argument("--model", default=str(DEFAULT_MODEL), help="pipeline folder of a digits model")
+        parser.add_argument("--model", default=str(DIGITS_MODEL), help="pipeline folder of a digits model")
         parser.add_argument("--samples-per-digit", type=positive_int, default=20)
         parser.add_argument("--steps", type=positive_int, default=30)
         parser.add_argument("--guidance", type=float, default=4.0)
         parser.add_argument("--seed", type=int, default=0)
     else:
-        parser.add_argument("--config", required=True, help="config name (train/configs/NAME.py) or file")
+        parser.add_argument("--config", required=True, help="config name (lumina_jax/configs/NAME.py) or file")
         parser.add_argument("overrides", nargs="*", help="field=value, e.g. steps=500 lr=3e-4")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to the workdir)")
         if command == "train":
@@ -78,8 +79,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, prog: str = "lumina-train") -> int:
+    args = parse(sys.argv[1:] if argv is None else argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lumina_jax").setLevel(logging.INFO)  # ours; JAX's and Orbax's INFO lines are noise here
     try:
@@ -180,7 +181,3 @@ def compile_only(config, args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0 if plan.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

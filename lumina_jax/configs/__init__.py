@@ -1,1 +1,2 @@
-"""The shipped training configs: `python -m train --config NAME` runs NAME.py's get_config()."""
+"""The shipped training configs: `lumina-train --config NAME` (`python -m train` in the repository) runs NAME.py's
+get_config()."""

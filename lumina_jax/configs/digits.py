@@ -2,7 +2,7 @@
 
 Produces out/digits/pipeline/, a Lumina pipeline folder (diffusers layout, no VAE: 32x32 grey pixels)
 with a tiny random-weight Gemma text encoder and a word-level tokenizer. The shipped copy is
-sample/lumina-next-digits/. Needs scikit-learn: pip install -e ".[digits]".
+lumina_jax/assets/lumina-next-digits/. Needs scikit-learn: pip install -e ".[digits]".
 """
 
 from lumina_jax.models.nextdit import NextDiTConfig

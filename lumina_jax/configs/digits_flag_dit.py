@@ -8,9 +8,9 @@ layout), which samples as Lumina-T2I's demo does. Needs scikit-learn: pip instal
 
 import dataclasses
 
+from lumina_jax.configs import digits
 from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.training.config import TrainConfig
-from train.configs import digits
 
 SIZES = ("sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads")
 SIZES += ("num_kv_heads", "multiple_of", "learn_sigma", "cross_attention_dim")

@@ -17,8 +17,8 @@ so FSDP over all 16 chips, every layer rematerialised. Captions are cut at 256 t
 
 import dataclasses
 
+from lumina_jax.configs import lumina_next_sft
 from lumina_jax.training.config import TrainConfig
-from train.configs import lumina_next_sft
 
 
 def get_config() -> TrainConfig:

@@ -1,6 +1,6 @@
 """What a training run is: one flat dataclass, written by a config file and overridden on the command line.
 
-A config file is a Python file with `get_config() -> TrainConfig` (see train/configs/). Overrides
+A config file is a Python file with `get_config() -> TrainConfig` (see lumina_jax/configs/). Overrides
 are `field=value` strings; the value is parsed as the field's type, so `steps=2000 lr=3e-4
 transformer.num_layers=4` does what it says.
 """
@@ -132,8 +132,8 @@ LIMITS = {
 }
 
 
-# The shipped configs (train/configs/NAME.py), found through their package wherever it is installed.
-CONFIG_FOLDER = Path(str(importlib.resources.files("train.configs")))
+# The shipped configs (lumina_jax/configs/NAME.py), found through their package wherever it is installed.
+CONFIG_FOLDER = Path(str(importlib.resources.files("lumina_jax.configs")))
 
 
 def shipped_configs() -> list[str]:
@@ -141,7 +141,7 @@ def shipped_configs() -> list[str]:
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
-    """A config by name (train/configs/NAME.py) or path, with `field=value` overrides applied."""
+    """A config by name (lumina_jax/configs/NAME.py) or path, with `field=value` overrides applied."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_FOLDER / f"{name_or_path}.py"

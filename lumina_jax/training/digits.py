@@ -319,7 +319,7 @@ def write_base_pipeline(folder: str | os.PathLike, *, text_hidden: int = 64, see
 
 
 def prepare(config) -> None:
-    """`TrainConfig.prepare` of train/configs/digits.py: the data set beside config.data and the base
+    """`TrainConfig.prepare` of lumina_jax/configs/digits.py: the data set beside config.data and the base
     pipeline at config.pipeline, its text encoder as wide as the transformer's cross_attention_dim."""
     manifest = Path(config.data)
     if manifest.name != MANIFEST:

@@ -1,0 +1,1 @@
+"""`python -m sample`: text to image from the command line (lumina_jax/cli/sample.py)."""
