@@ -20,6 +20,22 @@ import numpy as np
 GiB = 2**30
 
 
+# What libtpu reads from a TPU VM's metadata server: one host, unless the environment says otherwise.
+SINGLE_HOST = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+
+
+def describe_single_host() -> None:
+    """Off a TPU VM, tell libtpu this machine is one host; call before JAX starts its backends.
+
+    With libtpu installed (the `tpu` and `test` extras), JAX loads it at its first device query to
+    look for TPUs, and `compile_devices` loads it to compile. Told not to ask a metadata server
+    (TPU_SKIP_MDS_QUERY, which `import jax` sets on a machine without TPU chips), libtpu finds no
+    host description and prints an error block that looks like a failure, though nothing failed.
+    A TPU VM (no TPU_SKIP_MDS_QUERY) and a host description the user gave are left alone."""
+    if "TPU_SKIP_MDS_QUERY" in os.environ and not any(name in os.environ for name in SINGLE_HOST):
+        os.environ.update(SINGLE_HOST)
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     prefix: str  # of JAX's topology names

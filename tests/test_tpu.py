@@ -6,7 +6,11 @@ check the memory plans that `python -m sample/train --compile-only` print.
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,8 @@ from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
 from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TRANSFORMER = dict(
     sample_size=16,
@@ -340,3 +346,22 @@ def test_train_compile_only_fine_tunes_the_transformer_of_a_config_only_folder(c
     config = load_config("digits", [*overrides, *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items())])
     _, expected = lower_train_step(config, one_chip("v5e-1"), 2)  # the folder's transformer, not the config's
     assert json.loads(report.read_text())["resident_bytes"]["train_state"] == expected
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["draw", "compile-only"])
+def test_a_command_off_a_tpu_vm_prints_no_libtpu_block(plan, config_folder, tmp_path):
+    """libtpu, loaded by JAX to look for TPUs (and by --compile-only to compile), has no metadata server
+    here to describe the host and printed an error block, though nothing failed. As a user's shell runs it:
+    none of the variables that `import jax` or `lumina_jax` set in this process."""
+    unset = ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS", "TPU_SKIP_MDS_QUERY", "JAX_PLATFORMS")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # else libtpu, held by another process (a test beside), starts no further
+    args = ["--prompt", "a handwritten digit three", "--steps", "1", "--out", str(tmp_path)]
+    if plan:
+        args += ["--compile-only", "--topology", "v5e-1", "--model", str(config_folder), "--height", "64"]
+        args += ["--width", "64", "--caption-length", "16"]
+    run = subprocess.run(
+        [sys.executable, "-m", "sample", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    assert "TPU" not in run.stderr, run.stderr
