@@ -38,16 +38,46 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# The process count and index where no cluster tells JAX (plain machines), beside JAX_COORDINATOR_ADDRESS,
+# which JAX reads itself.
+PROCESS_VARIABLES = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
 def initialize_distributed() -> None:
     """Join a multi-host run when the environment describes one (a coordinator address, a SLURM job, a
-    TPU VM of a pod slice, which lists its workers); before anything else asks JAX about devices."""
+    TPU VM of a pod slice, which lists its workers); before anything else asks JAX about devices.
+
+    On a TPU pod slice and in a SLURM job JAX finds the process count and index itself; elsewhere
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID give them, beside JAX_COORDINATOR_ADDRESS."""
     if jax.distributed.is_initialized():
         return
     variables = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS")
     # TPU_WORKER_HOSTNAMES: "host1,host2,..." on a pod slice's VMs; elsewhere libtpu may fill it with a warning
     tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if any(k in os.environ for k in variables) or ("," in tpu_workers and " " not in tpu_workers):
-        jax.distributed.initialize()
+    if not (any(k in os.environ for k in variables) or ("," in tpu_workers and " " not in tpu_workers)):
+        return
+    given = _process_variables()
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as e:  # "Number of processes must be defined.": no cluster told JAX
+        if len(given) == len(PROCESS_VARIABLES):
+            raise
+        raise ValueError(f"{e} Off a TPU pod slice or SLURM, set JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+
+
+def _process_variables() -> dict[str, int]:
+    """JAX_NUM_PROCESSES and JAX_PROCESS_ID, those set, as `jax.distributed.initialize`'s arguments."""
+    given = {}
+    for key, name in PROCESS_VARIABLES.items():
+        if name in os.environ:
+            if not os.environ[name].isdigit():
+                raise ValueError(f"{name}={os.environ[name]!r} must be a whole number")
+            given[key] = int(os.environ[name])
+    if given.get("process_id", 0) >= given.get("num_processes", math.inf):
+        raise ValueError(
+            f"JAX_PROCESS_ID={given['process_id']} must be less than JAX_NUM_PROCESSES={given['num_processes']}"
+        )
+    return given
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, devices=None) -> Mesh:

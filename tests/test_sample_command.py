@@ -88,18 +88,19 @@ def test_eight_devices_draw_the_same_images(prompts, one_device, tmp_path):
 
 
 def test_two_processes_split_the_jobs_without_overlap(prompts, one_device, tmp_path):
+    """Started as the README says for plain machines: the same command, with the coordinator's address,
+    the process count and each one's index in the environment."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    start = (
-        "import sys, jax; jax.distributed.initialize('localhost:{port}', num_processes=2, process_id={rank}); "
-        "from lumina_jax.cli.sample import main; sys.exit(main(sys.argv[1:]))"
-    )
     args = ["--prompts-file", str(prompts), "--steps", "3", "--out", str(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [
-        subprocess.Popen([sys.executable, "-c", start.format(port=port, rank=rank), *args], cwd=ROOT, env=env, **pipes)
+        subprocess.Popen(
+            [sys.executable, "-m", "sample", *args], cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(rank)}, **pipes
+        )
         for rank in range(2)
     ]
     outputs = [run.communicate(timeout=600) for run in runs]

@@ -9,6 +9,7 @@ below what a wrong layout or a missing reduction gives (1e-3 and up).
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from lumina_jax.sharding import MESH_AXES, attention_partition, mesh_partition_spec
+from lumina_jax.sharding import MESH_AXES, attention_partition, initialize_distributed, mesh_partition_spec
 
 SCRIPT = Path(__file__).parent / "sharding_checks.py"
 REORDERED_SUMS = 2.0**-18
@@ -148,3 +149,21 @@ def test_a_replicated_dimension_is_logged_once(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "a 'q_heads' dimension of 12 is replicated: the mesh's 'tensor' axis (8) does not divide it"
     ]
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({}, "Number of processes must be defined. Off a TPU pod slice or SLURM, set JAX_NUM_PROCESSES and"),
+        ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two' must be a whole number"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must be less than JAX_NUM_PROCESSES=2"),
+    ],
+)
+def test_a_coordinator_address_alone_says_what_else_to_set(variables, message, monkeypatch):
+    """Off a cluster JAX knows, JAX_COORDINATOR_ADDRESS needs the process count and index beside it
+    (tests/test_sample_command.py starts two processes with all three)."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        initialize_distributed()
