@@ -9,10 +9,14 @@ import pytest
 from flax import nnx
 from sharding_checks import empty_caption, padded_batch, tiny_model
 
+from lumina_jax.training.checkpoint import to_nested_dict
 from lumina_jax.training.step import (
     EMA_DECAY,
+    GRAD_CLIP,
+    WEIGHT_DECAY,
     LearningRate,
     TrainBatch,
+    _clipped_adamw,
     flow_loss,
     init_train_state,
     make_optimizer,
@@ -174,3 +178,15 @@ def test_the_learning_rate_follows_the_runs_step_through_skipped_steps(bf16_mode
         rates.append(float(metrics["lr"]))
     assert int(state.step) == 4 and int(state.consecutive_skips) == 0
     np.testing.assert_allclose(rates, [float(schedule(step)) for step in range(4)], rtol=1e-6)
+
+
+def test_the_optimizer_state_keeps_the_layout_of_runs_saved_with_optax_s_own_count():
+    """Checkpoints written while the schedule followed optax's count restore into today's state, and back."""
+    params = {"w": jnp.zeros(3)}
+    today = make_optimizer(LearningRate(1e-3, 4)).init(params)
+    before = _clipped_adamw(learning_rate=LearningRate(1e-3, 4), weight_decay=WEIGHT_DECAY, clip=GRAD_CLIP).init(params)
+
+    def layout(state):
+        return jax.tree.map(lambda x: (x.shape, x.dtype), to_nested_dict(state))
+
+    assert layout(today) == layout(before)

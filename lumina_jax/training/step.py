@@ -117,11 +117,12 @@ class _AtRunStep:
 
     schedule: optax.Schedule
 
-    def init(self) -> None:
-        return None
+    def init(self) -> dict:
+        # Unused, but the leaf optax's own count schedule keeps: checkpoints of either restore into the other.
+        return {"count": jnp.zeros([], jnp.int32)}
 
-    def update(self, state, **extra_args) -> None:
-        return None
+    def update(self, state: dict, **extra_args) -> dict:
+        return state
 
     def __call__(self, state, step=0, **extra_args) -> jax.Array:
         return self.schedule(step)
