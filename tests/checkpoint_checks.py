@@ -20,7 +20,7 @@ from sharding_checks import laid_out_as, stored_fraction, tiny_model
 
 from lumina_jax import sharding
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
-from lumina_jax.training.step import make_optimizer
+from lumina_jax.training.step import ClippedAdamW
 
 SAVING_MARKER = "step 2 is being saved"
 SAVED_MARKER = "step 2 saved"
@@ -77,7 +77,7 @@ def random_like(abstract, seed: int = 0):
 
 def meshes(directory: str) -> dict:
     model = tiny_model()
-    optimizer = make_optimizer()
+    optimizer = ClippedAdamW()
     fsdp8 = sharding.make_mesh()
     state = random_like(abstract_train_state(model, optimizer, fsdp8))
     saved = host(state)

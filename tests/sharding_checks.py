@@ -20,10 +20,10 @@ from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training.digits import DIGIT_WORDS, write_base_pipeline
 from lumina_jax.training.step import (
+    ClippedAdamW,
     TrainBatch,
     TrainState,
     init_train_state,
-    make_optimizer,
     predict_velocity,
     train_step,
 )
@@ -181,7 +181,7 @@ def main() -> dict:
     batch = padded_batch([(4, 6), (8, 8)] * 4)
     empty, empty_mask = empty_caption()
     t = jnp.linspace(0.05, 0.95, 8)
-    optimizer = make_optimizer(lr=LR)
+    optimizer = ClippedAdamW(lr=LR)
 
     @jax.jit
     def forward(params, batch):

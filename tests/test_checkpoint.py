@@ -17,10 +17,10 @@ from checkpoint_checks import READY_MARKER, SAVING_MARKER, small_state
 from sharding_checks import empty_caption, padded_batch, tiny_model
 
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state, to_nested_dict
-from lumina_jax.training.step import init_train_state, make_optimizer, train_step
+from lumina_jax.training.step import ClippedAdamW, init_train_state, train_step
 
 SCRIPT = Path(__file__).parent / "checkpoint_checks.py"
-OPTIMIZER = make_optimizer(lr=1e-3)
+OPTIMIZER = ClippedAdamW(lr=1e-3)
 EXTRA = {"data": {"epoch": 1, "position": 24, "seed": 0}, "config": {"lr": 1e-3, "name": "tiny"}}
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -40,10 +39,10 @@ from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.run_log import RunLog
 from lumina_jax.training.samples import SampleDrawer
 from lumina_jax.training.step import (
+    ClippedAdamW,
     LearningRate,
     TrainBatch,
     init_train_state,
-    make_optimizer,
     train_step,
 )
 from lumina_jax.weights import orbax_io
@@ -127,10 +126,10 @@ def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT | FlagDiT:
     return sharding.create_sharded(transformer_factory(config), mesh)
 
 
-def make_run_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_run_optimizer(config: TrainConfig) -> ClippedAdamW:
     cosine_until = config.steps if config.lr_decay == "cosine" else None
     schedule = LearningRate(config.lr, config.warmup_steps, cosine_until)
-    return make_optimizer(schedule, config.weight_decay, config.grad_clip)
+    return ClippedAdamW(schedule, config.weight_decay, config.grad_clip)
 
 
 def peak_flops(config: TrainConfig) -> float | None:

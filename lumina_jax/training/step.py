@@ -128,15 +128,28 @@ class _AtRunStep:
         return self.schedule(step)
 
 
-# Cached: the optimizer is a static argument of `train_step`, so equal arguments must give the same
-# object for a second run in one process (a test, a notebook) to reuse the compiled step.
-@functools.cache
-def make_optimizer(
-    lr: float | optax.Schedule = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY, clip: float = GRAD_CLIP
-) -> optax.GradientTransformation:
-    """AdamW after global-norm gradient clipping; the learning rate (a number or a hashable schedule of the
-    run's step, e.g. `LearningRate`) is kept in the optimizer state, where `train_step` reads it."""
-    return _clipped_adamw(learning_rate=_AtRunStep(lr) if callable(lr) else lr, weight_decay=weight_decay, clip=clip)
+@dataclasses.dataclass(frozen=True)
+class ClippedAdamW:
+    """AdamW after global-norm gradient clipping, as a value: `train_step` takes it as a static argument,
+    so equal settings (a second run in one process: a test, a notebook) reuse the compiled step, and
+    nothing outside the run's own references keeps it alive. The learning rate (a number or a hashable
+    schedule of the run's step, e.g. `LearningRate`) is kept in the optimizer state, where `train_step`
+    reads it."""
+
+    lr: float | optax.Schedule = LEARNING_RATE
+    weight_decay: float = WEIGHT_DECAY
+    clip: float = GRAD_CLIP
+
+    @property
+    def transformation(self) -> optax.GradientTransformationExtraArgs:
+        lr = _AtRunStep(self.lr) if callable(self.lr) else self.lr
+        return _clipped_adamw(learning_rate=lr, weight_decay=self.weight_decay, clip=self.clip)
+
+    def init(self, params) -> optax.OptState:
+        return self.transformation.init(params)
+
+    def update(self, updates, state, params=None, **extra_args):
+        return self.transformation.update(updates, state, params, **extra_args)
 
 
 def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
@@ -211,7 +224,7 @@ def train_step(
     empty_caption: jax.Array,
     empty_caption_mask: jax.Array,
     *,
-    optimizer: optax.GradientTransformation,
+    optimizer: ClippedAdamW,
     mesh: Mesh | None = None,
     caption_dropout: float | jax.Array = CAPTION_DROPOUT,
     snr_type: SnrType = "uniform",
@@ -220,7 +233,7 @@ def train_step(
     """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped).
 
     empty_caption [L_e, D] and empty_caption_mask [L_e] are the text encoder's output for "", which
-    replaces a caption with probability caption_dropout. optimizer comes from `make_optimizer`.
+    replaces a caption with probability caption_dropout. optimizer is a `ClippedAdamW`.
     caption_dropout and ema_decay, when given, are traced: other values reuse the compiled step.
     """
     if mesh is not None:
@@ -259,7 +272,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": opt_state.hyperparams["learning_rate"],  # this step's (make_optimizer keeps it there)
+        "lr": opt_state.hyperparams["learning_rate"],  # this step's (ClippedAdamW keeps it there)
         "skipped": ~finite,
     }
     return new_state, metrics
