@@ -175,9 +175,8 @@ def test_pipeline_programs_compile_and_plan(config_folder):
     assert plan.peak_bytes == sum(plan.resident.values()) + max(p.transient for p in plan.programs)
 
 
-def test_streamed_vae_decode_compiles(monkeypatch):
+def test_streamed_vae_decode_compiles():
     """Bands of 16 rows: the decoder's loops, in-place writes and NCHW output, lowered for a TPU."""
-    monkeypatch.setattr(vae_module, "DECODE_BAND_PIXELS", 16 * 64)
     config = vae_module.AutoencoderKLConfig.from_dict(TINY_VAE)
     model = nnx.eval_shape(lambda: vae_module.AutoencoderKL(config, rngs=nnx.Rngs(0)))
     mesh = one_chip()
@@ -185,7 +184,7 @@ def test_streamed_vae_decode_compiles(monkeypatch):
     where = NamedSharding(mesh, PartitionSpec())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), state)
     latents = jax.ShapeDtypeStruct((1, 4, 32, 32), jnp.float32, sharding=where)
-    lowered = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z)).lower(state, latents)
+    lowered = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z, band_pixels=16 * 64)).lower(state, latents)
     assert "while" in lowered.as_text() and lowered.out_info.shape == (1, 3, 64, 64)
     assert not tpu.compile_program("decoder", lowered).refused
 

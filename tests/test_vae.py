@@ -123,18 +123,17 @@ def test_bfloat16_within_tier(saved_vae):
 
 
 @pytest.mark.parametrize("dtype, bound", [("float32", FLOAT32_BOUND), ("bfloat16", BFLOAT16_BOUND)])
-def test_streamed_decoder_matches_diffusers(saved_vae, monkeypatch, dtype, bound):
+def test_streamed_decoder_matches_diffusers(saved_vae, dtype, bound):
     """Bands of a few rows at every resolution: resnets (in place over x or over h), upsamples and the
     NCHW tail all stream, against diffusers' whole-image decode."""
     folder, _, latents, expected = saved_vae
-    monkeypatch.setattr(vae, "DECODE_BAND_PIXELS", 100)
     model = load_vae(folder, dtype=dtype, progress=False)
-    decoded = nnx.jit(lambda model, latents: model.decode(latents))(model, jnp.asarray(latents))  # traced anew
+    decoded = nnx.jit(lambda model, latents: model.decode(latents, band_pixels=100))(model, jnp.asarray(latents))
     assert per_channel_error(decoded, expected[2]) <= bound
 
 
 @pytest.mark.parametrize("latent_size", [(7, 5), (12, 10), (3, 16)])
-def test_streamed_decoder_equals_whole_decode_at_odd_sizes(monkeypatch, latent_size):
+def test_streamed_decoder_equals_whole_decode_at_odd_sizes(latent_size):
     config = AutoencoderKLConfig(
         block_out_channels=(32, 64, 64),
         down_block_types=(vae.DOWN_BLOCK,) * 3,
@@ -145,9 +144,9 @@ def test_streamed_decoder_equals_whole_decode_at_odd_sizes(monkeypatch, latent_s
     randomize_nnx_(model, seed=1)
     latents = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, *latent_size), dtype=np.float32))
     whole = np.asarray(nnx.jit(lambda model, z: model.decode(z))(model, latents))
+    streamed_decode = nnx.jit(lambda model, z, band_pixels: model.decode(z, band_pixels=band_pixels), static_argnums=2)
     for band_pixels in (20, 64, 300):
-        monkeypatch.setattr(vae, "DECODE_BAND_PIXELS", band_pixels)
-        streamed = np.asarray(nnx.jit(lambda model, z: model.decode(z))(model, latents))
+        streamed = np.asarray(streamed_decode(model, latents, band_pixels))
         assert relative_error(streamed, whole) <= FLOAT32_BOUND, band_pixels
 
 
@@ -166,15 +165,15 @@ def randomize_nnx_(model: nnx.Module, seed: int) -> None:
     [(16, 16, 16), (2048, 2048, 32), (1024, 1024, 64), (12, 2**14, 4), (13, 2**14, 1), (8, 2**17, 1)],
 )
 def test_band_rows_divide_the_height_within_the_band_size(height, width, rows):
-    assert vae.band_rows(height, width) == rows
+    assert vae.band_rows(height, width, vae.DECODE_BAND_PIXELS) == rows
 
 
-def test_attention_in_query_chunks_is_exact(monkeypatch):
+def test_attention_in_query_chunks_is_exact():
     attention = SpatialSelfAttention(16, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 16), dtype=np.float32))
-    whole = np.asarray(nnx.jit(lambda module, x: module(x))(attention, x))
-    monkeypatch.setattr(vae, "ATTENTION_QUERY_CHUNK", 6)  # 35 queries: 6 chunks of 6, the last padded
-    chunked = np.asarray(nnx.jit(lambda module, x: module(x))(attention, x))  # a new function: traced anew
+    attend = nnx.jit(lambda module, x, query_chunk: module(x, query_chunk), static_argnums=2)
+    whole = np.asarray(attend(attention, x, vae.ATTENTION_QUERY_CHUNK))
+    chunked = np.asarray(attend(attention, x, 6))  # 35 queries: 6 chunks of 6, the last padded
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
 
 

@@ -28,11 +28,11 @@ UP_BLOCK = "UpDecoderBlock2D"
 ACTIVATIONS = ("silu", "swish")  # diffusers' two names for x * sigmoid(x)
 EPS = 1e-6  # every group norm of diffusers' VAE Encoder and Decoder
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this
-# Most queries per attention chunk: the float32 logits of a chunk take at most ATTENTION_QUERY_CHUNK x tokens x 4
-# bytes per image (512 MiB at 1024 px, 2 GiB at 2048 px).
+# The defaults of `encode`'s and `decode`'s memory bounds. Most queries per attention chunk: the float32
+# logits of a chunk take at most query_chunk x tokens x 4 bytes per image (512 MiB at 1024 px, 2 GiB at 2048 px).
 ATTENTION_QUERY_CHUNK = 8192
-# The decoder streams activations of more pixels than this in bands of whole rows of at most this
-# many pixels (32 rows at 2048 px; `UpBlock.__call__`). Measured for the SDXL decoder at 2048 px,
+# The decoder streams activations of more pixels than band_pixels in bands of whole rows of at most
+# this many pixels (32 rows at 2048 px; `UpBlock.__call__`). Measured for the SDXL decoder at 2048 px,
 # float32, on a v5e chip: 8.3 GiB of temporaries at 2^18, 6.3 GiB at 2^16.
 DECODE_BAND_PIXELS = 2**16
 
@@ -181,12 +181,12 @@ def group_norm(features: int, groups: int, *, param_dtype: Dtype, rngs) -> Group
     )
 
 
-def band_rows(height: int, width: int) -> int:
-    """Rows per band for a streamed activation: the most that keep a band within DECODE_BAND_PIXELS
-    and divide the height; the height itself (one band: not streamed) when it fits in one band."""
-    if height * width <= DECODE_BAND_PIXELS:
+def band_rows(height: int, width: int, band_pixels: int) -> int:
+    """Rows per band for a streamed activation: the most that keep a band within band_pixels and
+    divide the height; the height itself (one band: not streamed) when it fits in one band."""
+    if height * width <= band_pixels:
         return height
-    return next(r for r in range(max(DECODE_BAND_PIXELS // width, 1), 0, -1) if height % r == 0)
+    return next(r for r in range(max(band_pixels // width, 1), 0, -1) if height % r == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +217,7 @@ class Upsampled:
 
     upsample: "Upsample"
     x: Held
+    rows_per_band: int  # `band_rows` of this activation
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -230,9 +231,9 @@ class Upsampled:
         return jax.lax.dynamic_slice_in_dim(up, first - start, count, axis=1)
 
     def channel_mean(self, f) -> jax.Array:
-        """Summed band by band (`band_rows`), each computed as it is read."""
+        """Summed band by band (`rows_per_band`), each computed as it is read."""
         batch, height, width, features = self.shape
-        rows = band_rows(height, width)
+        rows = self.rows_per_band
 
         def add_band(total, start):
             return total + jnp.sum(f(self.rows(start, rows).astype(jnp.float32)), axis=(1, 2)), None
@@ -387,7 +388,8 @@ class SpatialSelfAttention(nnx.Module):
         self.to_v = linear(features, features, ("vae_in", "vae_out"), **dense)
         self.to_out = linear(features, features, ("vae_in", "vae_out"), **dense)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, query_chunk: int) -> jax.Array:
+        """Attention in chunks of at most query_chunk queries."""
         batch, height, width, features = x.shape
         tokens = height * width
         h = self.group_norm(x).reshape(batch, tokens, 1, features)
@@ -398,7 +400,7 @@ class SpatialSelfAttention(nnx.Module):
 
         # Heads of 512 features are beyond cuDNN's fused attention, and XLA's holds all logits at
         # once: attend in equal chunks of queries (exact, as each query's softmax is its own).
-        chunks = -(-tokens // ATTENTION_QUERY_CHUNK)
+        chunks = -(-tokens // query_chunk)
         size = -(-tokens // chunks)
         query = jnp.pad(query, ((0, 0), (0, chunks * size - tokens), (0, 0), (0, 0)))
         query = jnp.moveaxis(query.reshape(batch, chunks, size, 1, features), 1, 0)
@@ -415,10 +417,10 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock(features, features, groups, **layer) for _ in range(2)])
         self.attention = SpatialSelfAttention(features, groups, **layer) if add_attention else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, query_chunk: int) -> jax.Array:
         x = self.resnets[0](x)
         if self.attention is not None:
-            x = self.attention(x)
+            x = self.attention(x, query_chunk)
         return self.resnets[1](x)
 
 
@@ -446,13 +448,13 @@ class UpBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock(i, o, groups, **layer) for i, o in zip(widths, widths[1:])])
         self.upsample = Upsample(out_features, **layer) if add_upsample else None
 
-    def __call__(self, x: jax.Array | Upsampled) -> jax.Array | Upsampled:
-        """Activations larger than DECODE_BAND_PIXELS stream (`ResnetBlock.streamed`); an upsampled one
+    def __call__(self, x: jax.Array | Upsampled, band_pixels: int) -> jax.Array | Upsampled:
+        """Activations larger than band_pixels stream (`ResnetBlock.streamed`); an upsampled one
         that the next block streams is computed as that block reads it (`Upsampled`): the decoder's
         largest activation is never held whole."""
         for resnet in self.resnets:
             height, width = x.shape[1:3]
-            rows = band_rows(height, width)
+            rows = band_rows(height, width, band_pixels)
             if rows < height:
                 x = resnet.streamed(x if isinstance(x, Upsampled) else Held(x), rows)
             else:
@@ -460,7 +462,8 @@ class UpBlock(nnx.Module):
         if self.upsample is None:
             return x
         height, width = 2 * x.shape[1], 2 * x.shape[2]
-        return Upsampled(self.upsample, Held(x)) if band_rows(height, width) < height else self.upsample(x)
+        rows = band_rows(height, width, band_pixels)
+        return Upsampled(self.upsample, Held(x), rows) if rows < height else self.upsample(x)
 
 
 class Encoder(nnx.Module):
@@ -480,11 +483,11 @@ class Encoder(nnx.Module):
         self.conv_norm_out = group_norm(widths[-1], groups, param_dtype=param_dtype, rngs=rngs)
         self.conv_out = conv(widths[-1], 2 * cfg.latent_channels, 3, **layer)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, query_chunk: int) -> jax.Array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(self.mid_block(x, query_chunk))))
 
 
 class Decoder(nnx.Module):
@@ -504,18 +507,18 @@ class Decoder(nnx.Module):
         self.conv_norm_out = group_norm(widths[-1], groups, param_dtype=param_dtype, rngs=rngs)
         self.conv_out = conv(widths[-1], cfg.out_channels, 3, **layer)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, band_pixels: int, query_chunk: int) -> jax.Array:
         """Returns NCHW [B, out, H, W]: an image with its few channels last would take a whole lane
         (128 channels) per pixel on TPUs."""
-        x = self.mid_block(self.conv_in(x))
+        x = self.mid_block(self.conv_in(x), query_chunk)
         for block in self.up_blocks:
-            x = block(x)
-        return self.output(x)
+            x = block(x, band_pixels)
+        return self.output(x, band_pixels)
 
-    def output(self, x: jax.Array) -> jax.Array:
+    def output(self, x: jax.Array, band_pixels: int) -> jax.Array:
         """The last norm, activation and convolution, to NCHW; band by band for a large x."""
         batch, height, width, _ = x.shape
-        rows = band_rows(height, width)
+        rows = band_rows(height, width, band_pixels)
         if rows == height:
             return jnp.transpose(self.conv_out(jax.nn.silu(self.conv_norm_out(x))), (0, 3, 1, 2))
         statistics = self.conv_norm_out.statistics(x)
@@ -545,15 +548,16 @@ class AutoencoderKL(nnx.Module):
         self.post_quant_conv = conv(latent, latent, 1, **layer) if cfg.use_post_quant_conv else None
 
     @float32_products
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode(self, images: jax.Array, *, query_chunk: int = ATTENTION_QUERY_CHUNK) -> tuple[jax.Array, jax.Array]:
         """Images [B, in_channels, H, W] in [-1, 1] -> the posterior's (mean, logvar), each
-        [B, latent_channels, H/f, W/f] (f = 8 for the SDXL VAE); logvar clamped to [-30, 20] as diffusers does."""
+        [B, latent_channels, H/f, W/f] (f = 8 for the SDXL VAE); logvar clamped to [-30, 20] as diffusers does.
+        The mid block attends in chunks of at most query_chunk queries (the same result)."""
         cfg, f = self.config, self.config.downsample_factor
         if images.ndim != 4 or images.shape[1] != cfg.in_channels:
             raise ValueError(f"images must be [batch, {cfg.in_channels}, height, width], got {images.shape}")
         if images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"image size {images.shape[2]}x{images.shape[3]} is not divisible by {f}")
-        moments = self.encoder(jnp.transpose(images, (0, 2, 3, 1)))
+        moments = self.encoder(jnp.transpose(images, (0, 2, 3, 1)), query_chunk)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         moments = jnp.transpose(moments.astype(jnp.float32), (0, 3, 1, 2))
@@ -561,13 +565,17 @@ class AutoencoderKL(nnx.Module):
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
     @float32_products
-    def decode(self, latents: jax.Array) -> jax.Array:
+    def decode(
+        self, latents: jax.Array, *, band_pixels: int = DECODE_BAND_PIXELS, query_chunk: int = ATTENTION_QUERY_CHUNK
+    ) -> jax.Array:
         """Latents [B, latent_channels, h, w], already divided by the scaling factor -> images
-        [B, out_channels, h*f, w*f], nominally in [-1, 1] (not clipped)."""
+        [B, out_channels, h*f, w*f], nominally in [-1, 1] (not clipped). Activations of more than band_pixels
+        pixels stream in bands of rows, and the mid block attends in chunks of at most query_chunk queries
+        (the same result, in less memory)."""
         cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise ValueError(f"latents must be [batch, {cfg.latent_channels}, height, width], got {latents.shape}")
         x = jnp.transpose(latents, (0, 2, 3, 1))
         if self.post_quant_conv is not None:
             x = self.post_quant_conv(x)
-        return self.decoder(x).astype(jnp.float32)
+        return self.decoder(x, band_pixels, query_chunk).astype(jnp.float32)
