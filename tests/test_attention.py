@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumina_jax.models.attention import cudnn_supports, dot_product_attention, dual_attention, resolve_backend
+from lumina_jax.models.attention import (
+    cudnn_supports,
+    dot_product_attention,
+    dual_attention,
+    resolve_backend,
+    target_platform,
+)
 
 BATCH, TOKENS, CAPTION, HEADS, KV_HEADS, HEAD_DIM = 2, 12, 7, 6, 2, 8
 
@@ -181,3 +187,23 @@ def test_splash_is_the_default_on_tpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert resolve_backend(query, None) == "splash"
     assert resolve_backend(query.astype(jnp.float32), "splash") == "splash"  # any dtype, any head size
+
+
+@pytest.mark.parametrize("platform, kernel", [("cpu", "xla"), ("gpu", "cudnn"), ("tpu", "splash")])
+def test_each_platform_gets_its_kernel(platform, kernel):
+    query = jnp.zeros((1, 4, 2, 72), jnp.bfloat16)
+    assert resolve_backend(query, None, platform) == kernel
+    assert resolve_backend(query, "xla", platform) == "xla"  # the caller's choice wins
+
+
+def test_a_given_mesh_says_the_platform_over_the_ambient_one():
+    assert target_platform() == jax.default_backend() == "cpu"  # no ambient mesh: this host
+    cpu_mesh = jax.make_mesh((1,), ("data",))
+    tpu_mesh = jax.sharding.AbstractMesh(
+        (1,),
+        ("data",),
+        abstract_device=jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=None, platform="tpu"),
+    )
+    assert target_platform(tpu_mesh) == "tpu"
+    with jax.set_mesh(cpu_mesh):
+        assert target_platform() == "cpu" and target_platform(tpu_mesh) == "tpu"

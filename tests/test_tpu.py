@@ -159,6 +159,15 @@ def test_splash_attention_compiles_through_mosaic_forward_and_backward():
         assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not a fallback
 
 
+def test_attention_for_a_given_tpu_mesh_is_splash_without_an_ambient_mesh():
+    """The caller says the mesh: its platform picks the kernel (splash, through Mosaic), not this CPU host."""
+    mesh = one_chip()
+    query = jax.ShapeDtypeStruct((2, 256, 8, 72), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 72), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+    lowered = jax.jit(lambda q, k, v: dual_attention(q, k, v, scale=72**-0.5, mesh=mesh)).lower(query, kv, kv)
+    assert "tpu_custom_call" in lowered.compile().as_text()
+
+
 def test_pipeline_programs_compile_and_plan(config_folder):
     pipe = LuminaPipeline.abstract(config_folder, "bfloat16").shard(one_chip())
     programs = pipe.lower(height=128, width=192, num_images_per_prompt=2, num_inference_steps=3, caption_length=20)

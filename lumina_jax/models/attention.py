@@ -3,7 +3,8 @@
 Grouped-query attention is computed with the query heads grouped by their kv head (query head h
 reads kv head h // (heads / kv_heads)), so kv heads are never repeated in memory. Softmax runs in
 float32. On GPUs cuDNN's fused kernel is used where it supports the shapes; on TPUs the Pallas
-splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products.
+splash attention kernel; elsewhere, and as cuDNN's fallback, XLA's dot products. The platform and
+the split of a fused kernel's work are the mesh's, given or else the ambient one (`jax.set_mesh`).
 """
 
 import dataclasses
@@ -17,6 +18,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from lumina_jax.sharding import attention_partition
 
+# A concrete or abstract mesh: the devices a program is for.
+AnyMesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 Backend = Literal["xla", "cudnn", "splash"]
 BACKENDS = ("xla", "cudnn", "splash")
 # cuDNN's flash attention: half-precision inputs, head_dim a multiple of 8 and at most 128 (256 from Hopper on).
@@ -26,16 +29,17 @@ SPLASH_LANES = 128
 SPLASH_MAX_BLOCK = 512
 
 
-def default_backend() -> Backend:
+def default_backend(platform: str) -> Backend:
     """cuDNN's fused attention on GPUs, splash attention on TPUs, XLA's elsewhere."""
-    return {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
-def target_platform() -> str:
-    """The platform the program being traced will run on: the current mesh's devices say (so a
-    program compiled for a TPU topology on another machine gets TPU kernels), else the default
-    backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
+def target_platform(mesh: AnyMesh | None = None) -> str:
+    """The platform the program being traced will run on: the mesh's devices say (by default the
+    ambient mesh's, so a program compiled for a TPU topology on another machine gets TPU kernels),
+    else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    device = mesh.abstract_mesh.abstract_device
     return jax.default_backend() if device is None else device.platform
 
 
@@ -51,13 +55,14 @@ def cudnn_supports(query: jax.Array, max_head_dim: int | None = None) -> bool:
     return query.dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= max_head_dim
 
 
-def resolve_backend(query: jax.Array, backend: Backend | None) -> Backend:
-    """The backend that will run: cuDNN falls back to XLA for shapes and dtypes it does not support.
+def resolve_backend(query: jax.Array, backend: Backend | None, platform: str | None = None) -> Backend:
+    """The backend that will run on `platform` (default: `target_platform()`): `backend`, else the
+    platform's default; cuDNN falls back to XLA for shapes and dtypes it does not support.
 
     Splash attention takes any shape (it pads) and runs anywhere: off TPUs in Pallas' interpreter,
     which is exact but slow, for tests.
     """
-    backend = backend or default_backend()
+    backend = backend or default_backend(platform or target_platform())
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
     if backend == "cudnn" and not cudnn_supports(query):
@@ -73,15 +78,17 @@ def dot_product_attention(
     scale: float,
     kv_mask: jax.Array | None = None,
     backend: Backend | None = None,
+    mesh: AnyMesh | None = None,
 ) -> jax.Array:
     """query [B, T, heads, D], key/value [B, S, kv_heads, D] -> [B, T, heads, D].
 
     kv_mask [B, S] marks the keys to attend to. With cuDNN it must be right-padded (valid keys
     first), as tokenizers and our padded batches produce, because cuDNN takes sequence lengths.
+    mesh (default: the ambient one) decides the platform and how a fused kernel splits its work.
     """
-    backend = resolve_backend(query, backend)
+    backend = resolve_backend(query, backend, target_platform(mesh))
     if backend in FUSED_KERNELS:
-        return FUSED_KERNELS[backend](query, key, value, scale, kv_mask).astype(query.dtype)
+        return FUSED_KERNELS[backend](query, key, value, scale, kv_mask, mesh).astype(query.dtype)
     return dual_attention(query, key, value, scale=scale, kv_mask=kv_mask, backend="xla").astype(query.dtype)
 
 
@@ -99,6 +106,7 @@ def dual_attention(
     kv_mask: jax.Array | None = None,
     caption_mask: jax.Array | None = None,
     backend: Backend | None = None,
+    mesh: AnyMesh | None = None,
 ) -> jax.Array:
     """Self-attention plus gated cross-attention with one query, as Next-DiT mixes them:
 
@@ -108,14 +116,15 @@ def dual_attention(
     caption_gate [heads]; kv_mask [B, S] and caption_mask [B, L] mark the keys to attend to; caption_mask
     may be [B, T, L], a mask per query token (regional captions), which only XLA takes: with a fused
     kernel the caption branch then runs in XLA. caption_query, where the caption branch has a query of
-    its own, replaces q there.
+    its own, replaces q there. mesh (default: the ambient one) decides the platform and how a fused
+    kernel splits its work.
     Returns [B, T, heads, D] in float32. With XLA, a segment whose keys are all masked is attended
     uniformly (finite) rather than giving NaN; with splash attention it is finite too, but averages
     over the kernel's zero padding as well.
     """
-    backend = resolve_backend(query, backend)
+    backend = resolve_backend(query, backend, target_platform(mesh))
     if backend in FUSED_KERNELS:
-        attend = FUSED_KERNELS[backend]
+        attend = functools.partial(FUSED_KERNELS[backend], mesh=mesh)
         out = attend(query, key, value, scale, kv_mask).astype(jnp.float32)
         if caption_key is None:
             return out
@@ -170,36 +179,39 @@ def _grouped_attention(query, key, value, scale, mask):
     return out / jnp.sum(weights, axis=-1, keepdims=True)
 
 
-def _cudnn_attention(query, key, value, scale, kv_mask):
+def _cudnn_attention(query, key, value, scale, kv_mask, mesh):
+    del mesh  # XLA partitions cuDNN's custom call itself
     lengths = None if kv_mask is None else jnp.sum(kv_mask, axis=-1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(
         query, key, value, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
     )
 
 
-def _splash_attention(query, key, value, scale, kv_mask):
+def _splash_attention(query, key, value, scale, kv_mask, mesh):
     """Pallas splash attention: query [B, T, heads, D], key/value [B, S, kv_heads, D] -> [B, T, heads, D].
 
     XLA's partitioner cannot split a Pallas kernel: under a mesh it would gather every operand onto
-    every device. So under a mesh (`jax.set_mesh`) each device runs the kernel on its own examples
-    and heads, through `jax.shard_map` (`sharding.attention_partition`).
+    every device. So under a mesh (given, else the ambient one: `jax.set_mesh`) each device runs the
+    kernel on its own examples and heads, through `jax.shard_map` (`sharding.attention_partition`).
     """
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    interpret = target_platform(mesh) != "tpu"
     if mesh.empty or math.prod(mesh.axis_sizes) == 1:
-        return _splash_local(query, key, value, scale, kv_mask)
+        return _splash_local(query, key, value, scale, kv_mask, interpret)
     rows, masks = attention_partition(
         dict(zip(mesh.axis_names, mesh.axis_sizes)), query.shape[0], query.shape[2], key.shape[2]
     )
     return jax.shard_map(
-        lambda q, k, v, m: _splash_local(q, k, v, scale, m),
+        lambda q, k, v, m: _splash_local(q, k, v, scale, m, interpret),
+        mesh=mesh,
         in_specs=(rows, rows, rows, masks),
         out_specs=rows,
         check_vma=False,
     )(query, key, value, kv_mask)
 
 
-def _splash_local(query, key, value, scale, kv_mask):
-    """Splash attention on one device's arrays.
+def _splash_local(query, key, value, scale, kv_mask, interpret: bool):
+    """Splash attention on one device's arrays; `interpret` runs Pallas' interpreter instead of Mosaic.
 
     The kernel tiles sequences in blocks of 128-multiples and features in 128 lanes, so both are
     zero-padded: padded features add nothing to q.k and give zero outputs (sliced off), padded keys
@@ -227,7 +239,7 @@ def _splash_local(query, key, value, scale, kv_mask):
 
     # Mosaic when the program is for TPUs, Pallas' interpreter elsewhere. (Not `lax.platform_dependent`:
     # under autodiff it would keep the residuals of both branches.)
-    kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret=target_platform() != "tpu")
+    kernel = _splash_kernel(heads, q_padded, kv_padded, q_block, kv_block, interpret=interpret)
     out = jax.vmap(kernel)(q, k, v, segment_ids=segments)
     return out[:, :, :length, :head_dim].transpose(0, 2, 1, 3)
 
