@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# How much more than an even split of the parameters a device may hold before `report_replication`
+# warns, as a fraction of that split: MaxText's default `sharding_tolerance`.
+REPLICATION_TOLERANCE = 0.02
 
 # Logical axis -> mesh axis, in flax's rule format: rules apply in order, and a mesh axis already
 # used by an array's earlier rule is not used again (a modulation kernel [cond, embed] shards
@@ -147,6 +150,36 @@ def parameter_shardings(module_or_tree, mesh: Mesh):
     )
 
 
+def report_replication(tree, shardings, tolerance: float = REPLICATION_TOLERANCE) -> float:
+    """How much more of `tree` (arrays or shapes) each device holds under `shardings` (NamedShardings)
+    than an even split over the mesh's non-"data" axes (data replicas are meant), as a fraction of
+    that split, like MaxText's `assert_params_sufficiently_sharded`. Above `tolerance` it warns, with
+    the share and the largest arrays left whole on some axis: on a pod, a multiple of memory."""
+    placed = jax.tree.leaves(shardings)
+    if not placed:
+        return 0.0
+    mesh = placed[0].mesh
+    split = math.prod(size for axis, size in mesh.shape.items() if axis != "data")
+    # name -> (bytes each device holds, bytes of an even split)
+    held = {
+        jax.tree_util.keystr(path): (
+            math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize,
+            math.prod(x.shape) * x.dtype.itemsize / split,
+        )
+        for (path, x), sharding in zip(jax.tree.leaves_with_path(tree), placed)
+    }
+    share = sum(h for h, _ in held.values()) / max(sum(e for _, e in held.values()), 1) - 1
+    if share > tolerance:
+        extra = {name: h - e for name, (h, e) in held.items()}
+        largest = sorted(extra, key=extra.get, reverse=True)[:3]
+        logger.warning(
+            f"each device holds {share:.0%} more parameters than an even split over {split} devices "
+            f"(tolerance {tolerance:.0%}); largest replicated: "
+            + ", ".join(f"{name} ({extra[name] / 2**20:.2f} MiB extra)" for name in largest)
+        )
+    return share
+
+
 def abstract_module(make_module: Callable[[], nnx.Module]) -> nnx.Module:
     """`nnx.eval_shape(make_module)`, outside any current mesh (`jax.set_mesh`): the parameters' logical
     axis names are not mesh axes until `parameter_shardings` maps them."""
@@ -158,7 +191,9 @@ def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Mod
     """A new module whose variables are created straight into their shardings on the mesh: one
     jitted initialisation with out_shardings, so no device ever holds more than its share."""
     graphdef, abstract = nnx.split(abstract_module(make_module))
-    state = jax.jit(lambda: nnx.state(make_module()), out_shardings=parameter_shardings(abstract, mesh))()
+    shardings = parameter_shardings(abstract, mesh)
+    report_replication(abstract, shardings)
+    state = jax.jit(lambda: nnx.state(make_module()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
@@ -172,7 +207,9 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
             return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
         return jax.device_put(value, sharding)
 
-    nnx.update(module, jax.tree.map(place, state, parameter_shardings(state, mesh)))
+    shardings = parameter_shardings(state, mesh)
+    report_replication(state, shardings)
+    nnx.update(module, jax.tree.map(place, state, shardings))
     return module
 
 
@@ -181,13 +218,24 @@ def attention_partition(
 ) -> tuple[PartitionSpec, PartitionSpec]:
     """How a fused attention kernel's operands split over a mesh of these axis sizes: examples over
     the batch axes, heads over "tensor" (query and kv heads alike, so each device keeps its query
-    heads' kv heads), each only where it divides evenly. Specs of [B, L, heads, D] and of [B, L]."""
+    heads' kv heads), each only where it divides evenly, else with a warning: each device then does the
+    work of all of them. Specs of [B, L, heads, D] and of [B, L]."""
     batch_axes = tuple(axis for axis in BATCH_AXES if axis_sizes.get(axis, 1) > 1)
     rows = math.prod(axis_sizes[axis] for axis in batch_axes)
     examples = batch_axes if batch_axes and batch % rows == 0 else None
+    if batch_axes and examples is None:
+        _warn_replicated_attention(f"a batch of {batch}", rows)
     tensor = axis_sizes.get("tensor", 1)
     split_heads = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
+    if tensor > 1 and split_heads is None:
+        _warn_replicated_attention(f"{heads} query and {kv_heads} kv heads", tensor)
     return PartitionSpec(examples, None, split_heads, None), PartitionSpec(examples, None)
+
+
+@functools.cache
+def _warn_replicated_attention(what: str, ways: int) -> None:
+    """Once per case (attention is traced once per layer)."""
+    logger.warning(f"attention: {what} cannot be split {ways} ways: every one of those {ways} devices computes all")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,11 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lumina_jax.sharding import MESH_AXES, attention_partition, initialize_distributed, mesh_partition_spec
+from lumina_jax.sharding import (
+    MESH_AXES,
+    attention_partition,
+    initialize_distributed,
+    mesh_partition_spec,
+    report_replication,
+)
 
 SCRIPT = Path(__file__).parent / "sharding_checks.py"
 REORDERED_SUMS = 2.0**-18
@@ -167,3 +175,30 @@ def test_a_coordinator_address_alone_says_what_else_to_set(variables, message, m
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=re.escape(message)):
         initialize_distributed()
+
+
+def test_replicated_parameters_beyond_the_tolerance_are_reported(caplog):
+    """8 devices, as in MaxText's check: an array left whole is held 8 times; data replicas are meant."""
+    fsdp8 = AbstractMesh((1, 8, 1), MESH_AXES)
+    tree = {
+        "split": jax.ShapeDtypeStruct((64, 1024), jnp.float32),
+        "whole": jax.ShapeDtypeStruct((6, 1024), jnp.float32),
+    }
+    shardings = {"split": NamedSharding(fsdp8, P("fsdp")), "whole": NamedSharding(fsdp8, P())}
+    with caplog.at_level("WARNING", logger="lumina_jax.sharding"):
+        share = report_replication(tree, shardings)
+    assert share == pytest.approx((64 / 8 + 6) / (70 / 8) - 1)  # 60% more than an even split
+    assert len(caplog.records) == 1 and caplog.records[0].levelname == "WARNING"
+    assert "60% more parameters than an even split over 8 devices" in caplog.text and "['whole']" in caplog.text
+    caplog.clear()
+    assert report_replication(tree, shardings, tolerance=0.7) == share and not caplog.records
+    data2_fsdp4 = AbstractMesh((2, 4, 1), MESH_AXES)
+    split = {name: NamedSharding(data2_fsdp4, P("fsdp")) for name in tree}
+    assert report_replication({"split": tree["split"]}, {"split": split["split"]}) == 0 and not caplog.records
+
+
+def test_attention_that_cannot_split_its_batch_or_heads_warns(caplog):
+    with caplog.at_level("WARNING", logger="lumina_jax.sharding"):
+        attention_partition({"data": 2, "fsdp": 2, "tensor": 2}, 10, 6, 3)
+    assert "a batch of 10 cannot be split 4 ways" in caplog.text
+    assert "6 query and 3 kv heads cannot be split 2 ways" in caplog.text
