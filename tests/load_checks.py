@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from reference import random_pipeline
+from reference import TINY_NEXT_DIT, random_pipeline
 
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
@@ -125,15 +125,7 @@ def main() -> dict:
 
         results["transformer_current_mesh"] = measure(under_current_mesh, one_device[:1])
 
-        transformer = NextDiTConfig(
-            sample_size=16,
-            hidden_size=64,
-            num_layers=2,
-            num_attention_heads=4,
-            num_kv_heads=2,
-            multiple_of=16,
-            cross_attention_dim=32,
-        )
+        transformer = NextDiTConfig(sample_size=16, **TINY_NEXT_DIT)
         config = TrainConfig(workdir=tmp, pipeline="", data="", cache="", init="scratch", transformer=transformer)
         one_device_init = initial_transformer(config, make_mesh(fsdp=1))
         results["training_init"] = measure(lambda: [initial_transformer(config, mesh)], [one_device_init])

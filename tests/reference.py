@@ -176,18 +176,15 @@ def random_t2i_pipeline(folder: Path, corpus: list[str], *, scheduler_shift: flo
     return text_encoder, tokenizer, vae
 
 
+# The tiny Next-DiT of most tests and checks: 4 query heads sharing 2 kv heads of 16, two layers.
+TINY_NEXT_DIT = dict(
+    hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16, cross_attention_dim=32
+)
+
+
 def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> LuminaPipeline:
     """A diffusers LuminaPipeline of tiny random components, saved to `folder` in the released layout."""
-    transformer = random_transformer(
-        seed=11,
-        sample_size=16,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=caption_dim,
-    )
+    transformer = random_transformer(seed=11, sample_size=16, **(TINY_NEXT_DIT | dict(cross_attention_dim=caption_dim)))
     with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
         transformer.norm_out.linear_2.weight.mul_(0.1)
     gemma = GemmaConfig(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LuminaNextDiT2DModel
-from reference import inputs, random_transformer, relative_error, transformer_forward
+from reference import TINY_NEXT_DIT, inputs, random_transformer, relative_error, transformer_forward
 from safetensors.numpy import load_file, save_file
 
 from lumina_jax import load_transformer
@@ -125,15 +125,7 @@ def test_original_and_diffusers_layouts_of_the_same_weights_agree(tmp_path, orig
 
 
 def test_sharded_safetensors_with_index(tmp_path):
-    reference = random_transformer(
-        seed=3,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=32,
-    )
+    reference = random_transformer(seed=3, **TINY_NEXT_DIT)
     reference.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (
         len(list(tmp_path.glob("*.safetensors"))) > 2
@@ -199,15 +191,7 @@ def assert_computes_and_exports_as(ours, reference, arrays, folder: Path) -> Non
 def test_a_separate_caption_query_computes_what_diffusers_computes(tmp_path, differs):
     """A model fine-tuned with diffusers, where attn2's query (projection or norm) is a parameter of its
     own: loaded with the caption branch's own query, at float32 parity, and exported back."""
-    reference = random_transformer(
-        seed=1,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=32,
-    )
+    reference = random_transformer(seed=1, **TINY_NEXT_DIT)
     with torch.no_grad():
         getattr(reference.layers[1].attn2, differs).weight.mul_(1.5).add_(0.1)
     reference.save_pretrained(tmp_path / "fine-tuned")

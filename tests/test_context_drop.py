@@ -7,14 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference import inputs, random_transformer, relative_error, transformer_forward
+from reference import TINY_NEXT_DIT, inputs, random_transformer, relative_error, transformer_forward
 
 from lumina_jax import load_transformer
 from lumina_jax.models.attention import ContextDrop, dual_attention
 
-CONFIG = dict(
-    hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16, cross_attention_dim=32
-)
+CONFIG = TINY_NEXT_DIT
 LATENT = 32  # a 16x16 token grid
 # Relative change of the velocity with window 2 on smooth latents, random weights: measured 0.092
 # (window 4: 0.199; white-noise latents: 0.248 and 0.313).

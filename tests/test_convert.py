@@ -11,7 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import inputs, random_transformer, relative_error, transformer_forward
+from reference import TINY_NEXT_DIT, inputs, random_transformer, relative_error, transformer_forward
 
 from lumina_jax import load_transformer
 from lumina_jax.cli.convert import main
@@ -35,15 +35,7 @@ def test_convert_original_then_load(tmp_path, capsys):
 
 
 def test_convert_diffusers_to_bfloat16(tmp_path):
-    reference = random_transformer(
-        seed=5,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=32,
-    )
+    reference = random_transformer(seed=5, **TINY_NEXT_DIT)
     reference.save_pretrained(tmp_path / "diffusers")
     assert main([str(tmp_path / "diffusers"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     model = load_transformer(tmp_path / "bf16", dtype="bfloat16", progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from reference import inputs, random_transformer, relative_error, transformer_forward
+from reference import TINY_NEXT_DIT, inputs, random_transformer, relative_error, transformer_forward
 
 from lumina_jax import load_transformer
 from lumina_jax.sampling import diffusers_schedule, make_schedule, sample, shifted_schedule, sigmoid_schedule
@@ -58,16 +58,7 @@ def original_sampler(model, x, caption, mask, grid, guidance, guided_channels):
 
 @pytest.mark.parametrize("guided_channels", [3, 4])
 def test_midpoint_over_the_shifted_grid_matches_the_original_sampler(tmp_path, guided_channels):
-    reference = random_transformer(
-        seed=4,
-        sample_size=8,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=32,
-    )
+    reference = random_transformer(seed=4, sample_size=8, **TINY_NEXT_DIT)
     with torch.no_grad():  # a tame random velocity field keeps the comparison well conditioned
         reference.norm_out.linear_2.weight.mul_(0.1)
     reference.save_pretrained(tmp_path)
