@@ -26,10 +26,12 @@ posterior per batch; the stored latents are therefore the posterior (mean, log-v
 """
 
 import concurrent.futures
+import io
 import json
 import logging
 import math
 import os
+import threading
 import uuid
 from collections.abc import Callable
 
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 SETTINGS_FILE = "settings.json"
 COMPLETE_FILE = "cache.json"
+_HEADER_LOCK = threading.Lock()  # LatentCache.__getitem__
 LOADER_THREADS = 16  # images read, decoded and cropped at once while a shard is built
 EMPTY_CAPTION_FILE = "empty_caption.npz"
 
@@ -316,12 +319,16 @@ class LatentCache:
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         j = record["position"]
-        # One open file per reader; np.load reads only this example's members of the zip.
+        # One open file per reader; only this example's members of the zip are read.
         with _shard_path(self.folder, record["shard"], ".npz").open("rb") as file, np.load(file) as shard:
-            item = {"mean": shard[f"mean_{j}"], "caption": shard[f"caption_{j}"], "prompt": record["prompt"]}
-            if f"logvar_{j}" in shard:
-                item["logvar"] = shard[f"logvar_{j}"]
-        return item
+            names = [name for name in ("mean", "caption", "logvar") if f"{name}_{j}" in shard]
+            members = {name: shard.zip.read(f"{name}_{j}.npy") for name in names}
+        # numpy parses each array's header with ast.literal_eval, which CPython 3.11 can fail at random when
+        # threads call it at once ("AST constructor recursion depth mismatch"): the bytes are read above in
+        # parallel, the headers parsed here one thread at a time.
+        with _HEADER_LOCK:
+            item = {name: np.lib.format.read_array(io.BytesIO(member)) for name, member in members.items()}
+        return item | {"prompt": record["prompt"]}
 
 
 def open_cache(folder: str | os.PathLike) -> LatentCache:
