@@ -29,7 +29,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,17 @@ def released_architecture(
 @dataclasses.dataclass
 class LuminaPipelineOutput:
     images: list[Image.Image] | np.ndarray  # PIL images, [B, H, W, 3] floats in [0, 1], or latents
+
+
+class Conditioning(NamedTuple):
+    """The sampler's caption rows (`sampling.sample`): each image's, then (guided) each image's negative."""
+
+    caption: jax.Array  # [rows, L, D] features
+    caption_mask: jax.Array  # [rows, L]
+    caption_regions: jax.Array | None = None  # [rows, tokens, L]: compositional generation's (`regions`)
+
+    def images(self, guided: bool) -> int:
+        return self.caption.shape[0] // (2 if guided else 1)
 
 
 def caption_bucket(length: int) -> int:
@@ -164,8 +175,11 @@ def load_image(image, height: int, width: int) -> np.ndarray:
     return ((pixels - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)  # ToTensor, Normalize(0.5, 0.5)
 
 
-def _read_image(image):
-    """A file name (str or path) as the PIL image it holds, as diffusers users pass them; anything else as it is."""
+def _read_images(image):
+    """File names (str or path), one or a list, as the PIL images they hold, as diffusers users pass them;
+    anything else as it is (a tuple as a list)."""
+    if isinstance(image, (list, tuple)):
+        return [_read_images(i) for i in image]
     if not isinstance(image, (str, os.PathLike)):
         return image
     try:
@@ -198,6 +212,11 @@ def _checked_seed(seed) -> int | list[int]:
     if not (integers and 0 <= seeds.min() and seeds.max() <= top):
         raise ValueError(f"seed must be an integer from 0 to {top}, or a list of one per image, got {seed!r:.80}")
     return int(seeds) if seeds.ndim == 0 else seeds.tolist()
+
+
+def _sampler_options(options: sampling.SamplerOptions | None, fields: dict) -> sampling.SamplerOptions:
+    """`options` (default: `SamplerOptions()`) with the fields given by name replaced."""
+    return dataclasses.replace(options or sampling.SamplerOptions(), **fields)
 
 
 def _scheduler_shift(pipeline: Path) -> float | None:
@@ -431,8 +450,7 @@ class LuminaPipeline:
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.0,
+        *,
         num_images_per_prompt: int = 1,
         seed: int | list[int] = 0,
         latents: np.ndarray | jax.Array | None = None,
@@ -442,22 +460,22 @@ class LuminaPipeline:
         negative_prompt_attention_mask: jax.Array | None = None,
         output_type: Literal["pil", "np", "latent"] = "pil",
         clean_caption: bool = True,  # accepted as diffusers does; without bs4 and ftfy it only lower-cases
-        scaling_watershed: float | None = None,
-        proportional_attn: bool = True,
-        solver: sampling.Solver = "euler",
-        schedule: str | None = None,
-        shift: float | None = None,
-        sigmas: list[float] | None = None,
-        cfg_all_channels: bool = False,
-        context_drop: int = 1,
         image=None,
         strength: float = 1.0,
         region_prompts: list[str] | None = None,
         grid: tuple[int, int] | None = None,
+        options: sampling.SamplerOptions | None = None,
+        **sampler_options,
     ) -> LuminaPipelineOutput:
-        """Images for the prompts. schedule, shift and scaling_watershed default to the family's reference
-        (`sampler_defaults`); shift, when given, replaces the scheduler config's time shift, which applies to
-        the diffusers schedule and the family's own (`schedule="shifted"` on Lumina-Next: 4, as its demo).
+        """Images for the prompts, in stages each usable alone: `check_inputs`, `encode_captions`,
+        `prepare_latents`, `sample`, `decode`.
+
+        How to sample is `options` (default `sampling.SamplerOptions()`), any of its fields also given by
+        name, as diffusers names them where it has them: num_inference_steps, guidance_scale, sigmas,
+        scaling_watershed, proportional_attn; and solver, schedule, shift, cfg_all_channels, context_drop.
+        schedule, shift and scaling_watershed default to the family's reference (`sampler_defaults`); shift,
+        when given, replaces the scheduler config's time shift, which applies to the diffusers schedule and
+        the family's own (`schedule="shifted"` on Lumina-Next: 4, as its demo).
 
         Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
         a list of one per prompt; PIL images, file names or [H, W, 3] arrays) is resized to height x width
@@ -471,19 +489,11 @@ class LuminaPipeline:
         image tokens attending to their own caption only; `prompt` is the global caption (its mean
         conditions the model, as the original's). Next-DiT only; the same regions for every prompt. New
         captions of the same lengths reuse the compiled programs."""
-        if self.transformer is None:
-            raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
-        if self.weightless:
-            raise ValueError(
-                "this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
-                ".lower(...), or load one with from_pretrained"
-            )
+        self._check_can_sample()
+        options = _sampler_options(options, sampler_options)
+        image = _read_images(image)
         if image is not None:
-            image = [_read_image(i) for i in image] if isinstance(image, (list, tuple)) else _read_image(image)
-        if image is None and strength != 1.0:
-            raise ValueError("strength is for image-to-image: pass image= (a PIL image or an array) with it")
-        if image is not None:
-            first_image = image[0] if isinstance(image, (list, tuple)) else image
+            first_image = image[0] if isinstance(image, list) else image
             own_width, own_height = (
                 first_image.size if isinstance(first_image, Image.Image) else np.shape(first_image)[1::-1]
             )
@@ -491,21 +501,116 @@ class LuminaPipeline:
         height = height or self.default_sample_size
         width = width or self.default_sample_size
         try:
-            self._check(prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type)
+            self.check_inputs(
+                prompt,
+                negative_prompt,
+                height,
+                width,
+                options=options,
+                num_images_per_prompt=num_images_per_prompt,
+                seed=seed,
+                prompt_embeds=prompt_embeds,
+                output_type=output_type,
+                image=image,
+                strength=strength,
+                region_prompts=region_prompts,
+                grid=grid,
+            )
         except ValueError as e:
             if image is None or "height and width" not in str(e):
                 raise
             raise ValueError(f"{e}; pass height= and width= to resize the image to such a size") from None
-        _check_texts("negative_prompt", negative_prompt)
-        if context_drop != 1:  # its windows must tile the token grid
-            self.check_size(height, width, context_drop=context_drop)
-        seed = _checked_seed(seed)
-        guided = guidance_scale > 1.0
+        conditioning = self.encode_captions(
+            prompt,
+            negative_prompt,
+            guided=options.guided,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            region_prompts=region_prompts,
+            grid=grid,
+            height=height,
+            width=width,
+        )
+        latents, options = self.prepare_latents(
+            conditioning.images(options.guided),
+            height,
+            width,
+            seed=seed,
+            latents=latents,
+            image=image,
+            strength=strength,
+            num_images_per_prompt=num_images_per_prompt,
+            options=options,
+        )
+        return LuminaPipelineOutput(self.decode(self.sample(latents, conditioning, options), output_type))
 
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        *,
+        options: sampling.SamplerOptions = sampling.SamplerOptions(),
+        num_images_per_prompt: int = 1,
+        seed: int | list[int] = 0,
+        prompt_embeds: jax.Array | None = None,
+        output_type: str = "pil",
+        image=None,
+        strength: float = 1.0,
+        region_prompts: list[str] | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        """Raise TypeError or ValueError, before any work, for arguments of `__call__` it cannot draw with."""
+        if image is None and strength != 1.0:
+            raise ValueError("strength is for image-to-image: pass image= (a PIL image or an array) with it")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
+        _check_texts("prompt", prompt)
+        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
+            raise ValueError("prompt is an empty list; give at least one prompt")
+        if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in (height, width)):
+            raise TypeError(f"height and width must be whole numbers of pixels, got {height!r} and {width!r}")
+        self.check_size(height, width)
+        guidance_scale = options.guidance_scale
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        _check_texts("negative_prompt", negative_prompt)
+        if options.context_drop != 1:  # its windows must tile the token grid
+            self.check_size(height, width, context_drop=options.context_drop)
+        _checked_seed(seed)
         if region_prompts is not None and prompt_embeds is not None:
             raise ValueError("region_prompts take prompt (the global caption), not prompt_embeds")
         if grid is not None and region_prompts is None:
             raise ValueError("grid is for compositional generation: pass region_prompts with it")
+
+    def encode_captions(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        guided: bool = True,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: jax.Array | None = None,
+        prompt_attention_mask: jax.Array | None = None,
+        negative_prompt_embeds: jax.Array | None = None,
+        negative_prompt_attention_mask: jax.Array | None = None,
+        region_prompts: list[str] | None = None,
+        grid: tuple[int, int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Conditioning:
+        """The sampler's caption rows: the prompts' features (`encode_prompt`), or the embeddings given,
+        each prompt's repeated for its images; guided (guidance_scale > 1), then each image's negative
+        prompt's (default ""). With `region_prompts` on a `grid`, the regional rows of images of height x
+        width pixels (`regions.regional_captions`)."""
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             negatives = None
@@ -533,31 +638,49 @@ class LuminaPipeline:
             return None if a is None else jnp.repeat(jnp.asarray(a), num_images_per_prompt, axis=0)
 
         embeds, mask, neg_embeds, neg_mask = map(per_image, (embeds, mask, neg_embeds, neg_mask))
-        batch = embeds.shape[0]
         caption = jnp.concatenate([embeds, neg_embeds]) if guided else embeds
         caption_mask = jnp.concatenate([mask, neg_mask]) if guided else mask
-        caption_regions = None
-        if region_prompts is not None:
-            grid = grid or (1, len(region_prompts))
-            if len(region_prompts) != grid[0] * grid[1]:
-                raise ValueError(
-                    f"{len(region_prompts)} region prompts for a {grid[0]}x{grid[1]} grid; give one a cell"
-                )
-            cell_of = self._cells(height, width, grid)
-            negative = lambda i: (np.asarray(neg_embeds[i]), np.asarray(neg_mask[i])) if guided else (None, None)  # noqa: E731
-            rows = [
-                regions.regional_captions(
-                    np.asarray(embeds[i]), np.asarray(mask[i]), cell_embeds, cell_mask, *negative(i), cell_of
-                )
-                for i in range(batch)
-            ]
-            # the guided rows of every image, then the negative rows, as the sampler takes them
-            caption, caption_mask, caption_regions = (
+        if region_prompts is None:
+            return Conditioning(caption, caption_mask)
+        grid = grid or (1, len(region_prompts))
+        if len(region_prompts) != grid[0] * grid[1]:
+            raise ValueError(f"{len(region_prompts)} region prompts for a {grid[0]}x{grid[1]} grid; give one a cell")
+        cell_of = self._cells(height, width, grid)
+        negative = lambda i: (np.asarray(neg_embeds[i]), np.asarray(neg_mask[i])) if guided else (None, None)  # noqa: E731
+        rows = [
+            regions.regional_captions(
+                np.asarray(embeds[i]), np.asarray(mask[i]), cell_embeds, cell_mask, *negative(i), cell_of
+            )
+            for i in range(embeds.shape[0])
+        ]
+        # the guided rows of every image, then the negative rows, as the sampler takes them
+        return Conditioning(
+            *(
                 jnp.asarray(np.concatenate([row[part][:1] for row in rows] + [row[part][1:] for row in rows]))
                 for part in range(3)
             )
+        )
 
-        shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        *,
+        seed: int | list[int] = 0,
+        latents: np.ndarray | jax.Array | None = None,
+        image=None,
+        strength: float = 1.0,
+        num_images_per_prompt: int = 1,
+        options: sampling.SamplerOptions = sampling.SamplerOptions(),
+    ) -> tuple[jax.Array, sampling.SamplerOptions]:
+        """The sampler's start for `batch` images of height x width, and the options to sample from it:
+        `latents` as given, else the noise of `seed` (one, or one per image: each image as its seed draws
+        it alone). Image-to-image (`image`: one, or one per prompt of num_images_per_prompt images): that
+        noise moved toward the image's latents, to where `strength` cuts the options' schedule, which the
+        returned options start from (their first_step)."""
+        seed = _checked_seed(seed)
+        shape = self._latent_shape(batch, height, width)
         if latents is None and isinstance(seed, int):
             latents = _noise(jnp.uint32(seed), shape)
         elif latents is None:  # one seed per image: each image as its seed draws it alone
@@ -567,33 +690,48 @@ class LuminaPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = jnp.asarray(latents)
-        schedule_, scaling_watershed = self._sampler(schedule, num_inference_steps, shift, scaling_watershed, sigmas)
-        first_step = 0
-        if image is not None:
-            first_step, t0 = schedule_.image_to_image_start(strength)
-            start = self._image_latents(image, batch // num_images_per_prompt, num_images_per_prompt, shape, seed)
-            latents = sampling.start_from_image(latents, start, t0)
+        if image is None:
+            return latents, options
+        schedule, _ = self._schedule(options)
+        first_step, t0 = schedule.image_to_image_start(strength)
+        start = self._image_latents(
+            _read_images(image), batch // num_images_per_prompt, num_images_per_prompt, shape, seed
+        )
+        return sampling.start_from_image(latents, start, t0), dataclasses.replace(options, first_step=first_step)
+
+    def sample(
+        self,
+        latents: jax.Array,
+        conditioning: Conditioning,
+        options: sampling.SamplerOptions = sampling.SamplerOptions(),
+    ) -> jax.Array:
+        """The flow ODE from `latents` (`prepare_latents`) to the data latents [B, C, h, w] (float32), with
+        the caption rows of `encode_captions`: over the options' schedule, with their watershed (unset:
+        the family's, `_sampler`)."""
+        self._check_can_sample()
+        schedule, options = self._schedule(options)
+        caption, caption_mask, caption_regions = conditioning
+        latents = jnp.asarray(latents)
         if self.mesh is not None:
             latents, caption, caption_mask = map(self._spread, (latents, caption, caption_mask))
             caption_regions = None if caption_regions is None else self._spread(caption_regions)
         with self._on_mesh():
-            latents = sampling.sample(
+            return sampling.sample(
                 self.transformer,
                 latents,
                 caption,
                 caption_mask,
-                schedule_,
-                guidance_scale=guidance_scale,
-                solver=solver,
-                scaling_watershed=scaling_watershed,
-                proportional_attn=proportional_attn,
-                cfg_all_channels=cfg_all_channels,
-                context_drop=context_drop,
-                first_step=first_step,
+                schedule,
+                options=options,
                 caption_regions=caption_regions,
             )
-            if output_type == "latent":
-                return LuminaPipelineOutput(np.asarray(latents))
+
+    def decode(self, latents: jax.Array, output_type: Literal["pil", "np", "latent"] = "pil"):
+        """The sampler's latents as images: PIL images ("pil"), [B, H, W, 3] floats in [0, 1] ("np"), or
+        the latents themselves ("latent", [B, C, h, w]); through the VAE, or in pixel space as they are."""
+        if output_type == "latent":
+            return np.asarray(latents)
+        with self._on_mesh():
             if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
                 images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
             else:
@@ -601,8 +739,8 @@ class LuminaPipeline:
                 images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
         images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
         if output_type == "np":
-            return LuminaPipelineOutput(images)
-        return LuminaPipelineOutput([Image.fromarray(i) for i in (images * 255).round().astype(np.uint8)])
+            return images
+        return [Image.fromarray(i) for i in (images * 255).round().astype(np.uint8)]
 
     def lower(
         self,
@@ -611,25 +749,22 @@ class LuminaPipeline:
         width: int | None = None,
         prompts: int = 1,
         num_images_per_prompt: int = 1,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 4.0,
         caption_length: int = MAX_SEQUENCE_LENGTH,
-        solver: sampling.Solver = "euler",
-        schedule: str | None = None,
-        shift: float | None = None,
-        scaling_watershed: float | None = None,
-        proportional_attn: bool = True,
-        cfg_all_channels: bool = False,
-        context_drop: int = 1,
+        options: sampling.SamplerOptions | None = None,
+        **sampler_options,
     ) -> dict[str, tuple[jax.stages.Lowered, nnx.Module | None]]:
         """Every program that a call with these settings runs, lowered for the pipeline's mesh (`shard`)
         or default device, with the model whose weights each reads: for `prompts` prompts of
         `caption_length` tokens (padded to their bucket), the text encoder, the noise, the sampler
-        and, with a VAE, the decoder. The weights may be abstract (`abstract`): compile the programs
-        for a TPU topology to see what they need per chip (`lumina_jax.tpu`)."""
+        and, with a VAE, the decoder. The sampler's options as `__call__` takes them. The weights may be
+        abstract (`abstract`): compile the programs for a TPU topology to see what they need per chip
+        (`lumina_jax.tpu`)."""
+        options = _sampler_options(options, sampler_options)
         height = height or self.default_sample_size
         width = width or self.default_sample_size
-        self._check("", None, height, width, guidance_scale, num_images_per_prompt, "latent")
+        self.check_inputs(
+            "", None, height, width, options=options, num_images_per_prompt=num_images_per_prompt, output_type="latent"
+        )
         if not 1 <= caption_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"caption_length must be between 1 and {MAX_SEQUENCE_LENGTH} tokens, got {caption_length}")
         if prompts < 1:
@@ -641,37 +776,47 @@ class LuminaPipeline:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
         batch = prompts * num_images_per_prompt
-        rows = batch * (2 if guidance_scale > 1.0 else 1)
+        rows = batch * (2 if options.guided else 1)
         bucket = caption_bucket(caption_length)
-        shape = (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
+        shape = self._latent_shape(batch, height, width)
         tokens = struct((prompts, bucket), jnp.int32, sharded_rows=False)
-        schedule_, scaling_watershed = self._sampler(schedule, num_inference_steps, shift, scaling_watershed)
+        schedule, options = self._schedule(options)
         with self._on_mesh():
             encode = _encode_text.lower(self._text_encoder_split[0], self._text_encoder_params(), tokens, tokens)
             features = encode.out_info
+            caption = struct((rows, bucket, features.shape[-1]), features.dtype)
+            caption_mask = struct((rows, bucket), jnp.int32)
+            latents = struct(shape, jnp.float32)
             programs = {
                 "text_encoder": (encode, self.text_encoder),
                 "noise": (_noise.lower(np.uint32(0), shape), None),
                 "sampler": (
-                    sampling.lower_sample(
-                        self.transformer,
-                        struct(shape, jnp.float32),
-                        struct((rows, bucket, features.shape[-1]), features.dtype),
-                        struct((rows, bucket), jnp.int32),
-                        schedule_,
-                        guidance_scale=guidance_scale,
-                        solver=solver,
-                        scaling_watershed=scaling_watershed,
-                        proportional_attn=proportional_attn,
-                        cfg_all_channels=cfg_all_channels,
-                        context_drop=context_drop,
-                    ),
+                    sampling.lower_sample(self.transformer, latents, caption, caption_mask, schedule, options),
                     self.transformer,
                 ),
             }
             if self.vae is not None:
                 programs["decoder"] = (_decode.lower(*self._vae_split, struct(shape, jnp.float32)), self.vae)
         return programs
+
+    def _check_can_sample(self) -> None:
+        if self.transformer is None:
+            raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not sample")
+        if self.weightless:
+            raise ValueError(
+                "this pipeline has no weights (LuminaPipeline.abstract): lower its programs with "
+                ".lower(...), or load one with from_pretrained"
+            )
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
+
+    def _schedule(self, options: sampling.SamplerOptions) -> tuple[sampling.FlowSchedule, sampling.SamplerOptions]:
+        """The schedule the options make, and the options with their watershed set (`_sampler`)."""
+        schedule, scaling_watershed = self._sampler(
+            options.schedule, options.num_inference_steps, options.shift, options.scaling_watershed, options.sigmas
+        )
+        return schedule, dataclasses.replace(options, scaling_watershed=scaling_watershed)
 
     def _image_latents(self, image, prompts: int, per_prompt: int, shape: tuple[int, ...], seed) -> jax.Array:
         """The images' latents [B, C, h, w] (each prompt's repeated for its images): a VAE posterior sample,
@@ -744,19 +889,3 @@ class LuminaPipeline:
                 f"context_drop must divide both sides of the {rows}x{cols} token grid of {height}x{width} px "
                 f"(one of {windows}), got {context_drop!r}"
             )
-
-    def _check(self, prompt, prompt_embeds, height, width, guidance_scale, num_images_per_prompt, output_type):
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass either prompt or prompt_embeds (with prompt_attention_mask), not both or neither")
-        _check_texts("prompt", prompt)
-        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 0:
-            raise ValueError("prompt is an empty list; give at least one prompt")
-        if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in (height, width)):
-            raise TypeError(f"height and width must be whole numbers of pixels, got {height!r} and {width!r}")
-        self.check_size(height, width)
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")

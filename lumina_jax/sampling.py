@@ -122,6 +122,37 @@ def make_schedule(name: str, num_steps: int, *, shift: float | None = None, sigm
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """How to sample, the defaults in this one place: a hashable value, for a pipeline call, `lower` and
+    `sample` alike. Names as diffusers' LuminaPipeline.__call__ where it has them. schedule, shift and
+    scaling_watershed None: the model family's (`LuminaPipeline.sampler_defaults`; shift also the
+    scheduler config's). guidance_scale, scaling_watershed and first_step are traced values of the
+    compiled sampler: a new one reuses its program."""
+
+    guidance_scale: float = 4.0  # > 1: classifier-free guidance, the batch doubled ([cond, uncond])
+    num_inference_steps: int = 30
+    solver: Solver = "euler"
+    schedule: str | None = None  # one of SCHEDULES (`make_schedule`)
+    shift: float | None = None  # the schedule's time shift
+    sigmas: tuple[float, ...] | None = None  # the diffusers schedule's sigmas, num_inference_steps of them
+    scaling_watershed: float | None = None  # RoPE scaled linearly while t < this, NTK-scaled from there
+    proportional_attn: bool = True  # attention logits scaled for the sequence length (Lumina-Next)
+    cfg_all_channels: bool = False  # guide every latent channel, not channels 0..2 as the released samplers
+    context_drop: int = 1  # > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`)
+    first_step: int = 0  # the schedule's step to start from (image-to-image)
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
+        if self.sigmas is not None:  # a list, as diffusers takes them, kept as a tuple: hashable
+            object.__setattr__(self, "sigmas", tuple(self.sigmas))
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
 def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float:
     """The RoPE factor for latents of height x width: > 1 means extrapolation. Next-DiT's (Lumina-Next's
     time-aware scaling): sqrt(area) relative to the training size. Flag-DiT's (Lumina-T2I's demo, which
@@ -202,76 +233,50 @@ def sample(
     caption: jax.Array,
     caption_mask: jax.Array,
     schedule: FlowSchedule,
+    options: SamplerOptions = SamplerOptions(),
     *,
-    guidance_scale: float | jax.Array = 4.0,
-    solver: Solver = "euler",
-    scaling_watershed: float = 1.0,
-    proportional_attn: bool = True,
-    cfg_all_channels: bool = False,
-    context_drop: int = 1,
-    first_step: int = 0,
     caption_regions: jax.Array | None = None,
 ) -> jax.Array:
-    """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32); from the
-    schedule's step `first_step` on (image-to-image: `FlowSchedule.image_to_image_start`). caption_regions
-    [rows, tokens, L]: what each image token of each caption row attends to (`regions.regional_captions`).
+    """Integrate the flow ODE from noise `latents` [B, C, h, w] to data latents (float32) over `schedule`,
+    from its step `options.first_step` on (image-to-image: `FlowSchedule.image_to_image_start`).
+    caption_regions [rows, tokens, L]: what each image token of each caption row attends to
+    (`regions.regional_captions`).
 
-    With guidance_scale > 1, caption/caption_mask hold 2B rows, the conditional ones first;
-    otherwise B rows and no guidance. As in diffusers, channels 0..2 are guided unless
-    cfg_all_channels. context_drop > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`).
+    With options.guided, caption/caption_mask hold 2B rows, the conditional ones first; otherwise B rows.
+    The options' schedule fields are not read here: `schedule` is the one they made (`LuminaPipeline.sample`).
     """
-    args, static = _integrate_arguments(
-        model,
-        latents,
-        caption,
-        caption_mask,
-        schedule,
-        guidance_scale=guidance_scale,
-        solver=solver,
-        scaling_watershed=scaling_watershed,
-        proportional_attn=proportional_attn,
-        cfg_all_channels=cfg_all_channels,
-        context_drop=context_drop,
-        first_step=first_step,
-        caption_regions=caption_regions,
-    )
+    args, static = _integrate_arguments(model, latents, caption, caption_mask, schedule, options, caption_regions)
     return _integrate(*args, **static)
 
 
 def lower_sample(
-    model: NextDiT, latents, caption, caption_mask, schedule: FlowSchedule, **options
+    model: NextDiT,
+    latents,
+    caption,
+    caption_mask,
+    schedule: FlowSchedule,
+    options: SamplerOptions = SamplerOptions(),
+    *,
+    caption_regions=None,
 ) -> jax.stages.Lowered:
     """The program `sample` runs, lowered for arrays or ShapeDtypeStructs (with shardings) of these
     shapes and an abstract model (`nnx.eval_shape`), e.g. to compile it for a TPU without one."""
-    args, static = _integrate_arguments(model, latents, caption, caption_mask, schedule, **options)
+    args, static = _integrate_arguments(model, latents, caption, caption_mask, schedule, options, caption_regions)
     return _integrate.lower(*args, **static)
 
 
 def _integrate_arguments(
-    model,
-    latents,
-    caption,
-    caption_mask,
-    schedule,
-    *,
-    guidance_scale=4.0,
-    solver="euler",
-    scaling_watershed=1.0,
-    proportional_attn=True,
-    cfg_all_channels=False,
-    context_drop=1,
-    first_step=0,
-    caption_regions=None,
+    model, latents, caption, caption_mask, schedule: FlowSchedule, options: SamplerOptions, caption_regions
 ) -> tuple[tuple, dict]:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    guided = float(guidance_scale) > 1.0
-    rows = latents.shape[0] * (2 if guided else 1)
+    """`_integrate`'s arguments: the options' traced values as arrays, the program's static choices."""
+    if options.scaling_watershed is None:
+        raise ValueError("scaling_watershed is None, the model family's: give one (LuminaPipeline.sample fills it in)")
+    rows = latents.shape[0] * (2 if options.guided else 1)
     if caption_regions is not None and caption_regions.shape[0] != rows:
         raise ValueError(f"caption_regions has {caption_regions.shape[0]} rows for {rows} caption rows")
     if caption.shape[0] != rows or caption_mask.shape[0] != rows:
         raise ValueError(
-            f"{'guidance doubles the batch: ' if guided else ''}expected {rows} caption rows for "
+            f"{'guidance doubles the batch: ' if options.guided else ''}expected {rows} caption rows for "
             f"{latents.shape[0]} latents, got {caption.shape[0]} embeddings and {caption_mask.shape[0]} masks"
         )
     _, channels, height, width = latents.shape
@@ -282,18 +287,18 @@ def _integrate_arguments(
         latents,
         caption,
         caption_mask,
-        np.float32(guidance_scale),
+        np.float32(options.guidance_scale),
         schedule.times,
         schedule.steps,
-        np.float32(scaling_watershed),
-        np.int32(first_step),
+        np.float32(options.scaling_watershed),
+        np.int32(options.first_step),
         caption_regions,
     )
     static = dict(
-        solver=solver,
-        guided_channels=(channels if cfg_all_channels else GUIDED_CHANNELS) if guided else 0,
-        base_sequence_length=model.config.base_sequence_length if proportional_attn else None,
+        solver=options.solver,
+        guided_channels=(channels if options.cfg_all_channels else GUIDED_CHANNELS) if options.guided else 0,
+        base_sequence_length=model.config.base_sequence_length if options.proportional_attn else None,
         scale=resolution_scale(model, height, width),
-        context_drop=context_drop,
+        context_drop=options.context_drop,
     )
     return args, static

@@ -9,7 +9,7 @@ import pytest
 from reference import relative_error
 
 from lumina_jax import load_transformer
-from lumina_jax.sampling import FlowSchedule, resolution_scale, sample, shifted_schedule
+from lumina_jax.sampling import FlowSchedule, SamplerOptions, resolution_scale, sample, shifted_schedule
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lumina_t2i_original_tiny"
 FLOAT32_BOUND = 1e-5
@@ -33,7 +33,7 @@ def test_guided_velocity_matches_forward_with_cfg(original):
     model, io = original
     one_step = FlowSchedule(np.float32([0.4]), np.float32([1.0]))  # x + 1 * velocity(x, 0.4)
     x = io["d_x"][:2]  # forward_with_cfg uses the first half of its batch for both halves
-    out = np.asarray(sample(model, x, io["d_cap"], io["d_cap_mask"], one_step, **DEMO))
+    out = np.asarray(sample(model, x, io["d_cap"], io["d_cap_mask"], one_step, SamplerOptions(**DEMO)))
     assert relative_error(out - x, io["d_out"][:2]) <= FLOAT32_BOUND
 
 
@@ -41,5 +41,7 @@ def test_guided_velocity_matches_forward_with_cfg(original):
 def test_a_whole_run_matches_the_original_sampler(original, solver):
     model, io = original
     schedule = shifted_schedule(5, shift=4.0)  # the original's 6-point grid, time shifting 4
-    out = sample(model, io["d_x"][:1], io["d_cap"][1:3], io["d_cap_mask"][1:3], schedule, solver=solver, **DEMO)
+    out = sample(
+        model, io["d_x"][:1], io["d_cap"][1:3], io["d_cap_mask"][1:3], schedule, SamplerOptions(solver=solver, **DEMO)
+    )
     assert relative_error(out, io[f"e_{solver}"]) <= FLOAT32_BOUND

@@ -14,7 +14,7 @@ from lumina_jax import load_transformer
 from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.regions import cell_of_tokens, regional_captions
-from lumina_jax.sampling import FlowSchedule, sample
+from lumina_jax.sampling import FlowSchedule, SamplerOptions, sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lumina_next_compositional_tiny"
 FLOAT32_BOUND = 1e-5
@@ -38,7 +38,15 @@ def test_guided_velocity_matches_the_original_compositional_model(original, case
         io[f"{case}_global"][0], io[f"{case}_global_mask"][0], captions[:-1], masks[:-1], captions[-1], masks[-1], cells
     )
     one_step = FlowSchedule(np.float32([t]), np.float32([1.0]))  # x + 1 * velocity(x, t)
-    out = sample(model, x, caption, mask, one_step, guidance_scale=4.0, scaling_watershed=0.3, caption_regions=regions)
+    out = sample(
+        model,
+        x,
+        caption,
+        mask,
+        one_step,
+        SamplerOptions(guidance_scale=4.0, scaling_watershed=0.3),
+        caption_regions=regions,
+    )
     assert relative_error(np.asarray(out) - x, io[f"{case}_out"][:1, :4]) <= FLOAT32_BOUND
 
 

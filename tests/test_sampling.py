@@ -9,7 +9,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from reference import TINY_NEXT_DIT, inputs, random_transformer, relative_error, transformer_forward
 
 from lumina_jax import load_transformer
-from lumina_jax.sampling import diffusers_schedule, make_schedule, sample, shifted_schedule, sigmoid_schedule
+from lumina_jax.sampling import (
+    SamplerOptions,
+    diffusers_schedule,
+    make_schedule,
+    sample,
+    shifted_schedule,
+    sigmoid_schedule,
+)
 
 
 @pytest.mark.parametrize("steps, shift, sigmas", [(30, 1.0, None), (7, 3.0, None), (4, 2.0, [1.0, 0.7, 0.33, 0.1])])
@@ -73,9 +80,12 @@ def test_midpoint_over_the_shifted_grid_matches_the_original_sampler(tmp_path, g
         jnp.asarray(caption),
         jnp.asarray(mask),
         schedule,
-        guidance_scale=4.0,
-        solver="midpoint",
-        proportional_attn=False,
-        cfg_all_channels=guided_channels == 4,
+        SamplerOptions(
+            guidance_scale=4.0,
+            solver="midpoint",
+            scaling_watershed=1.0,
+            proportional_attn=False,
+            cfg_all_channels=guided_channels == 4,
+        ),
     )
     assert relative_error(ours, expected) <= 1e-5

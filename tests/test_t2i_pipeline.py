@@ -24,7 +24,7 @@ from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.flagdit import FlagDiT
 from lumina_jax.models.llama import LlamaEncoder
 from lumina_jax.pipeline import LuminaPipeline
-from lumina_jax.sampling import sample, shifted_schedule
+from lumina_jax.sampling import SamplerOptions, sample, shifted_schedule
 
 PROMPTS = ["A red Cat sits on the mat", "a blue sky"]
 CORPUS = PROMPTS + ["the quick brown fox jumps over the lazy dog", "a photo of a red cat"]
@@ -56,7 +56,7 @@ def demo_caption_features(folder, text_encoder, caption: str) -> tuple[np.ndarra
 def demo_latents(pipe, folder, text_encoder, caption, noise, steps, shift=4.0, solver="euler"):
     features, mask = demo_caption_features(folder, text_encoder, caption)
     schedule = shifted_schedule(steps, shift=shift)
-    return np.asarray(sample(pipe.transformer, noise, features, mask, schedule, solver=solver, **DEMO))
+    return np.asarray(sample(pipe.transformer, noise, features, mask, schedule, SamplerOptions(solver=solver, **DEMO)))
 
 
 def test_the_folder_loads_as_lumina_t2i(t2i):
