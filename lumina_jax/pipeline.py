@@ -40,15 +40,15 @@ from PIL import Image
 
 from lumina_jax import hub, regions, sampling
 from lumina_jax.models import flagdit
-from lumina_jax.models.flagdit import ROPE_MAX_TOKENS, FlagDiT
+from lumina_jax.models.flagdit import FlagDiT
 from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
 from lumina_jax.models.llama import LLAMA_2_7B, LlamaConfig, LlamaEncoder
-from lumina_jax.models.nextdit import PRESETS, ROPE_MAX_GRID, NextDiT, NextDiTConfig
+from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
-from lumina_jax.weights.text_encoder import text_encoder_family
+from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
 from lumina_jax.weights.vae import find_vae, load_vae
 
 logger = logging.getLogger(__name__)
@@ -96,33 +96,6 @@ def caption_bucket(length: int) -> int:
     if length > CAPTION_BUCKETS[-1]:
         raise ValueError(f"captions have at most {CAPTION_BUCKETS[-1]} tokens here, got {length}")
     return next(b for b in CAPTION_BUCKETS if b >= length)
-
-
-def _preprocess(texts: list[str], text_encoder) -> list[str]:
-    # diffusers cleans Lumina-Next's captions (clean_caption=True) only when beautifulsoup4 and ftfy are
-    # installed; lumina-jax depends on neither, so this is diffusers' behaviour without them. Lumina-T2I's
-    # demo encodes captions as typed.
-    return texts if isinstance(text_encoder, LlamaEncoder) else [t.lower().strip() for t in texts]
-
-
-def load_tokenizer(folder: Path, text_encoder):
-    """The captions' tokenizer as each family's reference loads it: Lumina-T2I's LLaMA tokenizer with
-    <s> and </s> around every caption (add_bos_token, add_eos_token) and, as LLaMA has no pad token,
-    its <unk> (id 0, the original's padding) to pad with."""
-    from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
-
-    if not isinstance(text_encoder, LlamaEncoder):
-        return AutoTokenizer.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    empty = tokenizer("").input_ids
-    if empty != [tokenizer.bos_token_id, tokenizer.eos_token_id]:
-        raise ValueError(
-            f"{folder}: Lumina-T2I encodes captions between <s> and </s>, but this tokenizer "
-            f"({type(tokenizer).__name__}) encodes the empty caption as {empty}"
-        )
-    return tokenizer
 
 
 # jax.jit over split modules: nnx.jit would walk the module graph on every call.
@@ -306,7 +279,7 @@ class LuminaPipeline:
             if vae_dtype is None:
                 vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
             vae = load_vae(path / "vae", vae_dtype, **placed)
-        tokenizer = load_tokenizer(path / "tokenizer", text_encoder)
+        tokenizer = text_encoder.config.load_tokenizer(path / "tokenizer")
         pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
         return pipe if mesh is None else pipe.shard(mesh)
 
@@ -342,7 +315,7 @@ class LuminaPipeline:
 
         pipe = cls(
             shapes(MODELS[type(transformer_config)], transformer_config, compute),
-            shapes(LlamaEncoder if isinstance(encoder_config, LlamaConfig) else GemmaEncoder, encoder_config, compute),
+            shapes(text_encoder_model(encoder_config), encoder_config, compute),
             None if vae_config is None else shapes(AutoencoderKL, vae_config, resolve_dtype(vae_dtype)),
             None,
             scheduler_shift=shift,
@@ -435,7 +408,7 @@ class LuminaPipeline:
         self, prompt: list[str], negative_prompt: list[str] | None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
         """Caption features and masks of the prompts (and negative prompts), padded to a length bucket."""
-        ids, mask = self._tokenize(_preprocess(prompt, self.text_encoder))
+        ids, mask = self._tokenize(self.text_encoder.config.prepare_captions(prompt))
         bucket = caption_bucket(ids.shape[1])
         params = self._text_encoder_params()
         embeds, mask_out = self._encode(params, ids, mask, bucket)
@@ -839,12 +812,9 @@ class LuminaPipeline:
             return _encode_image(*self._vae_split, pixels.astype(self.vae.dtype), noise)
 
     def sampler_defaults(self) -> dict:
-        """How the family's reference samples: Lumina-Next as diffusers does (its flow-match schedule, RoPE
-        scaled linearly until t = 1, NTK-scaled from there), Lumina-T2I as its demo does (the time-shifted
-        uniform grid, NTK-scaled RoPE at every step)."""
-        if isinstance(self.transformer, FlagDiT):
-            return dict(schedule="shifted", scaling_watershed=0.0)
-        return dict(schedule="diffusers", scaling_watershed=1.0)
+        """How the family's reference samples (its schedule and watershed): Lumina-Next as diffusers does,
+        Lumina-T2I as its demo does (the transformer config's `sampler_defaults`)."""
+        return self.transformer.config.sampler_defaults()
 
     def _sampler(
         self, schedule, num_steps, shift, scaling_watershed, sigmas=None
@@ -860,9 +830,13 @@ class LuminaPipeline:
         return steps, defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed
 
     def _cells(self, height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
-        """The grid cell of each image token at this size (`regions.cell_of_tokens`); Next-DiT only."""
-        if isinstance(self.transformer, FlagDiT):
-            raise ValueError("regional captions are Lumina-Next's (Next-DiT); this pipeline holds a Flag-DiT")
+        """The grid cell of each image token at this size (`regions.cell_of_tokens`), for a family that takes
+        regional captions (Next-DiT)."""
+        config = self.transformer.config
+        if not config.takes_regions:
+            raise ValueError(
+                f"regional captions are Lumina-Next's (Next-DiT); this pipeline holds a {config.family_name}"
+            )
         unit = self.latent_scale * self.transformer.config.patch_size
         return regions.cell_of_tokens(height // unit, width // unit, grid)
 
@@ -872,16 +846,7 @@ class LuminaPipeline:
         if grid is not None:
             self._cells(height, width, grid)
         unit = self.latent_scale * self.transformer.config.patch_size
-        if isinstance(self.transformer, FlagDiT):  # rows of tokens, each closed by an end-of-line token
-            fits = (height // unit) * (width // unit + 1) <= ROPE_MAX_TOKENS
-            limit = f"from {unit} px, with (height / {unit}) x (width / {unit} + 1) at most {ROPE_MAX_TOKENS} tokens"
-        else:
-            fits = height <= ROPE_MAX_GRID * unit and width <= ROPE_MAX_GRID * unit
-            limit = f"between {unit} and {ROPE_MAX_GRID * unit} px"
-        if height % unit or width % unit or height < unit or width < unit or not fits:
-            raise ValueError(f"height and width must be multiples of {unit} {limit}, got {height}x{width}")
-        if context_drop != 1 and isinstance(self.transformer, FlagDiT):
-            raise ValueError(f"context_drop={context_drop}: Context Drop is Next-DiT's; Flag-DiT takes 1")
+        self.transformer.config.check_size(height, width, unit, context_drop)
         rows, cols = height // unit, width // unit
         windows = [w for w in range(1, min(rows, cols) + 1) if rows % w == 0 and cols % w == 0]
         if context_drop not in windows:

@@ -154,13 +154,9 @@ class SamplerOptions:
 
 
 def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float:
-    """The RoPE factor for latents of height x width: > 1 means extrapolation. Next-DiT's (Lumina-Next's
-    time-aware scaling): sqrt(area) relative to the training size. Flag-DiT's (Lumina-T2I's demo, which
-    applies it as the NTK factor at every step: scaling_watershed 0): the ratio of image tokens."""
-    if isinstance(model, FlagDiT):
-        p, side = model.config.patch_size, model.config.sample_size // model.config.patch_size
-        return (height // p) * (width // p) / side**2
-    return math.sqrt(height * width) / model.config.sample_size
+    """The RoPE factor for latents of height x width: > 1 means extrapolation (the family's rule,
+    `resolution_scale` of its config)."""
+    return model.config.resolution_scale(height, width)
 
 
 # jax.jit over the model's split state: nnx.jit walks the module graph on every call.

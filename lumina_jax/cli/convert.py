@@ -6,7 +6,6 @@ import sys
 import time
 
 from lumina_jax import hub
-from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.weights.convert import assemble_pipeline, convert_pipeline, convert_transformer
 from lumina_jax.weights.nextdit import find_checkpoint
 
@@ -61,6 +60,6 @@ def main(argv: list[str] | None = None, prog: str = "lumina-convert") -> int:
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    found = "Flag-DiT (Lumina-T2I)" if family is FlagDiTConfig else "Next-DiT (Lumina-Next)"
+    found = f"{family.family_name} ({family.release})"
     print(f"wrote {out} ({args.dtype}, {found}) in {time.perf_counter() - start:.1f} s")
     return 0

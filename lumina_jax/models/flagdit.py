@@ -15,7 +15,7 @@ feed-forward and the timestep and caption conditioning are Next-DiT's.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,15 @@ class FlagDiTConfig(TransformerSizes):
     # The RoPE the model was trained with (the trainer's --rope_scaling_factor and --ntk_factor).
     rope_scaling_factor: float = 1.0
     ntk_factor: float = 1.0
-    separate_caption_query = False  # a class constant: Next-DiT's Attention reads it
+
+    family_name: ClassVar[str] = "Flag-DiT"  # the family's answers to `models.family.TransformerConfig`
+    release: ClassVar[str] = "Lumina-T2I"
+    pipeline_class: ClassVar[str] = "LuminaT2IPipeline"
+    takes_regions: ClassVar[bool] = False
+    takes_context_drop: ClassVar[bool] = False
+    block_modulations: ClassVar[int] = 6  # shift, scale and gate of attention and FFN
+    final_modulations: ClassVar[int] = 2  # shift and scale
+    query_projections: ClassVar[int] = 1  # one query for the image and the caption branch
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
@@ -99,6 +107,35 @@ class FlagDiTConfig(TransformerSizes):
         proportional attention, (image_size // 16)^2 + (image_size // 16) * 2 for patch 2 and the SDXL VAE."""
         side = self.sample_size // self.patch_size
         return side * (side + 1) + side  # the demo counts two end-of-line tokens a row
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """As Lumina-T2I's demo samples: the time-shifted uniform grid, NTK-scaled RoPE at every step."""
+        return dict(schedule="shifted", scaling_watershed=0.0)
+
+    def sequence_length(self, rows: int, cols: int) -> int:
+        return rows * (cols + 1)  # rows of tokens, each closed by an end-of-line token
+
+    def token_sequence(self, latents: list[jax.Array]) -> tuple[jax.Array, None, jax.Array, jax.Array]:
+        """`flag_tokens`' sequence: patches, no grid positions (RoPE is by index), real tokens, end-of-line slots."""
+        patches, end_of_line, real = flag_tokens(latents, self.patch_size)
+        xp = latents[0].__array_namespace__()
+        return patches, None, xp.ones(end_of_line.shape, bool) if real is None else real, end_of_line
+
+    def resolution_scale(self, height: int, width: int) -> float:
+        """Lumina-T2I's demo's, which it applies as the NTK factor at every step: the ratio of image tokens."""
+        p, side = self.patch_size, self.sample_size // self.patch_size
+        return (height // p) * (width // p) / side**2
+
+    def check_size(self, height: int, width: int, unit: int, context_drop: int = 1) -> None:
+        """Whole tokens, at most the RoPE table's positions, end-of-line tokens included; no Context Drop."""
+        fits = self.sequence_length(height // unit, width // unit) <= ROPE_MAX_TOKENS
+        if height % unit or width % unit or height < unit or width < unit or not fits:
+            raise ValueError(
+                f"height and width must be multiples of {unit} from {unit} px, with (height / {unit}) x "
+                f"(width / {unit} + 1) at most {ROPE_MAX_TOKENS} tokens, got {height}x{width}"
+            )
+        if context_drop != 1:
+            raise ValueError(f"context_drop={context_drop}: Context Drop is Next-DiT's; Flag-DiT takes 1")
 
 
 # The released Lumina-T2I (Flag-DiT 5B with LLaMA-2-7B captions), named as the original code names it.
@@ -295,6 +332,21 @@ class FlagDiT(nnx.Module):
         positions = jnp.arange(length)[None, :, None]
         return rope_frequencies(positions, self.config.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
 
+    def forward_sequence(
+        self,
+        patches: jax.Array,
+        positions: None,
+        token_mask: jax.Array | None,
+        end_of_line: jax.Array,
+        timestep: jax.Array,
+        caption: jax.Array,
+        caption_mask: jax.Array,
+    ) -> jax.Array:
+        """`forward_tokens` on `FlagDiTConfig.token_sequence`'s tokens, RoPE'd by index (positions is None).
+        No proportional attention, as trained."""
+        rope = self.rope(patches.shape[1])
+        return self.forward_tokens(patches, end_of_line, token_mask, rope, timestep, caption, caption_mask)
+
     @float32_products
     def forward_tokens(
         self,
@@ -316,11 +368,15 @@ class FlagDiT(nnx.Module):
         batch, num_tokens, _ = patches.shape
         check_conditioning(cfg, batch, timestep, caption, caption_mask, caption_kv)
 
+        time_layers, caption_layers = (
+            (self.time_linear_1, self.time_linear_2),
+            (self.caption_pool_norm, self.caption_proj),
+        )
+        cond = conditioning(time_layers, caption_layers, timestep, caption, caption_mask)
         x = self.patch_embedder(patches).astype(jnp.float32)
         x = jnp.where(end_of_line[..., None], self.eol_token[...].astype(jnp.float32), x)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
-        cond = conditioning(self, timestep, caption, caption_mask)
         inputs = BlockInputs(
             cond=cond,
             caption=caption.astype(self.dtype),

@@ -104,6 +104,18 @@ class GemmaConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["GemmaModel"], "model_type": "gemma", **dataclasses.asdict(self)}
 
+    def prepare_captions(self, texts: list[str]) -> list[str]:
+        """Lower-cased and stripped: diffusers cleans Lumina-Next's captions (clean_caption=True) only when
+        beautifulsoup4 and ftfy are installed; lumina-jax depends on neither, so this is diffusers' behaviour
+        without them."""
+        return [t.lower().strip() for t in texts]
+
+    def load_tokenizer(self, folder):
+        """Gemma's tokenizer as transformers loads it."""
+        from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
+
+        return AutoTokenizer.from_pretrained(folder)
+
 
 GEMMA_2B = GemmaConfig(
     vocab_size=256000,

@@ -100,6 +100,26 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["LlamaModel"], "model_type": "llama", **dataclasses.asdict(self)}
 
+    def prepare_captions(self, texts: list[str]) -> list[str]:
+        """As typed: Lumina-T2I's demo encodes captions so."""
+        return texts
+
+    def load_tokenizer(self, folder):
+        """Lumina-T2I's LLaMA tokenizer: <s> and </s> around every caption (add_bos_token, add_eos_token) and,
+        as LLaMA has no pad token, its <unk> (id 0, the original's padding) to pad with."""
+        from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token
+        empty = tokenizer("").input_ids
+        if empty != [tokenizer.bos_token_id, tokenizer.eos_token_id]:
+            raise ValueError(
+                f"{folder}: Lumina-T2I encodes captions between <s> and </s>, but this tokenizer "
+                f"({type(tokenizer).__name__}) encodes the empty caption as {empty}"
+            )
+        return tokenizer
+
 
 LLAMA_2_7B = LlamaConfig()
 

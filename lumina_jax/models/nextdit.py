@@ -10,7 +10,7 @@ stacked and scanned, and kv heads are never repeated in memory.
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,14 @@ class NextDiTConfig(TransformerSizes):
     # and attn2's, equal in the released weights; fine-tuning with diffusers may make them differ).
     separate_caption_query: bool = False
 
+    family_name: ClassVar[str] = "Next-DiT"  # the family's answers to `models.family.TransformerConfig`
+    release: ClassVar[str] = "Lumina-Next"
+    pipeline_class: ClassVar[str] = "LuminaPipeline"
+    takes_regions: ClassVar[bool] = True
+    takes_context_drop: ClassVar[bool] = True
+    block_modulations: ClassVar[int] = 4  # scale and gate of attention and FFN
+    final_modulations: ClassVar[int] = 1  # scale
+
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -96,6 +104,35 @@ class NextDiTConfig(TransformerSizes):
         proportional attention: 4096 for the released model, diffusers' (1024 px // 16)^2; 16 for the
         digits model (32 px, patch 8, no VAE), where diffusers' formula assumes a VAE and gives 256."""
         return (self.sample_size // self.patch_size) ** 2
+
+    @property
+    def query_projections(self) -> int:
+        return 2 if self.separate_caption_query else 1
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """As diffusers samples Lumina-Next: its flow-match schedule, RoPE scaled linearly until t = 1,
+        NTK-scaled from there."""
+        return dict(schedule="diffusers", scaling_watershed=1.0)
+
+    def sequence_length(self, rows: int, cols: int) -> int:
+        return rows * cols
+
+    def token_sequence(self, latents: list[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+        """`patchify_padded`'s patches, grid positions and real tokens; no end-of-line slots."""
+        return *patchify_padded(latents, self.patch_size), None
+
+    def resolution_scale(self, height: int, width: int) -> float:
+        """Lumina-Next's time-aware scaling: sqrt(area) relative to the training size."""
+        return math.sqrt(height * width) / self.sample_size
+
+    def check_size(self, height: int, width: int, unit: int, context_drop: int = 1) -> None:
+        """Whole tokens, within the RoPE table's grid."""
+        fits = unit <= height <= ROPE_MAX_GRID * unit and unit <= width <= ROPE_MAX_GRID * unit
+        if height % unit or width % unit or not fits:
+            raise ValueError(
+                f"height and width must be multiples of {unit} between {unit} and {ROPE_MAX_GRID * unit} px, "
+                f"got {height}x{width}"
+            )
 
 
 # The released 2B model (Lumina-Next-SFT and Lumina-Next-T2I), named as the original code names it.
@@ -144,13 +181,20 @@ def timestep_features(t: jax.Array, dim: int = TIMESTEP_FEATURES, max_period: fl
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def conditioning(model: nnx.Module, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array) -> jax.Array:
-    """Timestep embedding plus the projected masked mean of the caption: [B, cond_dim], from the model's
-    time_linear_1, time_linear_2, caption_pool_norm and caption_proj (Next-DiT and Flag-DiT alike)."""
-    t = model.time_linear_2(jax.nn.silu(model.time_linear_1(timestep_features(timestep))))
+def conditioning(
+    time_layers: tuple[nnx.Linear, nnx.Linear],
+    caption_layers: tuple[nnx.LayerNorm, nnx.Linear],
+    timestep: jax.Array,
+    caption: jax.Array,
+    caption_mask: jax.Array,
+) -> jax.Array:
+    """Timestep embedding (through time_layers, a SiLU between) plus the masked mean of the caption, normed
+    and projected (caption_layers): [B, cond_dim]."""
+    (time_1, time_2), (pool_norm, project) = time_layers, caption_layers
+    t = time_2(jax.nn.silu(time_1(timestep_features(timestep))))
     weights = caption_mask.astype(jnp.float32)[..., None]
     pooled = jnp.sum(caption.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
-    return t + model.caption_proj(model.caption_pool_norm(pooled))
+    return t + project(pool_norm(pooled))
 
 
 def check_grid(rows: int, cols: int, patch: int) -> None:
@@ -190,11 +234,20 @@ class BlockInputs:
 class Attention(nnx.Module):
     """Self-attention over image tokens plus tanh-gated cross-attention to the caption.
 
-    One normed, rotated query serves both branches (the caption branch has its own where the config
-    says `separate_caption_query`); caption keys carry no RoPE.
+    One normed, rotated query serves both branches (the caption branch has its own with
+    `separate_caption_query`); caption keys carry no RoPE.
     """
 
-    def __init__(self, cfg: NextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
+    def __init__(
+        self,
+        cfg: NextDiTConfig,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        backend: Backend | None,
+        rngs,
+        separate_caption_query: bool = False,
+    ):
         d, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(eps=1e-5, affine=True, param_dtype=param_dtype, rngs=rngs)
@@ -209,7 +262,7 @@ class Attention(nnx.Module):
         self.q_norm = layer_norm(heads, "heads", **norm) if cfg.qk_norm else None
         self.k_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
         self.k_caption_norm = layer_norm(kv, "kv_heads", **norm) if cfg.qk_norm else None
-        separate = cfg.separate_caption_query
+        separate = separate_caption_query
         self.to_q_caption = linear(d, heads, ("embed", "heads"), **dense) if separate else None
         self.q_caption_norm = layer_norm(heads, "heads", **norm) if separate and cfg.qk_norm else None
         # Zero-initialised as in the original: training starts with the caption branch closed.
@@ -296,7 +349,14 @@ class NextDiTBlock(nnx.Module):
         self.ffn_norm1 = rms_norm(cfg.hidden_size, "embed", **norm)
         self.ffn_norm2 = rms_norm(cfg.hidden_size, "embed", **norm)
         self.caption_norm = rms_norm(cfg.cross_attention_dim, "caption_embed", **norm)
-        self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+        self.attention = Attention(
+            cfg,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            backend=backend,
+            rngs=rngs,
+            separate_caption_query=cfg.separate_caption_query,
+        )
         self.feed_forward = FeedForward(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def caption_keys_values(self, caption: jax.Array) -> jax.Array:
@@ -431,6 +491,23 @@ class NextDiT(nnx.Module):
         positions = jnp.asarray(grid_positions(height // p, width // p))[None]
         return rope_frequencies(positions, self.config.head_dim, linear_factor=linear_factor, ntk_factor=ntk_factor)
 
+    def forward_sequence(
+        self,
+        patches: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array | None,
+        end_of_line: None,
+        timestep: jax.Array,
+        caption: jax.Array,
+        caption_mask: jax.Array,
+    ) -> jax.Array:
+        """`forward_tokens` on `NextDiTConfig.token_sequence`'s tokens, RoPE'd by their grid positions [B, T, 2]
+        (Next-DiT has no end-of-line slots: end_of_line is None). No proportional attention, as trained."""
+        if end_of_line is not None:
+            raise ValueError("Next-DiT's token sequence has no end-of-line slots; pass end_of_line=None")
+        rope = rope_frequencies(positions, self.config.head_dim)
+        return self.forward_tokens(patches, rope, token_mask, timestep, caption, caption_mask)
+
     @float32_products
     def forward_tokens(
         self,
@@ -468,10 +545,14 @@ class NextDiT(nnx.Module):
                 "image and no token_mask"
             )
 
+        time_layers, caption_layers = (
+            (self.time_linear_1, self.time_linear_2),
+            (self.caption_pool_norm, self.caption_proj),
+        )
+        cond = conditioning(time_layers, caption_layers, timestep, caption, caption_mask)
         x = self.patch_embedder(patches).astype(jnp.float32)
         if token_mask is not None:
             x = jnp.where(token_mask[..., None], x, self.pad_token[...].astype(jnp.float32))
-        cond = conditioning(self, timestep, caption, caption_mask)
         inputs = BlockInputs(
             cond=cond,
             caption=caption.astype(self.dtype),

@@ -15,8 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lumina_jax import sharding, tpu
-from lumina_jax.models.flagdit import FlagDiTConfig
-from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.family import TransformerConfig
 from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
 from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
@@ -32,8 +31,8 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
-def planned_step(config: TrainConfig) -> tuple[NextDiTConfig | FlagDiTConfig, int, int]:
-    """The transformer the run trains, and the image tokens and caption tokens of the step planned:
+def planned_step(config: TrainConfig) -> tuple[TransformerConfig, int, int]:
+    """The transformer the run trains, and the latent pixels a side and caption tokens of the step planned:
     square crops of `image_size` (the most tokens a multi-aspect batch holds), captions of the longest
     bucket. From config files alone: the pipeline's (a folder of them, or a released name), whose
     transformer/config.json a fine-tuning run starts from and whose VAE sets the latent size. A
@@ -48,10 +47,7 @@ def planned_step(config: TrainConfig) -> tuple[NextDiTConfig | FlagDiTConfig, in
         if config.init == "pretrained" or config.transformer.in_channels not in (1, 3):
             raise
         cfg, latent_scale = config.transformer, 1
-    side = config.image_size // (latent_scale * cfg.patch_size)
-    # Flag-DiT: rows of tokens, each closed by an end-of-line slot
-    tokens = side * (side + 1) if isinstance(cfg, FlagDiTConfig) else side * side
-    return cfg, tokens, CAPTION_BUCKETS[-1]
+    return cfg, config.image_size // latent_scale, CAPTION_BUCKETS[-1]
 
 
 def lower_train_step(
@@ -60,7 +56,7 @@ def lower_train_step(
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
     chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
     the layers in a Python loop, not a scan, for counting FLOPs (XLA counts a loop's body once)."""
-    cfg, tokens, caption = planned_step(config)
+    cfg, side, caption = planned_step(config)
     model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
     model.scan_layers = model.scan_layers and not unroll_layers
     optimizer = make_run_optimizer(config)
@@ -71,14 +67,19 @@ def lower_train_step(
     def struct(shape, dtype, where=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-    flag = isinstance(cfg, FlagDiTConfig)
+    # One square crop's token sequence, as the family lays it out, then its shapes for the whole batch.
+    image = jax.ShapeDtypeStruct((cfg.in_channels, side, side), jnp.float32)
+    sequence = jax.eval_shape(lambda image: cfg.token_sequence([image]), image)
+    patches, positions, token_mask, end_of_line = (
+        None if s is None else struct((batch_size, *s.shape[1:]), s.dtype) for s in sequence
+    )
     batch = TrainBatch(
-        patches=struct((batch_size, tokens, cfg.in_channels * cfg.patch_size**2), jnp.float32),
-        positions=None if flag else struct((batch_size, tokens, 2), jnp.int32),
-        token_mask=struct((batch_size, tokens), jnp.bool_),
+        patches=patches,
+        positions=positions,
+        token_mask=token_mask,
         caption=struct((batch_size, caption, cfg.cross_attention_dim), jnp.float32),
         caption_mask=struct((batch_size, caption), jnp.bool_),
-        end_of_line=struct((batch_size, tokens), jnp.bool_) if flag else None,
+        end_of_line=end_of_line,
     )
     empty = (
         struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),
@@ -124,7 +125,8 @@ def plan_train_step(
 
 def model_flops(config: TrainConfig) -> float:
     """The model FLOPs of the config's planned step (`training.flops`), which MFU counts."""
-    cfg, tokens, caption = planned_step(config)
+    cfg, side, caption = planned_step(config)
+    tokens = cfg.sequence_length(side // cfg.patch_size, side // cfg.patch_size)
     return train_step_flops(cfg, config.batch_size, tokens, caption)
 
 

@@ -8,18 +8,17 @@ policy recomputes is not counted, nor the elementwise work (norms, softmax, RoPE
 MFU compares useful matmul work with the chip's peak matrix rate.
 """
 
-from lumina_jax.models.flagdit import FlagDiTConfig
-from lumina_jax.models.nextdit import TIMESTEP_FEATURES, NextDiTConfig
+from lumina_jax.models.family import TransformerConfig
+from lumina_jax.models.nextdit import TIMESTEP_FEATURES
 
 
-def forward_flops(cfg: NextDiTConfig | FlagDiTConfig, image_tokens: int, caption_tokens: int) -> float:
+def forward_flops(cfg: TransformerConfig, image_tokens: int, caption_tokens: int) -> float:
     """One sample's forward pass through the transformer (Next-DiT or Flag-DiT): its matmul FLOPs."""
     d, cond, t, caption = cfg.hidden_size, cfg.cond_dim, image_tokens, caption_tokens
     heads, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    flag = isinstance(cfg, FlagDiTConfig)
-    queries = 2 * heads if cfg.separate_caption_query else heads
+    queries = cfg.query_projections * heads
     per_layer = (
-        cond * (6 if flag else 4) * d  # the modulation, once a sample
+        cond * cfg.block_modulations * d  # the modulation, once a sample
         + t * d * (queries + 2 * kv)  # queries, keys and values of the image tokens
         + caption * cfg.cross_attention_dim * 2 * kv  # keys and values of the caption
         + 2 * t * (t + caption) * heads  # scores and mixing: every query against image and caption keys
@@ -30,12 +29,12 @@ def forward_flops(cfg: NextDiTConfig | FlagDiTConfig, image_tokens: int, caption
     outside = (
         t * patch * cfg.in_channels * d  # the patch embedding
         + (TIMESTEP_FEATURES + cond + cfg.cross_attention_dim) * cond  # timestep and caption conditioning
-        + cond * (2 if flag else 1) * d  # the final modulation
+        + cond * cfg.final_modulations * d  # the final modulation
         + t * d * patch * cfg.out_channels  # the final linear layer
     )
     return 2 * (cfg.num_layers * per_layer + outside)
 
 
-def train_step_flops(cfg: NextDiTConfig | FlagDiTConfig, batch: int, image_tokens: int, caption_tokens: int) -> float:
+def train_step_flops(cfg: TransformerConfig, batch: int, image_tokens: int, caption_tokens: int) -> float:
     """A training step's model FLOPs for a batch of `batch` sequences of these lengths: forward and backward."""
     return 3 * batch * forward_flops(cfg, image_tokens, caption_tokens)

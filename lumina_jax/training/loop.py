@@ -27,8 +27,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lumina_jax import hub, sharding
-from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
-from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
+from lumina_jax.models.family import Transformer, TransformerConfig
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import make_batches
@@ -47,7 +46,7 @@ from lumina_jax.training.step import (
 )
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
-from lumina_jax.weights.nextdit import MODELS, config_from_dict, find_checkpoint, load_transformer, save_diffusers
+from lumina_jax.weights.nextdit import MODELS, config_from_dict, find_checkpoint, load_transformer, save_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def base_pipeline(config: TrainConfig) -> Path:
     return hub.local_path(config.pipeline, "pipeline")
 
 
-def architecture(config: TrainConfig) -> NextDiTConfig | FlagDiTConfig:
+def architecture(config: TrainConfig) -> TransformerConfig:
     """The transformer a new run of `config` trains: the config's (from scratch), or the one in its pipeline's
     files (fine-tuning)."""
     if config.init == "scratch":
@@ -82,9 +81,7 @@ def architecture(config: TrainConfig) -> NextDiTConfig | FlagDiTConfig:
     return find_checkpoint(base_pipeline(config) / "transformer").config
 
 
-def saved_architecture(
-    config: TrainConfig, checkpoints: Checkpointer, step: int | None = None
-) -> NextDiTConfig | FlagDiTConfig:
+def saved_architecture(config: TrainConfig, checkpoints: Checkpointer, step: int | None = None) -> TransformerConfig:
     """The transformer a checkpoint of the run holds, as the run recorded it when saving; for checkpoints
     that predate that record, `architecture(config)`. A from-scratch config that now asks for another
     transformer is refused: its weights would not fit the saved ones."""
@@ -100,9 +97,7 @@ def saved_architecture(
     return saved
 
 
-def transformer_factory(
-    config: TrainConfig, transformer: NextDiTConfig | FlagDiTConfig | None = None
-) -> Callable[[], NextDiT | FlagDiT]:
+def transformer_factory(config: TrainConfig, transformer: TransformerConfig | None = None) -> Callable[[], Transformer]:
     """A function building `transformer` (default: `architecture(config)`) freshly initialised: float32 master
     weights, the configured compute dtype."""
     compute, transformer = resolve_dtype(config.compute_dtype), transformer or architecture(config)
@@ -111,7 +106,7 @@ def transformer_factory(
     )
 
 
-def initial_transformer(config: TrainConfig, mesh: Mesh) -> NextDiT | FlagDiT:
+def initial_transformer(config: TrainConfig, mesh: Mesh) -> Transformer:
     """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
     loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
@@ -189,8 +184,8 @@ def prepare_data(config: TrainConfig) -> None:
 
 def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path, *, overwrite: bool = True) -> Path:
     """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout
-    (a Flag-DiT, which has none, in ours). With `overwrite` it replaces an earlier export (never a folder we
-    did not write, the base pipeline or the checkpoints)."""
+    (a Flag-DiT, which has none, in ours: `save_transformer`). With `overwrite` it replaces an earlier export
+    (never a folder we did not write, the base pipeline or the checkpoints)."""
     model = nnx.merge(graphdef, jax.device_get(ema_params))
     base = base_pipeline(config)
     keep = (base, Path(config.workdir) / "checkpoints")
@@ -198,11 +193,7 @@ def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path
         for item in base.iterdir():
             if item.name != "transformer":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        if isinstance(model, FlagDiT):
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            orbax_io.write_converted(folder / "transformer", model.config.to_dict(), params)
-        else:
-            save_diffusers(model, folder / "transformer")
+        save_transformer(model, folder / "transformer")
     return destination
 
 

@@ -20,9 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig, flag_tokens
-from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, patchify_padded
-from lumina_jax.models.rope import rope_frequencies
+from lumina_jax.models.family import Transformer, TransformerConfig
 from lumina_jax.sharding import batch_sharding, parameter_shardings
 from lumina_jax.training.objective import (
     CAPTION_DROPOUT,
@@ -42,8 +40,9 @@ EMA_DECAY = 0.9999
 
 @struct.dataclass
 class TrainBatch:
-    """Data latents as patch tokens, for images of one or several sizes: Next-DiT's (patches with their
-    grid positions) or Flag-DiT's sequence (rows of patches, each closed by an end-of-line slot)."""
+    """Data latents as patch tokens, for images of one or several sizes, in the family's token sequence
+    (`TransformerConfig.token_sequence`): Next-DiT's patches with their grid positions, Flag-DiT's rows of
+    patches, each closed by an end-of-line slot."""
 
     patches: jax.Array  # [B, T, C*p*p] latents x1, features ordered (c, ph, pw) as `patchify` writes them
     positions: jax.Array | None  # Next-DiT: [B, T, 2] (row, column) of each token; padding repeats the last
@@ -53,20 +52,13 @@ class TrainBatch:
     end_of_line: jax.Array | None = None  # Flag-DiT: [B, T] bool, its end-of-line slots (not in the loss)
 
     @classmethod
-    def from_latents(
-        cls, latents: list[jax.Array], caption, caption_mask, config: NextDiTConfig | FlagDiTConfig
-    ) -> "TrainBatch":
+    def from_latents(cls, latents: list[jax.Array], caption, caption_mask, config: TransformerConfig) -> "TrainBatch":
         """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L], as tokens of
         the transformer `config` describes. Numpy latents give a batch of numpy arrays, assembled on the
         host without waiting for the device; JAX arrays a batch of JAX arrays."""
         xp = latents[0].__array_namespace__()
-        caption, caption_mask = xp.asarray(caption), xp.asarray(caption_mask)
-        if isinstance(config, FlagDiTConfig):
-            patches, end_of_line, real = flag_tokens(latents, config.patch_size)
-            token_mask = xp.ones(end_of_line.shape, bool) if real is None else real
-            return cls(patches, None, token_mask, caption, caption_mask, end_of_line)
-        patches, positions, token_mask = patchify_padded(latents, config.patch_size)
-        return cls(patches, positions, token_mask, caption, caption_mask)
+        patches, positions, token_mask, end_of_line = config.token_sequence(latents)
+        return cls(patches, positions, token_mask, xp.asarray(caption), xp.asarray(caption_mask), end_of_line)
 
     @property
     def loss_mask(self) -> jax.Array:
@@ -158,7 +150,7 @@ def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
 
 
 def init_train_state(
-    model: NextDiT | FlagDiT, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
+    model: Transformer, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
 ) -> tuple[nnx.GraphDef, TrainState]:
     """The model's graph and a fresh training state holding copies of its float32 parameters.
 
@@ -184,20 +176,13 @@ def init_train_state(
 
 
 def predict_velocity(
-    model: NextDiT | FlagDiT, patches, positions, token_mask, t, caption, caption_mask, end_of_line=None
+    model: Transformer, patches, positions, token_mask, t, caption, caption_mask, end_of_line=None
 ) -> jax.Array:
-    """The model's velocity for patch tokens [B, T, C*p*p], in the tokens' own feature order (c, ph, pw).
-    Next-DiT reads the tokens' grid positions; Flag-DiT their end-of-line slots (its RoPE is by index)."""
+    """The model's velocity for patch tokens [B, T, C*p*p], in the tokens' own feature order (c, ph, pw):
+    `forward_sequence` on the family's token sequence (`TrainBatch`'s fields), which the original trainers
+    train without proportional attention."""
     cfg = model.config
-    # No proportional attention (base_sequence_length): the original trainers train without it.
-    if isinstance(model, FlagDiT):
-        out = model.forward_tokens(
-            patches, end_of_line, token_mask, model.rope(patches.shape[1]), t, caption, caption_mask
-        )
-    else:
-        out = model.forward_tokens(
-            patches, rope_frequencies(positions, cfg.head_dim), token_mask, t, caption, caption_mask
-        )
+    out = model.forward_sequence(patches, positions, token_mask, end_of_line, t, caption, caption_mask)
     batch, tokens, _ = out.shape
     # Output features read (ph, pw, c); learn_sigma's extra channels are not trained, as in the original.
     out = out.reshape(batch, tokens, cfg.patch_size**2, cfg.out_channels)[..., : cfg.in_channels]

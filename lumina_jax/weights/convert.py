@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 from lumina_jax import hub
-from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.nextdit import MODELS, convert_transformer, find_checkpoint
 from lumina_jax.weights.text_encoder import text_encoder_family
@@ -97,7 +96,7 @@ def assemble_pipeline(
                 json.dumps({"_class_name": scheduler, "shift": shift})
             )
         index = {
-            "_class_name": "LuminaT2IPipeline" if isinstance(config, FlagDiTConfig) else "LuminaPipeline",
+            "_class_name": config.pipeline_class,
             "transformer": ["lumina_jax", MODELS[type(config)].__name__],
             "text_encoder": ["lumina_jax", encoder.model.__name__],
             "tokenizer": ["transformers", "AutoTokenizer"],

@@ -12,10 +12,12 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from flax import nnx
 
 from lumina_jax import hub
 from lumina_jax.models import flagdit
@@ -25,7 +27,7 @@ from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.flagdit_keys import original_key_to_target as flagdit_key_to_target
-from lumina_jax.weights.importer import LazyTensor
+from lumina_jax.weights.importer import LazyTensor, Target
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -34,7 +36,6 @@ from lumina_jax.weights.nextdit_keys import (
 from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
 
-MODELS = {NextDiTConfig: NextDiT, FlagDiTConfig: FlagDiT}  # a transformer config's model
 ORIGINAL_PRESETS = {**PRESETS, **flagdit.PRESETS}  # model_args.pth's model names, for both families
 
 
@@ -86,7 +87,7 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
         ffn_dim = tensors["layers.0.feed_forward.w1.weight"].shape[0]
         final_features = tensors["final_layer.linear.weight"].shape[0]
     except KeyError as e:
-        raise ValueError(f"{path}: original {_name(family)} checkpoint without {e.args[0]!r}") from None
+        raise ValueError(f"{path}: original {family.family_name} checkpoint without {e.args[0]!r}") from None
     in_channels = 4
     patch = math.isqrt(patch_features // in_channels)
     if patch < 1 or patch * patch * in_channels != patch_features:
@@ -113,10 +114,6 @@ def config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> NextD
     return family(**base, **ffn)
 
 
-def _name(config_class: type) -> str:
-    return "Flag-DiT" if config_class is FlagDiTConfig else "Next-DiT"
-
-
 def _original_config(
     folder: Path, tensors: Mapping[str, LazyTensor], checkpoint: Path
 ) -> NextDiTConfig | FlagDiTConfig:
@@ -131,9 +128,9 @@ def _original_config(
             config = preset
         if getattr(args, "image_size", None):
             config = dataclasses.replace(config, sample_size=int(args.image_size) // 8)
-        if isinstance(config, FlagDiTConfig):
-            factors = {f: float(getattr(args, f)) for f in ("rope_scaling_factor", "ntk_factor") if hasattr(args, f)}
-            config = dataclasses.replace(config, **factors)
+        fields = {f.name for f in dataclasses.fields(config)}  # a Flag-DiT's RoPE scaling
+        factors = {f: float(getattr(args, f)) for f in ("rope_scaling_factor", "ntk_factor") if hasattr(args, f)}
+        config = dataclasses.replace(config, **{f: v for f, v in factors.items() if f in fields})
     return config
 
 
@@ -207,16 +204,7 @@ class TransformerFamily(ModelFamily):
         return MODELS[type(config)]
 
     def key_map(self, checkpoint: NextDiTCheckpoint):
-        """Flag-DiT's original keys; diffusers' keys (attn2's query to its own parameter where the checkpoint
-        has one); Next-DiT's original keys through their diffusers names."""
-        if isinstance(checkpoint.config, FlagDiTConfig):
-            return flagdit_key_to_target
-        to_target = functools.partial(
-            diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
-        )
-        if checkpoint.layout == "original":
-            return lambda key: to_target(original_key_to_diffusers(key))
-        return to_target
+        return ARCHITECTURES[type(checkpoint.config)].key_map(checkpoint)
 
     def load(
         self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None, **options
@@ -257,3 +245,42 @@ def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = Fals
         orbax_io.write_config(partial, model.config.to_dict())
         write_safetensors(partial / "diffusion_pytorch_model.safetensors", diffusers_state_dict(model))
     return Path(folder)
+
+
+def save_converted(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write our format (config.json and Orbax params/), which `load_transformer` loads."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return orbax_io.write_converted(folder, model.config.to_dict(), params, overwrite=overwrite)
+
+
+def _nextdit_key_map(checkpoint: NextDiTCheckpoint) -> Callable[[str], Target]:
+    """diffusers' keys (attn2's query to its own parameter where the checkpoint has one); the original keys
+    through their diffusers names."""
+    to_target = functools.partial(
+        diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
+    )
+    if checkpoint.layout == "original":
+        return lambda key: to_target(original_key_to_diffusers(key))
+    return to_target
+
+
+class Architecture(NamedTuple):
+    """What the weights code knows of a transformer family besides its config and model classes."""
+
+    model: type[nnx.Module]
+    key_map: Callable[[NextDiTCheckpoint], Callable[[str], Target]]  # where a found checkpoint's keys go
+    save: Callable[..., Path]  # (model, folder, *, overwrite): its exchange layout, diffusers' where it has one
+
+
+# The transformer families, by config class: a new family registers here.
+ARCHITECTURES = {
+    NextDiTConfig: Architecture(NextDiT, _nextdit_key_map, save_diffusers),
+    FlagDiTConfig: Architecture(FlagDiT, lambda checkpoint: flagdit_key_to_target, save_converted),
+}
+MODELS = {config: architecture.model for config, architecture in ARCHITECTURES.items()}  # a config's model
+
+
+def save_transformer(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the transformer in its family's exchange layout: a Next-DiT in diffusers', a Flag-DiT (which
+    has none) in ours."""
+    return ARCHITECTURES[type(model.config)].save(model, folder, overwrite=overwrite)

@@ -21,3 +21,13 @@ def text_encoder_family(folder: Path) -> ModelFamily:
             f"{' and '.join(repr(t) for t in TEXT_ENCODERS)} (Lumina-Next's Gemma, Lumina-T2I's LLaMA)"
         )
     return TEXT_ENCODERS[model_type]
+
+
+def text_encoder_model(config) -> type:
+    """The model class of a text encoder's config (a `GemmaConfig` builds a `GemmaEncoder`)."""
+    models = {family.config: family.model for family in TEXT_ENCODERS.values()}
+    if type(config) not in models:
+        raise ValueError(
+            f"{type(config).__name__} is no text encoder's config; lumina-jax runs {', '.join(TEXT_ENCODERS)}"
+        )
+    return models[type(config)]

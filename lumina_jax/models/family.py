@@ -1,0 +1,85 @@
+"""What a model family tells its callers, in one place: the pipeline, the sampler, training and the
+weights code ask these of a config or model and never branch on its class.
+
+A new transformer or text-encoder family implements these on its own config and model classes, in its
+own modules, and registers itself once: `weights.nextdit.MODELS` for a transformer, `weights.text_encoder.
+TEXT_ENCODERS` for a text encoder. tests/test_families.py checks that no other module asks for a
+concrete family by `isinstance`.
+"""
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+# A transformer's token sequence: patches [B, T, C*p*p] in `patchify`'s feature order, each token's grid
+# position [B, T, 2] (None for a family whose RoPE is by index), real tokens [B, T] bool, and end-of-line
+# slots [B, T] bool (None for a family without them; they are not learned).
+TokenSequence = tuple[Any, Any | None, Any, Any | None]
+
+
+@runtime_checkable
+class TransformerConfig(Protocol):
+    """A diffusion transformer's config (`NextDiTConfig`, `FlagDiTConfig`)."""
+
+    family_name: ClassVar[str]  # in messages: "Next-DiT"
+    release: ClassVar[str]  # the released model it comes from: "Lumina-Next"
+    pipeline_class: ClassVar[str]  # model_index.json's _class_name for a pipeline holding it
+    takes_regions: ClassVar[bool]  # regional captions (compositional generation)
+    takes_context_drop: ClassVar[bool]  # the paper's Context Drop
+    block_modulations: ClassVar[int]  # hidden_size-wide modulation vectors per block, and of the final layer
+    final_modulations: ClassVar[int]
+    patch_size: int
+    sample_size: int
+
+    @property
+    def base_sequence_length(self) -> int:
+        """Tokens at the training resolution: the base of proportional attention."""
+
+    @property
+    def query_projections(self) -> int:
+        """Query projections of an image token (2 where the caption branch has its own)."""
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """How the family's reference samples: {"schedule": ..., "scaling_watershed": ...}."""
+
+    def sequence_length(self, rows: int, cols: int) -> int:
+        """Tokens of one image of rows x cols patches."""
+
+    def token_sequence(self, latents: list[np.ndarray] | list[jax.Array]) -> TokenSequence:
+        """Latents [C, H_i, W_i] (sizes may differ) as the model's tokens, padded to the longest."""
+
+    def resolution_scale(self, height: int, width: int) -> float:
+        """The RoPE factor for latents of height x width: > 1 means extrapolation."""
+
+    def check_size(self, height: int, width: int, unit: int, context_drop: int = 1) -> None:
+        """Raise ValueError unless the model draws images of height x width pixels, `unit` pixels a token."""
+
+
+@runtime_checkable
+class Transformer(Protocol):
+    """A diffusion transformer (`NextDiT`, `FlagDiT`): `__call__` on latents [B, C, H, W], and on tokens
+    `forward_sequence`, whose first four arguments are `TransformerConfig.token_sequence`'s results."""
+
+    config: TransformerConfig
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_mask, **options) -> jax.Array: ...
+
+    def forward_sequence(
+        self, patches, positions, token_mask, end_of_line, timestep, caption, caption_mask
+    ) -> jax.Array: ...
+
+    def image_rope(self, height: int, width: int, *, linear_factor=..., ntk_factor=...) -> tuple: ...
+
+    def caption_keys_values(self, caption: jax.Array) -> jax.Array: ...
+
+
+@runtime_checkable
+class TextEncoderConfig(Protocol):
+    """A caption encoder's config (`GemmaConfig`, `LlamaConfig`)."""
+
+    def prepare_captions(self, texts: list[str]) -> list[str]:
+        """Captions as the family's reference feeds them to its tokenizer."""
+
+    def load_tokenizer(self, folder):
+        """The tokenizer in `folder`, set up as the family's reference sets it up."""

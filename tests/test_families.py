@@ -1,0 +1,104 @@
+"""One interface per family: callers ask a transformer or text encoder what they need (`models.family`)
+and never branch on its concrete class, so a new family is new modules plus one registration."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from lumina_jax.models.family import TextEncoderConfig, TransformerConfig
+from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.weights.nextdit import ARCHITECTURES
+from lumina_jax.weights.text_encoder import TEXT_ENCODERS, text_encoder_model
+
+LIBRARY = Path(__file__).resolve().parent.parent / "lumina_jax"
+FAMILY_CLASSES = {
+    "NextDiT",
+    "NextDiTConfig",
+    "FlagDiT",
+    "FlagDiTConfig",
+    "GemmaEncoder",
+    "GemmaConfig",
+    "LlamaEncoder",
+    "LlamaConfig",
+}
+# Only the families' own modules (models and key maps) may ask for their classes; the registries
+# (weights.nextdit.ARCHITECTURES, weights.text_encoder.TEXT_ENCODERS) look a config's class up instead.
+OWN_MODULES = {
+    "models/nextdit.py",
+    "models/flagdit.py",
+    "models/gemma.py",
+    "models/llama.py",
+    "weights/nextdit_keys.py",
+    "weights/flagdit_keys.py",
+    "weights/gemma.py",
+    "weights/llama.py",
+}
+
+
+def _class_names(node: ast.expr) -> set[str]:
+    """The class names an isinstance target or an `is` operand names: `A`, `module.A`, `(A, B)`."""
+    if isinstance(node, ast.Tuple):
+        return set().union(*map(_class_names, node.elts))
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Attribute):
+        return {node.attr}
+    return set()
+
+
+def family_branches(source: str) -> list[tuple[int, str]]:
+    """Lines where the code asks for a concrete family: isinstance(x, Family) or `x is Family`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            named = _class_names(node.args[1]) if len(node.args) == 2 else set()
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            named = set().union(*map(_class_names, [node.left, *node.comparators]))
+        else:
+            continue
+        found += [(node.lineno, name) for name in sorted(named & FAMILY_CLASSES)]
+    return found
+
+
+def test_no_caller_branches_on_a_concrete_family():
+    branches = [
+        f"{path.relative_to(LIBRARY)}:{line}: {name}"
+        for path in sorted(LIBRARY.rglob("*.py"))
+        if path.relative_to(LIBRARY).as_posix() not in OWN_MODULES
+        for line, name in family_branches(path.read_text())
+    ]
+    assert not branches, "callers branch on a concrete family; ask its config or model instead:\n" + "\n".join(branches)
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("isinstance(model, FlagDiT)", 1),
+        ("isinstance(config, (NextDiTConfig, flagdit.FlagDiTConfig))", 2),
+        ("family is FlagDiTConfig", 1),
+        ("type(encoder) is not LlamaEncoder", 1),
+        ("isinstance(x, dict) or x is None", 0),
+    ],
+)
+def test_the_check_sees_every_form_of_a_family_branch(source, expected):
+    assert len(family_branches(source)) == expected
+
+
+@pytest.mark.parametrize("config_class", [NextDiTConfig, FlagDiTConfig])
+def test_every_registered_transformer_answers_the_family_interface(config_class):
+    assert config_class in ARCHITECTURES
+    config = config_class(hidden_size=64, num_layers=1, num_attention_heads=2, cross_attention_dim=32)
+    assert isinstance(config, TransformerConfig)
+    model_class = ARCHITECTURES[config_class].model
+    methods = ("__call__", "forward_sequence", "image_rope", "caption_keys_values")  # `Transformer`'s
+    assert all(callable(getattr(model_class, name, None)) for name in methods)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
+def test_every_registered_text_encoder_answers_the_family_interface(name):
+    family = TEXT_ENCODERS[name]
+    config = family.config()
+    assert isinstance(config, TextEncoderConfig)
+    assert text_encoder_model(config) is family.model
