@@ -40,10 +40,10 @@ from PIL import Image
 
 from lumina_jax import hub, regions, sampling
 from lumina_jax.models import flagdit
-from lumina_jax.models.flagdit import FlagDiT
-from lumina_jax.models.gemma import GEMMA_2B, GemmaConfig, GemmaEncoder
-from lumina_jax.models.llama import LLAMA_2_7B, LlamaConfig, LlamaEncoder
-from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
+from lumina_jax.models.family import TextEncoderConfig, Transformer, TransformerConfig
+from lumina_jax.models.gemma import GEMMA_2B
+from lumina_jax.models.llama import LLAMA_2_7B
+from lumina_jax.models.nextdit import PRESETS
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
@@ -67,7 +67,7 @@ RELEASED = {
 
 def released_architecture(
     name: str | Path,
-) -> tuple[NextDiTConfig | flagdit.FlagDiTConfig, GemmaConfig | LlamaConfig, AutoencoderKLConfig] | None:
+) -> tuple[TransformerConfig, TextEncoderConfig, AutoencoderKLConfig] | None:
     """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers",
     "lumina-t2i" or by a download folder of such a name that is not there; None for any other name."""
     if Path(name).exists():
@@ -214,8 +214,8 @@ def _in_memory(tree, kind: str):
 class LuminaPipeline:
     def __init__(
         self,
-        transformer: NextDiT | FlagDiT | None,
-        text_encoder: GemmaEncoder | LlamaEncoder,
+        transformer: Transformer | None,
+        text_encoder: nnx.Module,  # its config a `TextEncoderConfig`
         vae: AutoencoderKL | None,
         tokenizer,
         *,
@@ -238,7 +238,7 @@ class LuminaPipeline:
         path: str | Path,
         dtype: str = "bfloat16",
         *,
-        transformer: NextDiT | FlagDiT | None | str = "load",
+        transformer: Transformer | None | str = "load",
         vae_dtype: str | None = None,
         mesh: Mesh | None = None,
         progress: bool = True,

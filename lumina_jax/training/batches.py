@@ -15,8 +15,7 @@ import sys
 import grain
 import numpy as np
 
-from lumina_jax.models.flagdit import FlagDiTConfig
-from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.family import TransformerConfig
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.training.cache import LatentCache
 from lumina_jax.training.step import TrainBatch
@@ -81,7 +80,7 @@ def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> d
     }
 
 
-def host_tokens(batch: dict[str, np.ndarray], transformer: NextDiTConfig | FlagDiTConfig) -> TrainBatch:
+def host_tokens(batch: dict[str, np.ndarray], transformer: TransformerConfig) -> TrainBatch:
     """A batch of `load_batch` as the transformer's tokens, numpy arrays made on the host."""
     return TrainBatch.from_latents(list(batch["latents"]), batch["caption"], batch["caption_mask"], transformer)
 
@@ -95,7 +94,7 @@ def make_batches(
     process_count: int = 1,
     num_threads: int = 4,
     prefetch: int = 8,
-    tokens: NextDiTConfig | FlagDiTConfig | None = None,
+    tokens: TransformerConfig | None = None,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's share of each global batch: {"latents" [b, C, H, W]
     float32, "caption" [b, L, D] float32, "caption_mask" [b, L] bool}, b = global_batch_size //
