@@ -15,8 +15,9 @@ from safetensors.numpy import load_file, save_file
 from lumina_jax import load_transformer
 from lumina_jax.models.nextdit import patchify_padded, unpatchify
 from lumina_jax.models.rope import rope_frequencies
-from lumina_jax.weights.nextdit import find_checkpoint, save_diffusers
+from lumina_jax.weights.nextdit import build_model, find_checkpoint, save_diffusers
 from lumina_jax.weights.nextdit_keys import original_key_to_diffusers
+from lumina_jax.weights.safetensors_io import SafetensorsTensor
 from lumina_jax.weights.torch_pickle import UnsafeCheckpointError
 
 ORIGINAL = Path(__file__).parent / "fixtures" / "lumina_next_original_tiny"
@@ -199,6 +200,30 @@ def test_a_separate_caption_query_computes_what_diffusers_computes(tmp_path, dif
     assert ours.config.separate_caption_query
     assert_computes_and_exports_as(ours, reference, inputs(2, 2, 8, 12, 6, 32, [6, 2]), tmp_path / "exported")
     assert load_transformer(tmp_path / "exported", progress=False).config.separate_caption_query
+
+
+def test_finding_reads_no_tensor_and_the_caption_query_is_decided_once(tmp_path, monkeypatch):
+    """Finding a diffusers checkpoint reads only its index; whether attn2 has a query of its own is decided
+    on the first use of its config, reading each compared tensor once, and the load reads every tensor once."""
+    reference = random_transformer(seed=1, **TINY_NEXT_DIT)
+    with torch.no_grad():
+        reference.layers[1].attn2.to_q.weight.mul_(1.5)
+    reference.save_pretrained(tmp_path)
+    loads = []
+    read = SafetensorsTensor.load
+    monkeypatch.setattr(SafetensorsTensor, "load", lambda tensor: loads.append(tensor) or read(tensor))
+
+    checkpoint = find_checkpoint(tmp_path)
+    assert loads == [] and not checkpoint.found_config.separate_caption_query
+    assert checkpoint.config.separate_caption_query
+    key_of = {id(tensor): key for key, tensor in checkpoint.tensors.items()}
+    compared = [key_of[id(tensor)] for tensor in loads]
+    assert len(compared) == len(set(compared)) and compared  # each read once, until the first difference
+    assert {key.split(".", 3)[3] for key in compared} <= {"to_q.weight", "norm_q.weight", "norm_q.bias"}
+    assert checkpoint.config.separate_caption_query and len(loads) == len(compared)  # decided once
+    loads.clear()
+    build_model(checkpoint, progress=False)
+    assert sorted(key_of[id(tensor)] for tensor in loads) == sorted(checkpoint.tensors)
 
 
 def test_released_layout_keeps_one_shared_query(tmp_path):

@@ -46,7 +46,14 @@ from lumina_jax.training.step import (
 )
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
-from lumina_jax.weights.nextdit import MODELS, config_from_dict, find_checkpoint, load_transformer, save_transformer
+from lumina_jax.weights.nextdit import (
+    MODELS,
+    NextDiTCheckpoint,
+    build_model,
+    config_from_dict,
+    find_checkpoint,
+    save_transformer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +80,17 @@ def base_pipeline(config: TrainConfig) -> Path:
     return hub.local_path(config.pipeline, "pipeline")
 
 
-def architecture(config: TrainConfig) -> TransformerConfig:
+def base_transformer(config: TrainConfig) -> NextDiTCheckpoint | None:
+    """The pipeline's transformer weights a new run fine-tunes, found (not read); None from scratch."""
+    return None if config.init == "scratch" else find_checkpoint(base_pipeline(config) / "transformer")
+
+
+def architecture(config: TrainConfig, base: NextDiTCheckpoint | None = None) -> TransformerConfig:
     """The transformer a new run of `config` trains: the config's (from scratch), or the one in its pipeline's
-    files (fine-tuning)."""
+    files (fine-tuning; `base`, when found already, else found again)."""
     if config.init == "scratch":
         return config.transformer
-    return find_checkpoint(base_pipeline(config) / "transformer").config
+    return (base or base_transformer(config)).config
 
 
 def saved_architecture(config: TrainConfig, checkpoints: Checkpointer, step: int | None = None) -> TransformerConfig:
@@ -106,12 +118,12 @@ def transformer_factory(config: TrainConfig, transformer: TransformerConfig | No
     )
 
 
-def initial_transformer(config: TrainConfig, mesh: Mesh) -> Transformer:
-    """The pipeline's transformer in float32 to fine-tune, or a new one; each parameter made or
-    loaded straight into its sharding on the mesh."""
+def initial_transformer(config: TrainConfig, mesh: Mesh, base: NextDiTCheckpoint | None = None) -> Transformer:
+    """The pipeline's transformer in float32 to fine-tune (`base`, when found already), or a new one; each
+    parameter made or loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":
-        return load_transformer(
-            base_pipeline(config) / "transformer",
+        return build_model(
+            base or base_transformer(config),
             config.compute_dtype,
             param_dtype="float32",
             remat=config.remat,
@@ -162,7 +174,9 @@ def prepare_data(config: TrainConfig) -> None:
         mesh=sharding.make_mesh(data=len(devices), devices=devices),
         progress=False,
     )
-    encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=architecture(config).in_channels)
+    base = base_transformer(config)  # the channels are config.json's: no tensor is read
+    pixel_channels = (config.transformer if base is None else base.found_config).in_channels
+    encoders = latent_cache.pipeline_encoders(pipe, pixel_channels=pixel_channels)
     encode_images, encode_text, scaling_factor, shift_factor = encoders
     latent_cache.build_cache(
         examples,
@@ -229,7 +243,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         prepare_data(config)
         cache = latent_cache.open_cache(config.cache)
         # A resumed run is rebuilt as it was saved; config.json records what is trained, whatever init says.
-        transformer = architecture(config) if resumed_at is None else saved_architecture(config, checkpoints)
+        base = base_transformer(config) if resumed_at is None else None  # found once, read once when built
+        transformer = architecture(config, base) if resumed_at is None else saved_architecture(config, checkpoints)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(dataclasses.replace(config, transformer=transformer).to_json())
 
@@ -246,7 +261,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             tokens=transformer,
         )
         if resumed_at is None:
-            model = initial_transformer(config, mesh)
+            model = initial_transformer(config, mesh, base)
             graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
             del model
         else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built

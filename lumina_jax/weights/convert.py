@@ -70,7 +70,7 @@ def assemble_pipeline(
     tokenizer = hub.local_path(text_encoder, "tokenizer")
     text_encoder = hub.local_path(text_encoder, "text_encoder")
     vae = hub.local_path(vae, "vae")
-    config = find_checkpoint(transformer, ema=ema).config
+    config = find_checkpoint(transformer, ema=ema).found_config  # the family: no tensor is read
     in_pipeline = (text_encoder / "model_index.json").exists()
     encoder_folder = text_encoder / "text_encoder" if in_pipeline else text_encoder
     tokenizer = tokenizer / "tokenizer" if in_pipeline else tokenizer

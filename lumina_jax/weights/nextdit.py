@@ -40,11 +40,32 @@ ORIGINAL_PRESETS = {**PRESETS, **flagdit.PRESETS}  # model_args.pth's model name
 
 
 @dataclasses.dataclass
-class NextDiTCheckpoint(importer.Checkpoint):
-    """Transformer weights found on disk, not yet read, in one of several layouts; its config's class
-    (NextDiTConfig or FlagDiTConfig) says the family."""
+class NextDiTCheckpoint:
+    """Transformer weights found on disk, not yet read, in one of several layouts (an `importer.Checkpoint`
+    whose config may be decided on first use); its config's class (NextDiTConfig or FlagDiTConfig) says the family."""
 
+    path: Path  # what to name in messages
+    found_config: NextDiTConfig | FlagDiTConfig  # as its files say (read without tensor data), or as given
+    tensors: Mapping[str, LazyTensor] | None  # None for a folder we converted (Orbax)
     layout: str = "diffusers"  # "diffusers", "original" or "converted"
+    caption_query_undecided: bool = False  # diffusers' files: config.json does not say whether attn2 has its own
+
+    @functools.cached_property
+    def config(self) -> NextDiTConfig | FlagDiTConfig:
+        """The model's config. Where undecided, the caption branch has a query of its own if, in any layer,
+        attn2's query projection or norm differs from attn1's (diffusers keeps both; the released weights'
+        agree): deciding reads those tensors, once per checkpoint, on first use."""
+        if not self.caption_query_undecided:
+            return self.found_config
+
+        def differs(layer: int, name: str) -> bool:
+            first, second = (self.tensors.get(f"layers.{layer}.attn{i}.{name}") for i in (1, 2))
+            return first is not None and second is not None and not np.array_equal(first.load(), second.load())
+
+        names = ("to_q.weight", "norm_q.weight", "norm_q.bias")
+        if any(differs(layer, name) for layer in range(self.found_config.num_layers) for name in names):
+            return dataclasses.replace(self.found_config, separate_caption_query=True)
+        return self.found_config
 
 
 def config_from_dict(values: dict) -> NextDiTConfig | FlagDiTConfig:
@@ -141,26 +162,11 @@ def _from_file(path: Path) -> NextDiTCheckpoint:
         return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
     if not (path.parent / "config.json").exists():
         raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
-    return _diffusers_checkpoint(path, _read_config(path.parent / "config.json"), tensors)
+    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers", True)
 
 
 def _read_config(path: Path) -> NextDiTConfig | FlagDiTConfig:
     return importer.read_config(path, config_from_dict, NEXT_DIT.name)
-
-
-def _diffusers_checkpoint(path: Path, config: NextDiTConfig, tensors: Mapping[str, LazyTensor]) -> NextDiTCheckpoint:
-    """A diffusers checkpoint; its caption branch has a query of its own where, in any layer, attn2's
-    query projection or norm differs from attn1's (diffusers keeps both; the released weights' agree)."""
-
-    def differs(layer: int, name: str) -> bool:
-        first, second = (tensors.get(f"layers.{layer}.attn{i}.{name}") for i in (1, 2))
-        return first is not None and second is not None and not np.array_equal(first.load(), second.load())
-
-    names = ("to_q.weight", "norm_q.weight", "norm_q.bias")
-    separate = any(differs(layer, name) for layer in range(config.num_layers) for name in names)
-    if separate:
-        config = dataclasses.replace(config, separate_caption_query=True)
-    return NextDiTCheckpoint(path, config, tensors, "diffusers")
 
 
 class TransformerFamily(ModelFamily):
@@ -169,7 +175,8 @@ class TransformerFamily(ModelFamily):
 
     def find(self, path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
         """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its
-        config and tensor index (no tensor data); `ema` picks an original checkpoint's EMA weights."""
+        config and tensor index (no tensor data: `NextDiTCheckpoint.config` reads what it needs on first use);
+        `ema` picks an original checkpoint's EMA weights."""
         path = hub.local_path(path, self.hub_kind, revision=revision, ema=ema)
         if path.is_file():
             return _from_file(path)
@@ -198,7 +205,7 @@ class TransformerFamily(ModelFamily):
         )
         if found.tensors is None:
             return NextDiTCheckpoint(found.path, found.config, None, "converted")
-        return _diffusers_checkpoint(found.path, found.config, found.tensors)
+        return NextDiTCheckpoint(found.path, found.config, found.tensors, "diffusers", True)
 
     def model_for(self, config: NextDiTConfig | FlagDiTConfig) -> type:
         return MODELS[type(config)]
