@@ -49,7 +49,7 @@ from transformers import GemmaModel  # noqa: E402
 from lumina_jax import PRESETS, LuminaPipeline, NextDiT, NextDiTConfig  # noqa: E402
 from lumina_jax.models.gemma import GEMMA_2B, GemmaEncoder  # noqa: E402
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL  # noqa: E402
-from lumina_jax.weights.nextdit import NextDiTCheckpoint, build_model  # noqa: E402
+from lumina_jax.weights.nextdit import TransformerCheckpoint, build_model  # noqa: E402
 from tests.reference import build_tokenizer, random_pipeline, random_transformer, relative_error  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic light"
@@ -123,7 +123,7 @@ class InMemoryTensor:
 def ours_from(reference, config: dict, dtype: str, backend: str | None = None) -> NextDiT:
     """Our Next-DiT with the reference's weights, through the same importer as a checkpoint folder."""
     tensors = {k: InMemoryTensor(v.detach().float().cpu().numpy()) for k, v in reference.state_dict().items()}
-    checkpoint = NextDiTCheckpoint(Path("diffusers-in-memory"), NextDiTConfig(**config), tensors, "diffusers")
+    checkpoint = TransformerCheckpoint(Path("diffusers-in-memory"), NextDiTConfig(**config), tensors, "diffusers")
     return build_model(checkpoint, dtype, attention_backend=backend, progress=False)
 
 

@@ -8,7 +8,7 @@ from reference import ShapeOnly, released
 from lumina_jax.models import flagdit
 from lumina_jax.weights.flagdit_keys import original_key_to_target
 from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
-from lumina_jax.weights.nextdit import NextDiTCheckpoint, config_from_original, plan_import
+from lumina_jax.weights.nextdit import TransformerCheckpoint, config_from_original, plan_import
 
 RELEASED = flagdit.PRESETS["DiT_Llama_5B_patch2"]
 
@@ -53,7 +53,7 @@ def test_architecture_read_off_the_released_shapes():
 
 def test_released_keys_cover_every_parameter():
     original = released("keys_original_flag_dit_5b.json")
-    plan = plan_import(NextDiTCheckpoint(Path("consolidated.00-of-01.pth"), RELEASED, original, "original"))
+    plan = plan_import(TransformerCheckpoint(Path("consolidated.00-of-01.pth"), RELEASED, original, "original"))
     assert len(plan) == len(original) == 2 + 14 + 32 * 21  # tokens, embedders and final layer, 32 blocks
 
 
@@ -63,7 +63,7 @@ def test_every_problem_is_listed_at_once():
     tensors["layers.2.feed_forward.w1.weight"] = ShapeOnly((6144, 3072))
     tensors["layers.0.attention.wq.bias"] = ShapeOnly((3072,))
     with pytest.raises(ValueError) as error:
-        plan_import(NextDiTCheckpoint(Path("/models/t2i"), RELEASED, tensors, "original"))
+        plan_import(TransformerCheckpoint(Path("/models/t2i"), RELEASED, tensors, "original"))
     message = str(error.value)
     for expected in ("to_k.kernel (layer 4)", "eol_token", "layers.2.feed_forward.w1.weight", "wq.bias"):
         assert expected in message

@@ -7,7 +7,7 @@ from reference import ShapeOnly, released
 
 from lumina_jax import PRESETS
 from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
-from lumina_jax.weights.nextdit import NextDiTCheckpoint, config_from_original, plan_import
+from lumina_jax.weights.nextdit import TransformerCheckpoint, config_from_original, plan_import
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -50,7 +50,7 @@ def test_unknown_keys_raise(key):
 
 
 def test_released_diffusers_keys_cover_every_parameter():
-    checkpoint = NextDiTCheckpoint(
+    checkpoint = TransformerCheckpoint(
         Path("Lumina-Next-SFT-diffusers"), RELEASED, released("keys_diffusers_transformer_2b.json"), "diffusers"
     )
     plan = plan_import(checkpoint)
@@ -60,7 +60,7 @@ def test_released_diffusers_keys_cover_every_parameter():
 
 def test_released_original_keys_cover_every_parameter_and_name_the_diffusers_keys():
     original = released("keys_original_next_dit_2b.json")
-    checkpoint = NextDiTCheckpoint(Path("consolidated.00-of-01.safetensors"), RELEASED, original, "original")
+    checkpoint = TransformerCheckpoint(Path("consolidated.00-of-01.safetensors"), RELEASED, original, "original")
     assert len(plan_import(checkpoint)) == len(original)
     diffusers = released("keys_diffusers_transformer_2b.json")
     renamed = {original_key_to_diffusers(k): v.shape for k, v in original.items()}
@@ -86,7 +86,7 @@ def test_every_problem_is_listed_at_once():
     tensors["layers.24.gate"] = ShapeOnly((32,))
     tensors["lora.up.weight"] = ShapeOnly((4, 4))
     with pytest.raises(ValueError) as error:
-        plan_import(NextDiTCheckpoint(Path("/models/broken"), RELEASED, tensors, "diffusers"))
+        plan_import(TransformerCheckpoint(Path("/models/broken"), RELEASED, tensors, "diffusers"))
     message = str(error.value)
     assert "/models/broken" in message
     assert "unknown keys (2): layers.24.gate, lora.up.weight" in message

@@ -48,7 +48,7 @@ from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
 from lumina_jax.weights.nextdit import (
     MODELS,
-    NextDiTCheckpoint,
+    TransformerCheckpoint,
     build_model,
     config_from_dict,
     find_checkpoint,
@@ -80,12 +80,12 @@ def base_pipeline(config: TrainConfig) -> Path:
     return hub.local_path(config.pipeline, "pipeline")
 
 
-def base_transformer(config: TrainConfig) -> NextDiTCheckpoint | None:
+def base_transformer(config: TrainConfig) -> TransformerCheckpoint | None:
     """The pipeline's transformer weights a new run fine-tunes, found (not read); None from scratch."""
     return None if config.init == "scratch" else find_checkpoint(base_pipeline(config) / "transformer")
 
 
-def architecture(config: TrainConfig, base: NextDiTCheckpoint | None = None) -> TransformerConfig:
+def architecture(config: TrainConfig, base: TransformerCheckpoint | None = None) -> TransformerConfig:
     """The transformer a new run of `config` trains: the config's (from scratch), or the one in its pipeline's
     files (fine-tuning; `base`, when found already, else found again)."""
     if config.init == "scratch":
@@ -118,7 +118,7 @@ def transformer_factory(config: TrainConfig, transformer: TransformerConfig | No
     )
 
 
-def initial_transformer(config: TrainConfig, mesh: Mesh, base: NextDiTCheckpoint | None = None) -> Transformer:
+def initial_transformer(config: TrainConfig, mesh: Mesh, base: TransformerCheckpoint | None = None) -> Transformer:
     """The pipeline's transformer in float32 to fine-tune (`base`, when found already), or a new one; each
     parameter made or loaded straight into its sharding on the mesh."""
     if config.init == "pretrained":

@@ -40,7 +40,7 @@ ORIGINAL_PRESETS = {**PRESETS, **flagdit.PRESETS}  # model_args.pth's model name
 
 
 @dataclasses.dataclass
-class NextDiTCheckpoint:
+class TransformerCheckpoint:
     """Transformer weights found on disk, not yet read, in one of several layouts (an `importer.Checkpoint`
     whose config may be decided on first use); its config's class (NextDiTConfig or FlagDiTConfig) says the family."""
 
@@ -91,7 +91,7 @@ def _layout_of(path: Path, tensors: Mapping[str, LazyTensor]) -> str:
     if "x_embedder.weight" in tensors:
         return "original"
     raise ValueError(
-        f"{path}: not a Next-DiT or Flag-DiT checkpoint (neither 'patch_embedder.proj.weight' of diffusers nor "
+        f"{path}: not a {TRANSFORMER.name} checkpoint (neither 'patch_embedder.proj.weight' of diffusers nor "
         f"'x_embedder.weight' of the original Lumina code; first keys: {sorted(tensors)[:5]})"
     )
 
@@ -155,27 +155,27 @@ def _original_config(
     return config
 
 
-def _from_file(path: Path) -> NextDiTCheckpoint:
+def _from_file(path: Path) -> TransformerCheckpoint:
     """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it)."""
     tensors = _read_tensor_file(path)
     if _layout_of(path, tensors) == "original":
-        return NextDiTCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
+        return TransformerCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
     if not (path.parent / "config.json").exists():
         raise ValueError(f"{path}: a diffusers checkpoint needs its config.json beside it")
-    return NextDiTCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers", True)
+    return TransformerCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers", True)
 
 
 def _read_config(path: Path) -> NextDiTConfig | FlagDiTConfig:
-    return importer.read_config(path, config_from_dict, NEXT_DIT.name)
+    return importer.read_config(path, config_from_dict, TRANSFORMER.name)
 
 
 class TransformerFamily(ModelFamily):
-    """Next-DiT and Flag-DiT: their layouts are found by their files, the family by the keys or config;
-    Next-DiT's original keys map through diffusers' names."""
+    """Every diffusion transformer family of `ARCHITECTURES`: the layouts are found by their files, the family
+    by the keys or config; Next-DiT's original keys map through diffusers' names."""
 
-    def find(self, path: str | Path, *, ema: bool = False, revision: str | None = None) -> NextDiTCheckpoint:
+    def find(self, path: str | Path, *, ema: bool = False, revision: str | None = None) -> TransformerCheckpoint:
         """Recognise the layout at `path` (or of a hub id's files, downloaded at `revision`) and read its
-        config and tensor index (no tensor data: `NextDiTCheckpoint.config` reads what it needs on first use);
+        config and tensor index (no tensor data: `TransformerCheckpoint.config` reads what it needs on first use);
         `ema` picks an original checkpoint's EMA weights."""
         path = hub.local_path(path, self.hub_kind, revision=revision, ema=ema)
         if path.is_file():
@@ -204,46 +204,28 @@ class TransformerFamily(ModelFamily):
             other_layouts=f"an original Lumina-Next folder with {stem}.safetensors or .pth",
         )
         if found.tensors is None:
-            return NextDiTCheckpoint(found.path, found.config, None, "converted")
-        return NextDiTCheckpoint(found.path, found.config, found.tensors, "diffusers", True)
+            return TransformerCheckpoint(found.path, found.config, None, "converted")
+        return TransformerCheckpoint(found.path, found.config, found.tensors, "diffusers", True)
 
     def model_for(self, config: NextDiTConfig | FlagDiTConfig) -> type:
         return MODELS[type(config)]
 
-    def key_map(self, checkpoint: NextDiTCheckpoint):
+    def key_map(self, checkpoint: TransformerCheckpoint):
         return ARCHITECTURES[type(checkpoint.config)].key_map(checkpoint)
 
     def load(
         self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None, **options
     ) -> NextDiT | FlagDiT:
-        """A Next-DiT or Flag-DiT with weights from any supported layout, or a hub id's (at `revision`);
+        """A transformer of any registered family with weights from any supported layout, or a hub id's (at `revision`);
         `ema` picks the EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
         the model's scan_layers, remat and attention_backend."""
         return self.build(self.find(path, ema=ema, revision=revision), dtype, **options)
 
 
-NEXT_DIT = TransformerFamily(
-    name="Next-DiT or Flag-DiT",
-    model=NextDiT,
-    config=NextDiTConfig,
-    key_to_target=diffusers_key_to_target,
-    subfolder="transformer",
-    stem="diffusion_pytorch_model",
-    hub_kind="transformer",
-)
-find_checkpoint = NEXT_DIT.find
-parameter_shapes = NEXT_DIT.parameter_shapes
-plan_import = NEXT_DIT.plan
-import_params = NEXT_DIT.import_params
-build_model = NEXT_DIT.build
-load_transformer = NEXT_DIT.load
-convert_transformer = NEXT_DIT.convert
-
-
 def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
     """Our parameters under diffusers' names and layouts; a shared query is written twice, as diffusers stores it."""
     to_target = functools.partial(diffusers_key_to_target, separate_caption_query=model.config.separate_caption_query)
-    return NEXT_DIT.export_state_dict(model, diffusers_keys(model.config.num_layers), to_target)
+    return TRANSFORMER.export_state_dict(model, diffusers_keys(model.config.num_layers), to_target)
 
 
 def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:
@@ -260,7 +242,7 @@ def save_converted(model: nnx.Module, folder: str | Path, *, overwrite: bool = F
     return orbax_io.write_converted(folder, model.config.to_dict(), params, overwrite=overwrite)
 
 
-def _nextdit_key_map(checkpoint: NextDiTCheckpoint) -> Callable[[str], Target]:
+def _nextdit_key_map(checkpoint: TransformerCheckpoint) -> Callable[[str], Target]:
     """diffusers' keys (attn2's query to its own parameter where the checkpoint has one); the original keys
     through their diffusers names."""
     to_target = functools.partial(
@@ -275,7 +257,7 @@ class Architecture(NamedTuple):
     """What the weights code knows of a transformer family besides its config and model classes."""
 
     model: type[nnx.Module]
-    key_map: Callable[[NextDiTCheckpoint], Callable[[str], Target]]  # where a found checkpoint's keys go
+    key_map: Callable[[TransformerCheckpoint], Callable[[str], Target]]  # where a found checkpoint's keys go
     save: Callable[..., Path]  # (model, folder, *, overwrite): its exchange layout, diffusers' where it has one
 
 
@@ -285,6 +267,23 @@ ARCHITECTURES = {
     FlagDiTConfig: Architecture(FlagDiT, lambda checkpoint: flagdit_key_to_target, save_converted),
 }
 MODELS = {config: architecture.model for config, architecture in ARCHITECTURES.items()}  # a config's model
+
+TRANSFORMER = TransformerFamily(
+    name=" or ".join(config.family_name for config in ARCHITECTURES),  # in messages: "Next-DiT or Flag-DiT"
+    model=NextDiT,  # model_for and find pick each config's own
+    config=NextDiTConfig,
+    key_to_target=diffusers_key_to_target,
+    subfolder="transformer",
+    stem="diffusion_pytorch_model",
+    hub_kind="transformer",
+)
+find_checkpoint = TRANSFORMER.find
+parameter_shapes = TRANSFORMER.parameter_shapes
+plan_import = TRANSFORMER.plan
+import_params = TRANSFORMER.import_params
+build_model = TRANSFORMER.build
+load_transformer = TRANSFORMER.load
+convert_transformer = TRANSFORMER.convert
 
 
 def save_transformer(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
