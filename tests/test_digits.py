@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training import data, digits
-from lumina_jax.weights.gemma import load_text_encoder
+from lumina_jax.weights.text_encoder import load_text_encoder
 
 DIGIT_TOKENS = {token: d for d in range(10) for token in (digits.DIGIT_WORDS[d], str(d))}
 

@@ -24,11 +24,11 @@ from lumina_jax.weights.gemma import (
     convert_text_encoder,
     find_text_encoder,
     gemma_key_to_target,
-    load_text_encoder,
     parameter_shapes,
     transformers_state_dict,
 )
 from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError, plan_import
+from lumina_jax.weights.text_encoder import load_text_encoder
 
 CONFIGS = {
     # head_dim * heads (96) differs from hidden_size (64), as in gemma-7b; biases on, to cover attention_bias

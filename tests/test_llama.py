@@ -15,6 +15,7 @@ from transformers.initialization import no_init_weights
 from lumina_jax.models.llama import LLAMA_2_7B, LlamaConfig, LlamaEncoder
 from lumina_jax.weights.importer import Checkpoint
 from lumina_jax.weights.llama import LLAMA, load_llama
+from lumina_jax.weights.text_encoder import load_text_encoder
 
 # biases on, to cover attention_bias; kv heads shared by two query heads each
 TINY = dict(
@@ -69,6 +70,15 @@ def test_float32_matches_transformers_at_every_position(saved, length, valid):
         assert relative_error(ours[row, :count], unmasked[row, :count]) <= FLOAT32_BOUND
     bfloat16 = encode(load_llama(folder, "bfloat16", progress=False), ids, mask)
     assert relative_error(bfloat16, expected) <= BFLOAT16_BOUND
+
+
+def test_load_text_encoder_loads_the_encoder_its_config_names(saved):
+    """The public loader is not Gemma's alone: a LLaMA folder loads as the LLaMA encoder, as load_llama loads it."""
+    _, folder = saved
+    encoder = load_text_encoder(folder, progress=False)
+    assert isinstance(encoder, LlamaEncoder)
+    ids, mask = token_inputs(0, TINY["vocab_size"], 8, [8, 4])
+    np.testing.assert_array_equal(encode(encoder, ids, mask), encode(load_llama(folder, progress=False), ids, mask))
 
 
 def test_unrolled_layers_match_transformers(saved):

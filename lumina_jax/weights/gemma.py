@@ -64,7 +64,7 @@ GEMMA = ModelFamily(
 )
 find_text_encoder = GEMMA.find
 parameter_shapes = GEMMA.parameter_shapes
-load_text_encoder = GEMMA.load  # (path, dtype, *, param_dtype=, scan_layers=, mesh=, revision=)
+load_gemma = GEMMA.load  # (path, dtype, *, param_dtype=, scan_layers=, mesh=, revision=)
 convert_text_encoder = GEMMA.convert
 
 

@@ -3,6 +3,9 @@
 import json
 from pathlib import Path
 
+from flax import nnx
+
+from lumina_jax import hub
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.gemma import GEMMA
 from lumina_jax.weights.llama import LLAMA
@@ -31,3 +34,13 @@ def text_encoder_model(config) -> type:
             f"{type(config).__name__} is no text encoder's config; lumina-jax runs {', '.join(TEXT_ENCODERS)}"
         )
     return models[type(config)]
+
+
+def load_text_encoder(
+    path: str | Path, dtype: str = "float32", *, revision: str | None = None, **options
+) -> nnx.Module:
+    """The text encoder at `path` (a model folder, a pipeline's, a converted folder, or a hub id's files at
+    `revision`), of the family its config.json names; `options` as `ModelFamily.build` takes them."""
+    path = hub.local_path(path, "text_encoder", revision=revision)
+    folder = path / "text_encoder" if (path / "model_index.json").exists() else path
+    return text_encoder_family(folder).load(path, dtype, **options)
