@@ -24,7 +24,7 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 # What the caller loads: "pipeline_or_transformer" is `python -m convert`'s choice (a pipeline if
-# the repo is one, else Next-DiT weights).
+# the repo is one, else transformer weights).
 Kind = Literal["pipeline", "pipeline_or_transformer", "transformer", "text_encoder", "tokenizer", "vae"]
 # Each component's weights file stem, in a pipeline's subfolder or in a model repo of its own.
 WEIGHTS_STEMS = {"transformer": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
@@ -35,11 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 ORIGINAL_CHECKPOINT = re.compile(r"consolidated(_ema)?\.\d+-of-\d+\.(safetensors|pth)")
 # The hub's rule (huggingface_hub.utils.validate_repo_id), with the owner required.
 _REPO_ID = re.compile(r"\b[\w.-]{1,96}\b/\b[\w.-]{1,96}\b")
-_WHAT = {
-    "pipeline": "a Lumina pipeline",
-    "pipeline_or_transformer": "a Lumina pipeline or Next-DiT transformer",
-    "transformer": "a Lumina pipeline or Next-DiT transformer",
-    "text_encoder": "a Lumina pipeline or Gemma text encoder",
+_WHAT = {  # what a repo of each kind holds, in messages; family-neutral, as every registered family loads
+    "transformer": "a Lumina pipeline or diffusion transformer",
+    "text_encoder": "a Lumina pipeline or text encoder",
     "tokenizer": "a Lumina pipeline or a text encoder with its tokenizer",
     "vae": "a Lumina pipeline or VAE",
 }

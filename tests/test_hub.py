@@ -147,7 +147,7 @@ def test_model_repos_of_their_own():
         (
             ["README.md", "weights.ckpt"],
             "transformer",
-            r"org/x is not a Lumina pipeline or Next-DiT transformer: it has no model_index.json, "
+            r"org/x is not a Lumina pipeline or diffusion transformer: it has no model_index.json, "
             r"consolidated.00-of-01 checkpoint or config.json \(its files: README.md, weights.ckpt\)",
         ),
         (["config.json", "model.safetensors"], "pipeline", r"org/x is not a Lumina pipeline: it has no model_index"),
@@ -158,7 +158,11 @@ def test_model_repos_of_their_own():
             r"text_encoder/, unet/, vae/\)",
         ),
         (["model_index.json", "transformer/config.json"], "vae", r"org/x: a diffusers pipeline without vae/"),
-        ([f"file{i}.txt" for i in range(12)], "text_encoder", r"Gemma text encoder.*file5.txt, \.\.\. \(4 more\)\)$"),
+        (
+            [f"file{i}.txt" for i in range(12)],
+            "text_encoder",
+            r"org/x is not a Lumina pipeline or text encoder: .*file5.txt, \.\.\. \(4 more\)\)$",
+        ),
     ],
 )
 def test_other_repos_are_refused(files, kind, message):
@@ -301,7 +305,7 @@ def test_a_cached_repo_that_is_not_lumina(hub_cache, tmp_path):
         r"README.md, unet/config.json\)",
     ):
         LuminaPipeline.from_pretrained("org/other")
-    with pytest.raises(ValueError, match=r"org/other is not a Lumina pipeline or Next-DiT transformer"):
+    with pytest.raises(ValueError, match=r"org/other is not a Lumina pipeline or diffusion transformer"):
         load_transformer("org/other")
     assert convert_main(["org/other", str(tmp_path / "out")]) == 2
 
