@@ -81,6 +81,12 @@ def test_load_text_encoder_loads_the_encoder_its_config_names(saved):
     np.testing.assert_array_equal(encode(encoder, ids, mask), encode(load_llama(folder, progress=False), ids, mask))
 
 
+def test_load_text_encoder_names_a_config_that_is_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json: not a supported text encoder config: Expecting property"):
+        load_text_encoder(tmp_path)
+
+
 def test_unrolled_layers_match_transformers(saved):
     reference, folder = saved
     ids, mask = token_inputs(0, TINY["vocab_size"], 8, [8, 4])

@@ -17,7 +17,10 @@ def text_encoder_family(folder: Path) -> ModelFamily:
     """The family of the text encoder in `folder` (a model folder, or a pipeline's text_encoder/): its
     config.json's model_type; Gemma where there is none."""
     config = folder / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type", "gemma") if config.is_file() else "gemma"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "gemma") if config.is_file() else "gemma"
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not a supported text encoder config: {e}") from None
     if model_type not in TEXT_ENCODERS:
         raise ValueError(
             f"{config}: text encoder model_type {model_type!r} is not supported; lumina-jax runs "
