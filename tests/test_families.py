@@ -102,3 +102,25 @@ def test_every_registered_text_encoder_answers_the_family_interface(name):
     config = family.config()
     assert isinstance(config, TextEncoderConfig)
     assert text_encoder_model(config) is family.model
+
+
+# Each family's model module; the parts families share live in modules named for what they are.
+FAMILY_MODELS = {"lumina_jax.models.nextdit", "lumina_jax.models.flagdit"}
+
+
+def imported_modules(source: str) -> set[str]:
+    """The modules `import m` and `from m import n` name, and m.n (a submodule, maybe) for `from m import n`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(FAMILY_MODELS))
+def test_no_family_borrows_from_another(module):
+    path = LIBRARY.parent / (module.replace(".", "/") + ".py")
+    borrowed = imported_modules(path.read_text()) & (FAMILY_MODELS - {module})
+    assert not borrowed, f"{module} imports {sorted(borrowed)}: move the shared parts to a module of their own"

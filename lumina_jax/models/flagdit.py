@@ -11,7 +11,7 @@ Where it differs from Next-DiT:
 - blocks are pre-norm only, modulated with shift and scale, and gated without tanh;
 - the final layer shifts as well as scales.
 The attention (one normed, rotated query for the image and the tanh-gated caption branch), the SwiGLU
-feed-forward and the timestep and caption conditioning are Next-DiT's.
+feed-forward and the timestep and caption conditioning are Next-DiT's (`models.dit_blocks`).
 """
 
 import dataclasses
@@ -23,17 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lumina_jax.models.attention import Backend
-from lumina_jax.models.layers import (
-    Dtype,
-    TransformerSizes,
-    config_from_dict,
-    float32_products,
-    layer_norm,
-    linear,
-    logical_axes,
-    rms_norm,
-)
-from lumina_jax.models.nextdit import (
+from lumina_jax.models.dit_blocks import (
     REMAT_POLICIES,
     TIMESTEP_FEATURES,
     Attention,
@@ -46,6 +36,16 @@ from lumina_jax.models.nextdit import (
     patchify,
     run_layers,
     self_attention_scale,
+)
+from lumina_jax.models.layers import (
+    Dtype,
+    TransformerSizes,
+    config_from_dict,
+    float32_products,
+    layer_norm,
+    linear,
+    logical_axes,
+    rms_norm,
 )
 from lumina_jax.models.rope import rope_frequencies
 

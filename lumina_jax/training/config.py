@@ -15,8 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from lumina_jax.models.dit_blocks import Remat
 from lumina_jax.models.flagdit import FlagDiTConfig
-from lumina_jax.models.nextdit import NextDiTConfig, Remat
+from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
 from lumina_jax.training.step import EMA_DECAY, GRAD_CLIP, LEARNING_RATE, WEIGHT_DECAY
 from lumina_jax.weights.nextdit import config_from_dict
@@ -60,7 +61,7 @@ class TrainConfig:
     caption_dropout: float = CAPTION_DROPOUT
     snr_type: SnrType = "uniform"
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    # What the backward pass recomputes: none, full, attention_ffn or dots (`models.nextdit.REMAT_POLICIES`).
+    # What the backward pass recomputes: none, full, attention_ffn or dots (`models.dit_blocks.REMAT_POLICIES`).
     remat: Remat = "none"
 
     # Mesh: fsdp = -1 takes every device that data and tensor leave.

@@ -8,8 +8,8 @@ policy recomputes is not counted, nor the elementwise work (norms, softmax, RoPE
 MFU compares useful matmul work with the chip's peak matrix rate.
 """
 
+from lumina_jax.models.dit_blocks import TIMESTEP_FEATURES
 from lumina_jax.models.family import TransformerConfig
-from lumina_jax.models.nextdit import TIMESTEP_FEATURES
 
 
 def forward_flops(cfg: TransformerConfig, image_tokens: int, caption_tokens: int) -> float:
