@@ -105,7 +105,12 @@ def test_every_registered_text_encoder_answers_the_family_interface(name):
 
 
 # Each family's model module; the parts families share live in modules named for what they are.
-FAMILY_MODELS = {"lumina_jax.models.nextdit", "lumina_jax.models.flagdit"}
+FAMILY_MODELS = {
+    "lumina_jax.models.nextdit",
+    "lumina_jax.models.flagdit",
+    "lumina_jax.models.gemma",
+    "lumina_jax.models.llama",
+}
 
 
 def imported_modules(source: str) -> set[str]:

@@ -3,8 +3,8 @@
 Computes what Lumina-T2I takes from `transformers.LlamaModel`: `last_hidden_state`, every layer and the
 final norm. Inputs are the tokenizer's right-padded input_ids and attention_mask; the original passes no
 mask, which for right padding changes only the padded positions (causal attention never reads them from
-a real token), and those the transformer masks out. Shares Gemma's attention and gated MLP; differs in
-its RMSNorm (the weight itself, not an offset from 1), SiLU, and no embedding scale.
+a real token), and those the transformer masks out. Shares Gemma's attention and gated MLP (`models.decoder`);
+differs in its RMSNorm (the weight itself, not an offset from 1), SiLU, and no embedding scale.
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumina_jax.models.gemma import (
+from lumina_jax.models.decoder import (
     CausalSelfAttention,
     GatedMLP,
     causal_inputs,
