@@ -117,3 +117,16 @@ def test_config_refuses_what_it_does_not_compute():
         LlamaConfig.from_dict({"model_type": "mistral"})
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         LlamaConfig.from_dict({"hidden_act": "gelu"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), "contradicts"),
+        (dict(use_bidirectional_attention=True), "LLaMA attention here is causal"),
+    ],
+)
+def test_config_refuses_what_gemma_refuses(change, message):
+    """Gemma's and LLaMA's config.json are read by one function (`models.decoder.transformers_config`)."""
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig.from_dict({**LLAMA_2_7B.to_dict(), **change})

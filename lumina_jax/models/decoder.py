@@ -1,6 +1,6 @@
-"""The causal decoder parts Lumina's text encoders (Gemma, LLaMA) share: grouped-query self-attention with
-rotate-half RoPE, the gated MLP, the token inputs' checks, the causal mask and the loop over the stacked layers.
-`cfg` arguments have transformers' field names."""
+"""The causal decoder parts Lumina's text encoders (Gemma, LLaMA) share: reading transformers' config.json,
+grouped-query self-attention with rotate-half RoPE, the gated MLP, the token inputs' checks, the causal mask
+and the loop over the stacked layers. `cfg` arguments have transformers' field names."""
 
 from typing import Any
 
@@ -8,7 +8,49 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumina_jax.models.layers import Dtype, linear
+from lumina_jax.models.layers import Dtype, config_from_dict, linear
+
+# Keys of transformers' config.json that do not change the encoder's output.
+TRANSFORMERS_BOOKKEEPING = (
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+    "use_cache",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "pretraining_tp",  # splits the projections into slices in PyTorch; the same products
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "output_hidden_states",
+    "return_dict",
+)
+
+
+def transformers_config(cls: type, values: dict[str, Any], model_type: str, model_name: str) -> Any:
+    """A decoder config (`cls`, with transformers' field names) from transformers' config.json of `model_type`:
+    bookkeeping keys are ignored, anything that would change the math in a way we do not reproduce is refused."""
+    values = dict(values)
+    found = values.get("model_type", model_type)
+    if found != model_type:
+        raise ValueError(f"model_type {found!r} is not supported; this encoder is {model_name} ({model_type!r})")
+    if (scaling := values.pop("rope_scaling", None)) is not None:
+        raise ValueError(f"rope_scaling {scaling!r} is not supported; only default RoPE")
+    if values.pop("use_bidirectional_attention", None):
+        raise ValueError(f"use_bidirectional_attention is not supported; {model_name} attention here is causal")
+    if (rope := values.pop("rope_parameters", None)) is not None:
+        # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...} instead of rope_theta
+        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+            raise ValueError(f"rope_parameters {rope!r} are not supported; only default RoPE")
+        if "rope_theta" in values and "rope_theta" in rope and values["rope_theta"] != rope["rope_theta"]:
+            raise ValueError(f"rope_theta {values['rope_theta']} contradicts rope_parameters {rope!r}")
+        values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+    return config_from_dict(cls, values, TRANSFORMERS_BOOKKEEPING, model_name)
 
 
 def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

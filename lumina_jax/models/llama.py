@@ -20,29 +20,9 @@ from lumina_jax.models.decoder import (
     causal_inputs,
     check_token_inputs,
     run_decoder_layers,
+    transformers_config,
 )
-from lumina_jax.models.layers import Dtype, config_from_dict, float32_products, logical_axes, rms_norm
-
-# Keys of transformers' config.json that do not change the encoder's output.
-_TRANSFORMERS_BOOKKEEPING = (
-    "_name_or_path",
-    "architectures",
-    "model_type",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-    "bos_token_id",
-    "eos_token_id",
-    "initializer_range",
-    "use_cache",
-    "tie_word_embeddings",
-    "attention_dropout",
-    "pretraining_tp",  # splits the projections into slices in PyTorch; the same products
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "output_hidden_states",
-    "return_dict",
-)
+from lumina_jax.models.layers import Dtype, float32_products, logical_axes, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +62,8 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
-        """Read transformers' config.json: bookkeeping keys are ignored, anything that would change the math
-        in a way we do not reproduce is refused."""
-        values = dict(values)
-        model_type = values.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"model_type {model_type!r} is not supported; this encoder is LLaMA ('llama')")
-        if (scaling := values.pop("rope_scaling", None)) is not None:
-            raise ValueError(f"rope_scaling {scaling!r} is not supported; only default RoPE")
-        if (rope := values.pop("rope_parameters", None)) is not None:
-            # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...} instead of rope_theta
-            if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
-                raise ValueError(f"rope_parameters {rope!r} are not supported; only default RoPE")
-            values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
-        return config_from_dict(cls, values, _TRANSFORMERS_BOOKKEEPING, "LLaMA")
+        """Read transformers' config.json (`models.decoder.transformers_config`)."""
+        return transformers_config(cls, values, "llama", "LLaMA")
 
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["LlamaModel"], "model_type": "llama", **dataclasses.asdict(self)}
