@@ -45,7 +45,7 @@ from lumina_jax.models.gemma import GEMMA_2B
 from lumina_jax.models.llama import LLAMA_2_7B
 from lumina_jax.models.nextdit import PRESETS
 from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
-from lumina_jax.sharding import BATCH_AXES, batch_sharding, shard_module
+from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
 from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
@@ -128,8 +128,7 @@ def _encode_image(graphdef, params, images: jax.Array, noise: jax.Array) -> jax.
     img2img draws them (`latent_dist.sample()`), with `noise` [B, C, h, w]."""
     vae = nnx.merge(graphdef, params)
     mean, logvar = vae.encode(images)
-    config = vae.config
-    return (mean + jnp.exp(0.5 * logvar) * noise - (config.shift_factor or 0.0)) * config.scaling_factor
+    return vae.config.scale_latents(mean + jnp.exp(0.5 * logvar) * noise)
 
 
 def load_image(image, height: int, width: int) -> np.ndarray:
@@ -357,12 +356,7 @@ class LuminaPipeline:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _spread(self, array: jax.Array) -> jax.Array:
-        return jax.device_put(array, self._rows_sharding(array.shape[0]))
-
-    def _rows_sharding(self, rows: int) -> NamedSharding:
-        """Rows over the mesh's batch axes when they divide evenly, else a copy on every device."""
-        ways = math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
-        return batch_sharding(self.mesh) if rows % ways == 0 else NamedSharding(self.mesh, PartitionSpec())
+        return jax.device_put(array, rows_sharding(self.mesh, array.shape[0]))
 
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """As diffusers: prompts padded to a multiple of 8 (at most 256 tokens, truncation warned)."""
@@ -708,8 +702,7 @@ class LuminaPipeline:
             if self.vae is None:  # pixel space: the latents are the image, grey ones shown as RGB
                 images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
             else:
-                config = self.vae.config
-                images = _decode(*self._vae_split, latents / config.scaling_factor + (config.shift_factor or 0.0))
+                images = _decode(*self._vae_split, self.vae.config.unscale_latents(latents))
         images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
         if output_type == "np":
             return images
@@ -745,7 +738,7 @@ class LuminaPipeline:
         everywhere = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
         def struct(shape, dtype, sharded_rows: bool = True):
-            where = self._rows_sharding(shape[0]) if self.mesh is not None and sharded_rows else everywhere
+            where = rows_sharding(self.mesh, shape[0]) if self.mesh is not None and sharded_rows else everywhere
             return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
         batch = prompts * num_images_per_prompt

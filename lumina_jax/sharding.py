@@ -224,18 +224,28 @@ def attention_partition(
     rows = math.prod(axis_sizes[axis] for axis in batch_axes)
     examples = batch_axes if batch_axes and batch % rows == 0 else None
     if batch_axes and examples is None:
-        _warn_replicated_attention(f"a batch of {batch}", rows)
+        _warn_replicated("attention", f"a batch of {batch}", rows)
     tensor = axis_sizes.get("tensor", 1)
     split_heads = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
     if tensor > 1 and split_heads is None:
-        _warn_replicated_attention(f"{heads} query and {kv_heads} kv heads", tensor)
+        _warn_replicated("attention", f"{heads} query and {kv_heads} kv heads", tensor)
     return PartitionSpec(examples, None, split_heads, None), PartitionSpec(examples, None)
 
 
 @functools.cache
-def _warn_replicated_attention(what: str, ways: int) -> None:
-    """Once per case (attention is traced once per layer)."""
-    logger.warning(f"attention: {what} cannot be split {ways} ways: every one of those {ways} devices computes all")
+def _warn_replicated(where: str, what: str, ways: int) -> None:
+    """Once per case (attention is traced once per layer, a pipeline's rows placed once per call)."""
+    logger.warning(f"{where}: {what} cannot be split {ways} ways: every one of those {ways} devices computes all")
+
+
+def rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+    """`rows` examples over the mesh's batch axes when they divide evenly; else a copy on every device, with
+    a warning: each of those devices then holds and computes all of them."""
+    ways = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    if rows % ways == 0:
+        return batch_sharding(mesh)
+    _warn_replicated("batch rows", f"a batch of {rows}", ways)
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -22,8 +22,10 @@ from jax.sharding import PartitionSpec as P
 from lumina_jax.sharding import (
     MESH_AXES,
     attention_partition,
+    batch_sharding,
     mesh_partition_spec,
     report_replication,
+    rows_sharding,
 )
 
 SCRIPT = Path(__file__).parent / "sharding_checks.py"
@@ -200,3 +202,12 @@ def test_attention_that_cannot_split_its_batch_or_heads_warns(caplog):
         attention_partition({"data": 2, "fsdp": 2, "tensor": 2}, 10, 6, 3)
     assert "a batch of 10 cannot be split 4 ways" in caplog.text
     assert "6 query and 3 kv heads cannot be split 2 ways" in caplog.text
+
+
+def test_batch_rows_that_cannot_split_are_copied_with_a_warning(caplog):
+    """The pipeline's rows (prompts, noise, latents) go over the batch axes, or whole to every device."""
+    mesh = AbstractMesh((2, 2, 1), MESH_AXES)
+    with caplog.at_level("WARNING", logger="lumina_jax.sharding"):
+        assert rows_sharding(mesh, 8).spec == batch_sharding(mesh).spec and not caplog.records
+        assert rows_sharding(mesh, 7).spec == P()
+    assert "batch rows: a batch of 7 cannot be split 4 ways" in caplog.text

@@ -1,6 +1,7 @@
 """AutoencoderKL against diffusers, every parameter randomised, through the real import path; key map,
 config, conversion and error messages."""
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -374,3 +375,14 @@ def test_input_errors():
     model = nnx.eval_shape(lambda: AutoencoderKL(AutoencoderKLConfig(**four_blocks), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"image size 1024x1020 is not divisible by 8"):
         model.encode(jnp.zeros((1, 3, 1024, 1020)))
+
+
+def test_latents_are_scaled_and_shifted_as_diffusers_pipelines_do():
+    """diffusers: latents = (z - shift_factor) * scaling_factor before the transformer, and back before decoding
+    (FLUX's VAE has a shift; the SDXL VAE none)."""
+    z = np.linspace(-3.0, 3.0, 12, dtype=np.float32).reshape(1, 3, 2, 2)
+    flux_like = dataclasses.replace(SDXL_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+    for config in (SDXL_VAE, flux_like):
+        shift = config.shift_factor or 0.0
+        np.testing.assert_allclose(config.scale_latents(z), (z - shift) * config.scaling_factor, rtol=1e-6)
+        np.testing.assert_allclose(config.unscale_latents(config.scale_latents(z)), z, rtol=1e-5, atol=1e-6)

@@ -103,6 +103,14 @@ class AutoencoderKLConfig:
         """Image pixels per latent pixel along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def scale_latents(self, latents):
+        """A posterior sample as the transformer's latents: (z - shift_factor) * scaling_factor."""
+        return (latents - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def unscale_latents(self, latents):
+        """The transformer's latents as the decoder takes them (`scale_latents` undone)."""
+        return latents / self.scaling_factor + (self.shift_factor or 0.0)
+
 
 SDXL_VAE = AutoencoderKLConfig(
     down_block_types=(DOWN_BLOCK,) * 4,
