@@ -190,9 +190,10 @@ def write_png(image: Image.Image, path: Path, metadata: dict) -> None:
     info.add_text("parameters", json.dumps(metadata))
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    partial = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}.png")
+    # Not named *.png: whoever globs the folder while we write sees whole images only.
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        image.save(partial, pnginfo=info)
+        image.save(partial, format="PNG", pnginfo=info)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -233,8 +234,8 @@ def run_jobs(
     mine = jobs[process_index::process_count]
     parameters = {job: {**_record(job), **(metadata or {}), **settings} for job in mine}
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial-*.png"):  # left by a killed run; only our own jobs' names
-        if any(stale.name.startswith(f".{Path(job.file_name).stem}.") for job in mine):
+    for stale in out.glob(".*.png.partial-*"):  # left by a killed run; only our own jobs' names
+        if any(stale.name.startswith(f".{job.file_name}.partial-") for job in mine):
             stale.unlink(missing_ok=True)
     done = {job for job in mine if skip_existing and _holds(out / job.file_name, parameters[job])}
     todo = [job for job in mine if job not in done]

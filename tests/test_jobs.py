@@ -190,7 +190,7 @@ def test_skip_existing_draws_only_what_is_missing_and_the_index_lists_all(tmp_pa
     first = jobs.run_jobs(pipe, made[:2], tmp_path, per_call=2, progress=False, metadata={"model": "digits"})
     assert (first.written, first.skipped) == (2, 0)
     kept = (tmp_path / "00000_0.png").stat().st_mtime_ns
-    (tmp_path / ".00000_2.partial-deadbeef.png").write_bytes(b"half a png")  # left by a killed run
+    (tmp_path / ".00000_2.png.partial-deadbeef").write_bytes(b"half a png")  # left by a killed run
     second = jobs.run_jobs(
         pipe, made, tmp_path, per_call=2, skip_existing=True, progress=False, metadata={"model": "digits"}
     )
@@ -201,6 +201,15 @@ def test_skip_existing_draws_only_what_is_missing_and_the_index_lists_all(tmp_pa
     assert [(r["file"], r["seed"], r["steps"], r["prompt"]) for r in index] == [
         (f"00000_{i}.png", i, 3, "a handwritten digit two") for i in range(3)
     ]
+
+
+def test_an_image_being_written_is_not_named_png(tmp_path, monkeypatch):
+    """Whoever globs *.png while a job runs (a viewer, a killed job's check) sees whole images only."""
+    moved = []
+    monkeypatch.setattr(jobs.os, "replace", lambda src, dst: moved.append(Path(src).name) or os.rename(src, dst))
+    jobs.write_png(Image.new("RGB", (8, 8)), tmp_path / "00003_1.png", {"seed": 1})
+    assert len(moved) == 1 and moved[0].startswith(".00003_1.png.partial-") and not moved[0].endswith(".png")
+    assert Image.open(tmp_path / "00003_1.png").text["seed"] == "1"
 
 
 def test_skip_existing_redraws_images_drawn_with_other_settings(tmp_path, pipe):
