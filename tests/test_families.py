@@ -20,6 +20,8 @@ FAMILY_CLASSES = {
     "FlagDiTConfig",
     "GemmaEncoder",
     "GemmaConfig",
+    "Gemma2Encoder",
+    "Gemma2Config",
     "LlamaEncoder",
     "LlamaConfig",
 }
@@ -29,10 +31,12 @@ OWN_MODULES = {
     "models/nextdit.py",
     "models/flagdit.py",
     "models/gemma.py",
+    "models/gemma2.py",
     "models/llama.py",
     "weights/nextdit_keys.py",
     "weights/flagdit_keys.py",
     "weights/gemma.py",
+    "weights/gemma2.py",
     "weights/llama.py",
 }
 
@@ -109,6 +113,7 @@ FAMILY_MODELS = {
     "lumina_jax.models.nextdit",
     "lumina_jax.models.flagdit",
     "lumina_jax.models.gemma",
+    "lumina_jax.models.gemma2",
     "lumina_jax.models.llama",
 }
 

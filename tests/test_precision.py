@@ -14,6 +14,7 @@ from flax import nnx
 
 from lumina_jax import NextDiT, NextDiTConfig
 from lumina_jax.models.gemma import GemmaConfig, GemmaEncoder
+from lumina_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
 from lumina_jax.models.nextdit import patchify_padded
 from lumina_jax.models.rope import rope_frequencies
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -30,6 +31,16 @@ GEMMA = GemmaConfig(
     num_key_value_heads=1,
     head_dim=8,
 )
+GEMMA2 = Gemma2Config(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    sliding_window=4,
+)
 VAE = AutoencoderKLConfig(
     block_out_channels=(8, 16),
     layers_per_block=1,
@@ -40,6 +51,7 @@ VAE = AutoencoderKLConfig(
 MODELS = {
     "nextdit": lambda dtype: NextDiT(NEXTDIT, dtype=dtype, rngs=nnx.Rngs(0)),
     "gemma": lambda dtype: GemmaEncoder(GEMMA, dtype=dtype, rngs=nnx.Rngs(0)),
+    "gemma2": lambda dtype: Gemma2Encoder(GEMMA2, dtype=dtype, rngs=nnx.Rngs(0)),
     "vae": lambda dtype: AutoencoderKL(VAE, dtype=dtype, rngs=nnx.Rngs(0)),
 }
 CAPTION, MASK = jnp.zeros((2, 5, 16)), jnp.ones((2, 5), bool)
@@ -60,6 +72,7 @@ ENTRY_POINTS = {
     "nextdit_forward_tokens": ("nextdit", nextdit_forward_tokens),
     "nextdit_caption_kv": ("nextdit", lambda model: model.caption_keys_values(CAPTION)),
     "gemma": ("gemma", lambda model: model(jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32))),
+    "gemma2": ("gemma2", lambda model: model(jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32))),
     "vae_encode": ("vae", lambda model: model.encode(jnp.zeros((1, 3, 16, 16)))),
     "vae_decode": ("vae", lambda model: model.decode(jnp.zeros((1, 4, 8, 8)))),
 }

@@ -16,13 +16,12 @@ from flax import nnx
 
 from lumina_jax.models.decoder import (
     CausalSelfAttention,
+    DecoderEncoder,
     GatedMLP,
-    causal_inputs,
-    check_token_inputs,
-    run_decoder_layers,
+    check_decoder_sizes,
     transformers_config,
 )
-from lumina_jax.models.layers import Dtype, float32_products, logical_axes, rms_norm
+from lumina_jax.models.layers import Dtype, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +46,7 @@ class LlamaConfig:
     def __post_init__(self):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        check_decoder_sizes(self)
         if self.hidden_act != "silu" or self.mlp_bias:
             raise ValueError(
                 f"only LLaMA's SiLU MLP without biases is supported; got hidden_act {self.hidden_act!r}, "
@@ -107,48 +100,15 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
 
 
-class LlamaEncoder(nnx.Module):
-    """LLaMA as Lumina-T2I's text encoder: token ids -> last_hidden_state.
+class LlamaEncoder(DecoderEncoder):
+    """LLaMA as Lumina-T2I's text encoder: token ids -> last_hidden_state (`DecoderEncoder`)."""
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype; with bfloat16 compute, norms, RoPE,
-    softmax statistics and the residual stream stay float32. Parameters are named as in transformers'
-    LlamaModel; the layers are stacked under `layers`.
-    """
+    decoder_layer = LlamaDecoderLayer
+    takes_last_hidden_state = True
 
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        scan_layers: bool = True,
-        rngs: nnx.Rngs,
-    ):
-        cfg = self.config = config
-        self.dtype, self.scan_layers = dtype, scan_layers
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_metadata=logical_axes("vocab", "embed"),
-            rngs=rngs,
-        )
+    def final_norm(self, cfg: LlamaConfig, *, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return rms_norm(cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_layers(rngs):
-            return LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        self.layers = stacked_layers(rngs)
-        self.norm = rms_norm(cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-
-    @float32_products
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """input_ids [B, L] integers and attention_mask [B, L] (1 = token, 0 = padding) -> last_hidden_state of
-        transformers' LlamaModel, [B, L, hidden_size] float32, padded positions included."""
-        check_token_inputs(input_ids, attention_mask)
-        x = self.embed_tokens(input_ids).astype(jnp.float32)
-        layer_inputs = causal_inputs(attention_mask, self.config)
-        x = run_decoder_layers(self.layers, x, layer_inputs, self.config.num_hidden_layers, scan=self.scan_layers)
-        return self.norm(x)
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Not scaled, unlike Gemma's."""
+        return self.embed_tokens(input_ids).astype(jnp.float32)

@@ -18,13 +18,14 @@ from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
 
 _CAUSAL_LM_PREFIX = "model."
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj\.(?:weight|bias)|mlp\.(?:gate|up|down)_proj\.weight)")
-_LAYER_NORM_KEY = re.compile(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight")
 _LINEAR_LEAF = {"weight": ("kernel", LINEAR), "bias": ("bias", None)}
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def decoder_key_to_target(key: str, *, norm_scale: str) -> Target:
+def decoder_key_to_target(key: str, *, norm_scale: str, layer_norms: tuple[str, ...] = LAYER_NORMS) -> Target:
     """Map a transformers decoder's key (GemmaModel's, LlamaModel's, or the causal LM's `model.`-prefixed)
-    to our parameter; `norm_scale` names our RMSNorms' weight ("weight" for Gemma's, "scale" for LLaMA's)."""
+    to our parameter; `norm_scale` names our RMSNorms' weight ("weight" for Gemma's, "scale" for LLaMA's),
+    `layer_norms` the norms of a layer."""
     key = key.removeprefix(_CAUSAL_LM_PREFIX)
     if key == "embed_tokens.weight":
         return Target(("embed_tokens", "embedding"))
@@ -34,7 +35,7 @@ def decoder_key_to_target(key: str, *, norm_scale: str) -> Target:
         *module, leaf = match[2].split(".")
         name, permute = _LINEAR_LEAF[leaf]
         return Target(("layers", *module, name), int(match[1]), permute)
-    if match := _LAYER_NORM_KEY.fullmatch(key):
+    if match := re.fullmatch(rf"layers\.(\d+)\.({'|'.join(layer_norms)})\.weight", key):
         return Target(("layers", match[2], norm_scale), int(match[1]))
     raise UnknownKeyError(key)
 
@@ -42,13 +43,14 @@ def decoder_key_to_target(key: str, *, norm_scale: str) -> Target:
 gemma_key_to_target = functools.partial(decoder_key_to_target, norm_scale="weight")
 
 
-def gemma_keys(config: GemmaConfig) -> list[str]:
-    """Every key of a transformers GemmaModel with this config, for writing that layout back out."""
+def gemma_keys(config: GemmaConfig, layer_norms: tuple[str, ...] = LAYER_NORMS) -> list[str]:
+    """Every key of a transformers GemmaModel (or a decoder with these `layer_norms`) with this config,
+    for writing that layout back out."""
     projections = [f"self_attn.{p}_proj" for p in "qkvo"]
     leaves = ["weight", "bias"] if config.attention_bias else ["weight"]
     per_layer = [f"{p}.{leaf}" for p in projections for leaf in leaves]
     per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    per_layer += [f"{norm}.weight" for norm in layer_norms]
     layers = [f"layers.{i}.{key}" for i in range(config.num_hidden_layers) for key in per_layer]
     return ["embed_tokens.weight", *layers, "norm.weight"]
 

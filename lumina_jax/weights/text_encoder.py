@@ -1,4 +1,5 @@
-"""Which text encoder a folder holds: Lumina-Next's Gemma or Lumina-T2I's LLaMA, by its config's model_type."""
+"""Which text encoder a folder holds: Lumina-Next's Gemma, Lumina-Image 2.0's Gemma-2 or Lumina-T2I's LLaMA, by
+its config's model_type."""
 
 import json
 from pathlib import Path
@@ -8,9 +9,10 @@ from flax import nnx
 from lumina_jax import hub
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.gemma import GEMMA
+from lumina_jax.weights.gemma2 import GEMMA2
 from lumina_jax.weights.llama import LLAMA
 
-TEXT_ENCODERS: dict[str, ModelFamily] = {"gemma": GEMMA, "llama": LLAMA}
+TEXT_ENCODERS: dict[str, ModelFamily] = {"gemma": GEMMA, "gemma2": GEMMA2, "llama": LLAMA}
 
 
 def text_encoder_family(folder: Path) -> ModelFamily:
@@ -24,7 +26,8 @@ def text_encoder_family(folder: Path) -> ModelFamily:
     if model_type not in TEXT_ENCODERS:
         raise ValueError(
             f"{config}: text encoder model_type {model_type!r} is not supported; lumina-jax runs "
-            f"{' and '.join(repr(t) for t in TEXT_ENCODERS)} (Lumina-Next's Gemma, Lumina-T2I's LLaMA)"
+            f"{', '.join(repr(t) for t in TEXT_ENCODERS)} (Lumina-Next's Gemma, Lumina-Image 2.0's Gemma-2, "
+            "Lumina-T2I's LLaMA)"
         )
     return TEXT_ENCODERS[model_type]
 
