@@ -1,7 +1,6 @@
 """AutoencoderKL against diffusers, every parameter randomised, through the real import path; key map,
 config, conversion and error messages."""
 
-import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ from flax import nnx
 from reference import ShapeOnly, randomize_, relative_error, released
 
 from lumina_jax.models import vae
-from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig, SpatialSelfAttention, Upsample
+from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE, AutoencoderKL, AutoencoderKLConfig, SpatialSelfAttention, Upsample
 from lumina_jax.weights import importer
 from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError
 from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
@@ -32,6 +31,17 @@ from lumina_jax.weights.vae import (
 CONFIGS = {
     "tiny": dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8),
     "released_widths": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=1),
+    # the FLUX VAE's kind (Lumina-Image 2.0's): 16 latent channels, no quant convs; odd widths
+    "flux": dict(
+        block_out_channels=[24, 40, 40],
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ),
 }
 IMAGE_SIZE = (32, 48)
 FLOAT32_BOUND = 1e-5
@@ -59,7 +69,8 @@ SDXL_CONFIG_JSON = {
 
 def diffusers_vae(seed: int, block_out_channels: list[int], **config) -> DiffusersAutoencoderKL:
     """A randomised diffusers VAE whose posterior has two log-variance channels far past the clamp
-    (one above, one below), so the clamp is compared too."""
+    (one above, one below), so the clamp is compared too (moved by the last conv before the split: quant_conv,
+    or the encoder's conv_out where there is none)."""
     blocks = len(block_out_channels)
     model = DiffusersAutoencoderKL(
         block_out_channels=block_out_channels,
@@ -70,7 +81,8 @@ def diffusers_vae(seed: int, block_out_channels: list[int], **config) -> Diffuse
     model = randomize_(model.eval(), seed)
     with torch.no_grad():
         latent = model.config.latent_channels
-        model.quant_conv.bias[latent : latent + 2] += torch.tensor([60.0, -60.0])
+        moments = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
+        moments.bias[latent : latent + 2] += torch.tensor([60.0, -60.0])
     return model
 
 
@@ -92,7 +104,8 @@ def saved_vae(request, tmp_path_factory):
     rng = np.random.default_rng(3)
     factor = 2 ** (len(CONFIGS[name]["block_out_channels"]) - 1)
     images = rng.uniform(-1, 1, (2, 3, *IMAGE_SIZE)).astype(np.float32)
-    latents = rng.standard_normal((2, 4, IMAGE_SIZE[0] // factor, IMAGE_SIZE[1] // factor)).astype(np.float32)
+    channels = reference.config.latent_channels
+    latents = rng.standard_normal((2, channels, IMAGE_SIZE[0] // factor, IMAGE_SIZE[1] // factor)).astype(np.float32)
     with torch.no_grad():
         posterior = reference.encode(torch.from_numpy(images)).latent_dist
         decoded = reference.decode(torch.from_numpy(latents)).sample
@@ -238,6 +251,28 @@ def test_released_keys_cover_every_parameter_of_the_sdxl_vae():
     assert len(plan) == len(tensors) == 248
 
 
+def flux_keys() -> dict[str, ShapeOnly]:
+    """The FLUX VAE's keys: the SDXL VAE's without the quant convs, 16 latent channels at both ends."""
+    tensors = released("keys_diffusers_sdxl_vae.json")
+    for conv in ("quant_conv", "post_quant_conv"):
+        del tensors[f"{conv}.weight"], tensors[f"{conv}.bias"]
+    tensors["encoder.conv_out.weight"] = ShapeOnly((32, 512, 3, 3))
+    tensors["encoder.conv_out.bias"] = ShapeOnly((32,))
+    tensors["decoder.conv_in.weight"] = ShapeOnly((512, 16, 3, 3))
+    return tensors
+
+
+def test_flux_vae_keys_cover_every_parameter_and_quant_convs_are_refused():
+    tensors = flux_keys()
+    plan = importer.plan_import(
+        tensors, vae_key_to_target, parameter_shapes(FLUX_VAE), Path("flux-vae"), "AutoencoderKL"
+    )
+    assert len(plan) == len(tensors) == 244
+    tensors["quant_conv.weight"] = ShapeOnly((32, 32, 1, 1))
+    with pytest.raises(ValueError, match=r"(?s)flux-vae.*unknown keys \(1\): quant_conv.weight"):
+        importer.plan_import(tensors, vae_key_to_target, parameter_shapes(FLUX_VAE), Path("flux-vae"), "AutoencoderKL")
+
+
 def test_every_problem_is_listed_at_once():
     tensors = released("keys_diffusers_sdxl_vae.json")
     del tensors["decoder.mid_block.attentions.0.to_k.bias"]
@@ -268,6 +303,20 @@ def test_config():
         AutoencoderKLConfig.from_dict({**SDXL_CONFIG_JSON, "num_layers": 2})
     with pytest.raises(ValueError, match="only DownEncoderBlock2D is supported"):
         AutoencoderKLConfig.from_dict({**SDXL_CONFIG_JSON, "down_block_types": ["AttnDownEncoderBlock2D"] * 4})
+    flux_config_json = {  # black-forest-labs/FLUX.1-dev's vae/config.json
+        **SDXL_CONFIG_JSON,
+        "_diffusers_version": "0.30.0.dev0",
+        "latent_channels": 16,
+        "latents_mean": None,
+        "latents_std": None,
+        "mid_block_add_attention": True,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_post_quant_conv": False,
+        "use_quant_conv": False,
+    }
+    del flux_config_json["_name_or_path"]
+    assert AutoencoderKLConfig.from_dict(flux_config_json) == FLUX_VAE
     with pytest.raises(ValueError, match="act_fn 'gelu'"):
         AutoencoderKLConfig(act_fn="gelu")
     with pytest.raises(ValueError, match="not all divisible by norm_num_groups 32"):
@@ -381,8 +430,7 @@ def test_latents_are_scaled_and_shifted_as_diffusers_pipelines_do():
     """diffusers: latents = (z - shift_factor) * scaling_factor before the transformer, and back before decoding
     (FLUX's VAE has a shift; the SDXL VAE none)."""
     z = np.linspace(-3.0, 3.0, 12, dtype=np.float32).reshape(1, 3, 2, 2)
-    flux_like = dataclasses.replace(SDXL_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    for config in (SDXL_VAE, flux_like):
+    for config in (SDXL_VAE, FLUX_VAE):
         shift = config.shift_factor or 0.0
         np.testing.assert_allclose(config.scale_latents(z), (z - shift) * config.scaling_factor, rtol=1e-6)
         np.testing.assert_allclose(config.unscale_latents(config.scale_latents(z)), z, rtol=1e-5, atol=1e-6)

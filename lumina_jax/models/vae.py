@@ -1,7 +1,8 @@
-"""diffusers' `AutoencoderKL` (the SDXL VAE that Lumina-Next uses) in Flax NNX.
+"""diffusers' `AutoencoderKL` in Flax NNX: the SDXL VAE of Lumina-Next and the FLUX VAE of Lumina-Image 2.0
+(16 latent channels, no quant_conv or post_quant_conv, latents shifted as well as scaled).
 
 Arrays at the boundary use diffusers' NCHW layout: images [B, 3, H, W] in [-1, 1], latents
-[B, 4, H/8, W/8]. Inside, everything runs NHWC, the layout XLA's convolutions are fastest in.
+[B, latent_channels, H/8, W/8]. Inside, everything runs NHWC, the layout XLA's convolutions are fastest in.
 Parameters are named as diffusers names its modules, with single-entry lists folded
 (`downsamplers.0` -> `downsample`, `attentions.0` -> `attention`, `to_out.0` -> `to_out`).
 """
@@ -119,6 +120,15 @@ SDXL_VAE = AutoencoderKLConfig(
     layers_per_block=2,
     sample_size=1024,
     scaling_factor=0.13025,
+)
+# black-forest-labs/FLUX.1-dev's vae/config.json, which Lumina-Image 2.0 decodes with
+FLUX_VAE = dataclasses.replace(
+    SDXL_VAE,
+    latent_channels=16,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
 )
 
 
@@ -576,7 +586,7 @@ class AutoencoderKL(nnx.Module):
     def decode(
         self, latents: jax.Array, *, band_pixels: int = DECODE_BAND_PIXELS, query_chunk: int = ATTENTION_QUERY_CHUNK
     ) -> jax.Array:
-        """Latents [B, latent_channels, h, w], already divided by the scaling factor -> images
+        """Latents [B, latent_channels, h, w], already unscaled (`AutoencoderKLConfig.unscale_latents`) -> images
         [B, out_channels, h*f, w*f], nominally in [-1, 1] (not clipped). Activations of more than band_pixels
         pixels stream in bands of rows, and the mid block attends in chunks of at most query_chunk queries
         (the same result, in less memory)."""
