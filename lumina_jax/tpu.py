@@ -147,11 +147,18 @@ class ProgramMemory:
     flops: float | None  # per chip, from the compiler's cost analysis
     refused: str | None = None  # the compiler's reason, when it would not compile the program for lack of HBM
     model: str | None = None  # whose weights those are
+    host_temporaries: int = 0  # in the host's pinned memory: what a remat policy offloads (not HBM)
 
     @property
     def transient(self) -> int:
         """What the program needs beyond the resident weights while it runs."""
         return self.arguments - self.weights + self.outputs - self.aliased + self.temporaries + self.code
+
+    @property
+    def host_transfers(self) -> int:
+        """Bytes copied between the host and the chip per run, an estimate from the compiler's host temporaries:
+        each offloaded byte goes out once (forward pass) and comes back once (backward pass)."""
+        return 2 * self.host_temporaries
 
 
 def compile_program(
@@ -195,6 +202,7 @@ def compile_program(
         weights=weights,
         flops=(cost or {}).get("flops"),
         model=model,
+        host_temporaries=memory.host_temp_size_in_bytes,
     )
 
 
@@ -246,6 +254,12 @@ class MemoryPlan:
             f"peak: {self.peak_bytes / GiB:.2f} GiB (while {self.largest.name} runs) "
             f"of {self.tpu.hbm_bytes / GiB:.2f} GiB",
         ]
+        lines += [
+            f"{p.name}: {p.host_temporaries / GiB:.2f} GiB per chip offloaded to the host's pinned memory, "
+            f"about {p.host_transfers / GiB:.2f} GiB copied between host and chip a run (out and back once)"
+            for p in self.programs
+            if p.host_temporaries
+        ]
         lines += [f"{p.name}: refused by the compiler: {p.refused}" for p in self.programs if p.refused]
         if self.fits:
             lines.append(f"fits, {(self.tpu.hbm_bytes - self.peak_bytes) / GiB:.2f} GiB to spare")
@@ -266,7 +280,13 @@ class MemoryPlan:
             "hbm_bytes": self.tpu.hbm_bytes,
             "resident_bytes": self.resident,
             "programs": [
-                {**dataclasses.asdict(p), "transient": p.transient, "needs": self.needs(p)} for p in self.programs
+                {
+                    **dataclasses.asdict(p),
+                    "transient": p.transient,
+                    "host_transfers": p.host_transfers,
+                    "needs": self.needs(p),
+                }
+                for p in self.programs
             ],
         }
 

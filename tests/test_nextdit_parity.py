@@ -89,24 +89,37 @@ def test_unrolled_and_rematerialised_layers_match_scan(saved_transformer):
     x, t, caption, mask = inputs(3, 2, 8, 12, 5, CONFIGS[name]["cross_attention_dim"], [5, 2])
     args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask))
     scanned = load_transformer(folder, progress=False)(*args)
-    for options in (dict(scan_layers=False), dict(remat="full"), dict(remat="attention_ffn"), dict(remat="dots")):
+    for options in (dict(scan_layers=False), *(dict(remat=r) for r in ("full", "offload", "attention_ffn", "dots"))):
         other = load_transformer(folder, progress=False, **options)(*args)
         np.testing.assert_allclose(
             np.asarray(other), np.asarray(scanned), rtol=0, atol=1e-5 * float(np.abs(scanned).max())
         )
 
 
-def test_remat_policies_give_the_gradients_of_no_remat(saved_transformer):
-    """Rematerialisation only changes what the backward pass recomputes."""
+def test_remat_policies_give_the_loss_and_gradients_of_no_remat(saved_transformer):
+    """Rematerialisation only changes what the backward pass recomputes, and "offload" where it keeps the
+    layer inputs: in host memory, in JAX's program. On the CPU the host's memory is the device's, so the
+    copies lower to nothing; tests/test_tpu.py checks that the TPU compiler places them on the host."""
     name, _, folder = saved_transformer
     x, t, caption, mask = inputs(4, 2, 8, 12, 5, CONFIGS[name]["cross_attention_dim"], [5, 2])
     args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask))
 
-    def gradients(remat):
+    def run(remat):
         graphdef, params = nnx.split(load_transformer(folder, progress=False, remat=remat))
         loss = lambda params: jnp.sum(nnx.merge(graphdef, params)(*args) ** 2)  # noqa: E731
-        return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params))])
+        on_host = "<host>" in str(jax.make_jaxpr(jax.value_and_grad(loss))(params))
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        return on_host, float(value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
 
-    expected = gradients("none")
-    for remat in ("full", "attention_ffn", "dots"):  # XLA may fuse the recomputation differently: float32 rounding
-        assert relative_error(gradients(remat), expected) <= 1e-5, remat
+    runs = {remat: run(remat) for remat in ("none", "full", "offload", "attention_ffn", "dots")}
+    assert [remat for remat, (on_host, _, _) in runs.items() if on_host] == ["offload"]
+    for remat, expected in (
+        ("full", "none"),
+        ("offload", "none"),
+        ("offload", "full"),
+        ("attention_ffn", "none"),
+        ("dots", "none"),
+    ):  # XLA may fuse the recomputation differently: float32 rounding
+        (_, loss, gradients), (_, expected_loss, expected_gradients) = runs[remat], runs[expected]
+        assert abs(loss - expected_loss) <= 1e-6 * abs(expected_loss), (remat, expected)
+        assert relative_error(gradients, expected_gradients) <= 1e-5, (remat, expected)

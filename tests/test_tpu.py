@@ -5,6 +5,7 @@ splash attention kernel, the sampler loop, the streamed VAE decoder, a sharded t
 check the memory plans that `python -m sample/train --compile-only` print.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
-from lumina_jax.training.compile_only import lower_train_step, plan_train_step, run_mesh  # noqa: E402
+from lumina_jax.training.compile_only import lower_train_step, plan_train_step, planned_step, run_mesh  # noqa: E402
 from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,8 +199,9 @@ def test_streamed_vae_decode_compiles():
     assert not tpu.compile_program("decoder", lowered).refused
 
 
-def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
-    config = TrainConfig(
+def tiny_train_config(config_folder, **fields) -> TrainConfig:
+    """The tiny Next-DiT trained from scratch at 64 px, 8 images a step, on the config-only folder's VAE."""
+    return TrainConfig(
         workdir="unused",
         pipeline=str(config_folder),
         data="unused",
@@ -208,11 +210,12 @@ def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
         transformer=NextDiTConfig(**TINY_TRANSFORMER),
         image_size=64,
         batch_size=8,
-        remat="full",
-        mesh_data=2,
-        mesh_fsdp=2,
-        mesh_tensor=2,
+        **fields,
     )
+
+
+def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
+    config = tiny_train_config(config_folder, remat="full", mesh_data=2, mesh_fsdp=2, mesh_tensor=2)
     target = tpu.tpu_slice("v5e-8")
     plan = plan_train_step(config, target)
     (step,) = plan.programs
@@ -221,6 +224,22 @@ def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
     # splash attention per device under shard_map, through Mosaic: the target's platform decides, not this host's
     lowered, _ = lower_train_step(config, run_mesh(config, tpu.compile_devices(target)), 8)
     assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_offload_remat_keeps_the_saved_layer_inputs_in_host_memory(config_folder):
+    """remat="offload": the TPU compiler places the layers' saved inputs in the host's pinned memory, one
+    float32 residual stream a layer for each image of the chip, and the plan says so; "full" keeps them on the chip."""
+    config = tiny_train_config(config_folder, remat="offload")
+    target = tpu.tpu_slice("v5e-8")
+    plan = plan_train_step(config, target, count_flops=False)
+    (step,) = plan.programs
+    assert "offloaded to the host's pinned memory" in plan.summary()
+    assert plan.to_json()["programs"][0]["host_transfers"] == step.host_transfers
+    tokens = (planned_step(config)[1] // TINY_TRANSFORMER["patch_size"]) ** 2
+    layer_inputs = TINY_TRANSFORMER["num_layers"] * tokens * TINY_TRANSFORMER["hidden_size"] * 4  # one image a chip
+    assert step.host_temporaries >= layer_inputs and step.host_transfers == 2 * step.host_temporaries
+    plan = plan_train_step(dataclasses.replace(config, remat="full"), target, count_flops=False)
+    assert plan.programs[0].host_temporaries == 0
 
 
 def test_offloaded_text_encoder_is_resident_only_while_it_encodes(config_folder):

@@ -8,6 +8,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
 from lumina_jax.models.layers import Dtype, TransformerSizes, layer_norm, linear, logical_axes
@@ -16,13 +17,22 @@ from lumina_jax.models.rope import apply_rope
 TIMESTEP_FEATURES = 256
 # What training's backward pass keeps of each layer's forward pass (`NextDiT(remat=...)`), the rest
 # being recomputed: "none" keeps everything (no rematerialisation), "full" only the layer's input,
-# "attention_ffn" also the attention and feed-forward outputs, "dots" every matmul's output.
+# "attention_ffn" also the attention and feed-forward outputs, "dots" every matmul's output; "offload" is
+# "full" with each layer's input kept in the host's pinned memory, not the chip's (copied out in the forward
+# pass, back in the backward pass), the same numbers with the residual stream off the chip.
+LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "attention_ffn": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-Remat = Literal["none", "full", "attention_ffn", "dots"]
+Remat = Literal["none", "full", "offload", "attention_ffn", "dots"]
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -228,6 +238,7 @@ def run_layers(
 
     def block(x, layer):
         params, layer_caption_kv = layer
+        x = checkpoint_name(x, LAYER_INPUT)  # what the "offload" policy moves to the host
         return nnx.merge(graphdef, params)(x, layer_caption_kv, inputs), None
 
     if remat != "none":

@@ -61,7 +61,8 @@ class TrainConfig:
     caption_dropout: float = CAPTION_DROPOUT
     snr_type: SnrType = "uniform"
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    # What the backward pass recomputes: none, full, attention_ffn or dots (`models.dit_blocks.REMAT_POLICIES`).
+    # What the backward pass recomputes: none, full, offload (full, the layer inputs kept in host memory),
+    # attention_ffn or dots (`models.dit_blocks.REMAT_POLICIES`).
     remat: Remat = "none"
 
     # Mesh: fsdp = -1 takes every device that data and tensor leave.
