@@ -25,7 +25,9 @@ SAMPLING = [("v5e-1", 1024, 1), ("v5e-1", 2048, 1)]
 TRAINING = [
     ("v5e-8", ["batch_size=64"], True),
     ("v6e-8", ["batch_size=128"], True),
-    ("v5p-8", ["batch_size=64"], True),
+    ("v5e-8", ["batch_size=32", "remat=full"], True),
+    ("v6e-8", ["batch_size=80", "remat=full"], True),
+    ("v5p-8", ["batch_size=64", "remat=full"], True),
     ("v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
     ("v5e-8", ["batch_size=64", "remat=dots"], False),
     ("v5p-128", ["batch_size=128", "mesh_data=4", "mesh_fsdp=4", "mesh_tensor=4"], False),
