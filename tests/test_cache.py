@@ -18,7 +18,7 @@ from PIL import Image
 from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.models.vae import AutoencoderKLConfig
-from lumina_jax.training.batches import BatchPlan, load_batch, make_batches
+from lumina_jax.training.batches import BatchPlan, BatchShape, load_batch, make_batches
 from lumina_jax.training.cache import build_cache, open_cache, pipeline_encoders
 from lumina_jax.training.data import crop_sizes, load_image, read_manifest
 from lumina_jax.training.step import TrainBatch
@@ -218,18 +218,31 @@ def test_open_cache_without_a_cache(tmp_path):
         open_cache(tmp_path)
 
 
-def test_batches_have_one_shape_and_bucketed_captions(cache):
+def test_batches_have_one_latent_shape_and_the_run_s_caption_bucket(cache):
     iterator = make_batches(cache, global_batch_size=2, seed=0)
+    longest = 64  # the bucket of the cache's longest caption (one is past 32 tokens), in every batch
     for _ in range(12):
         batch = next(iterator)
         latents, caption, mask = batch["latents"], batch["caption"], batch["caption_mask"]
         assert latents.dtype == caption.dtype == np.float32 and mask.dtype == bool
-        assert latents.shape[:2] == (2, 3) and caption.shape[0] == mask.shape[0] == 2
+        assert latents.shape[:2] == (2, 3) and caption.shape == (2, longest, 6) and mask.shape == (2, longest)
         lengths = mask.sum(axis=1)
-        assert caption.shape[1] == next(b for b in (32, 64, 128, 256) if b >= lengths.max())
-        assert (mask == (np.arange(caption.shape[1]) < lengths[:, None])).all()
+        assert (mask == (np.arange(longest) < lengths[:, None])).all()
         assert (caption[~mask] == 0).all() and (caption[mask] != 0).all()
-    assert {next(iterator)["caption"].shape[1] for _ in range(30)} == {32, 64}
+
+
+@pytest.mark.parametrize("transformer", [NextDiTConfig(), FlagDiTConfig()], ids=["next-dit", "flag-dit"])
+def test_token_batches_have_the_run_s_one_shape(cache, transformer):
+    shape = BatchShape.of(cache, transformer)
+    p = transformer.patch_size
+    tokens = [transformer.sequence_length(h // p, w // p) for _, h, w in cache.latent_shapes]
+    assert shape.image_tokens == max(tokens) and len(set(tokens)) > 1 and shape.caption_tokens == 64
+    assert shape.image_padding == pytest.approx(1 - np.mean(tokens) / max(tokens))
+    iterator = make_batches(cache, global_batch_size=2, seed=0, tokens=transformer)
+    batches = [next(iterator) for _ in range(12)]
+    assert {b.patches.shape[1] for b in batches} == {shape.image_tokens}
+    assert {b.caption.shape[1] for b in batches} == {shape.caption_tokens}
+    assert {int(b.loss_mask.sum()) for b in batches} != {2 * shape.image_tokens}  # some are padded
 
 
 def test_an_epoch_uses_each_example_at_most_once_in_one_shape_batches(cache):
@@ -286,14 +299,16 @@ def test_token_batches_are_assembled_on_the_host_with_the_values_jax_gives(cache
             assert ours.dtype == theirs.dtype
             np.testing.assert_array_equal(ours, theirs)
 
-    def on_device(latents, caption, mask):  # the batch as JAX assembles it
-        return TrainBatch.from_latents([jnp.asarray(x) for x in latents], caption, mask, transformer)
+    def on_device(latents, caption, mask, length=None):  # the batch as JAX assembles it
+        return TrainBatch.from_latents([jnp.asarray(x) for x in latents], caption, mask, transformer, length)
 
     plan = BatchPlan(cache.latent_shapes, 2, seed=0)
     iterator = make_batches(cache, global_batch_size=2, seed=0, tokens=transformer)
+    length = BatchShape.of(cache, transformer).image_tokens
     for step in range(4):
         batch = load_batch(cache, plan, step, slice(None))
-        assert_same_tokens(next(iterator), on_device(batch["latents"], batch["caption"], batch["caption_mask"]))
+        expected = on_device(batch["latents"], batch["caption"], batch["caption_mask"], length)
+        assert_same_tokens(next(iterator), expected)
 
     # Images of two sizes, padded; under the guard any JAX operation (it would go through a device) raises.
     latents = [load_batch(cache, plan, step, slice(None))["latents"][0] for step in range(6)]

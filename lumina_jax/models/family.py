@@ -46,8 +46,9 @@ class TransformerConfig(Protocol):
     def sequence_length(self, rows: int, cols: int) -> int:
         """Tokens of one image of rows x cols patches."""
 
-    def token_sequence(self, latents: list[np.ndarray] | list[jax.Array]) -> TokenSequence:
-        """Latents [C, H_i, W_i] (sizes may differ) as the model's tokens, padded to the longest."""
+    def token_sequence(self, latents: list[np.ndarray] | list[jax.Array], length: int | None = None) -> TokenSequence:
+        """Latents [C, H_i, W_i] (sizes may differ) as the model's tokens, padded to the longest (or to
+        `length` tokens: a run's one batch shape)."""
 
     def resolution_scale(self, height: int, width: int) -> float:
         """The RoPE factor for latents of height x width: > 1 means extrapolation."""

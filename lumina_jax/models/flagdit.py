@@ -115,9 +115,11 @@ class FlagDiTConfig(TransformerSizes):
     def sequence_length(self, rows: int, cols: int) -> int:
         return rows * (cols + 1)  # rows of tokens, each closed by an end-of-line token
 
-    def token_sequence(self, latents: list[jax.Array]) -> tuple[jax.Array, None, jax.Array, jax.Array]:
+    def token_sequence(
+        self, latents: list[jax.Array], length: int | None = None
+    ) -> tuple[jax.Array, None, jax.Array, jax.Array]:
         """`flag_tokens`' sequence: patches, no grid positions (RoPE is by index), real tokens, end-of-line slots."""
-        patches, end_of_line, real = flag_tokens(latents, self.patch_size)
+        patches, end_of_line, real = flag_tokens(latents, self.patch_size, length)
         xp = latents[0].__array_namespace__()
         return patches, None, xp.ones(end_of_line.shape, bool) if real is None else real, end_of_line
 
@@ -151,9 +153,11 @@ PRESETS = {
 }
 
 
-def flag_tokens(images: list[jax.Array] | jax.Array, patch: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def flag_tokens(
+    images: list[jax.Array] | jax.Array, patch: int, length: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Images [C, H_i, W_i] (or a batch [B, C, H, W]) as Flag-DiT's token sequence: each row of patches
-    then an end-of-line slot, and pad slots up to the longest sequence. Returns patches [B, T, C*p*p]
+    then an end-of-line slot, and pad slots up to the longest sequence (or `length`). Returns patches [B, T, C*p*p]
     (zero in the end-of-line and pad slots), which slots are end-of-line [B, T] bool, and the real
     tokens [B, T] bool (None when no image is padded). Numpy images give numpy arrays (a training batch
     assembled on the host), JAX arrays JAX arrays."""
@@ -164,7 +168,7 @@ def flag_tokens(images: list[jax.Array] | jax.Array, patch: int) -> tuple[jax.Ar
         grid = patchify(image[None], patch)[0].reshape(height // patch, width // patch, -1)
         rows.append(xp.pad(grid, ((0, 0), (0, 1), (0, 0))).reshape(-1, grid.shape[-1]))
         lengths.append((height // patch, width // patch + 1))
-    length = max(r * c for r, c in lengths)
+    length = max(length or 0, *(r * c for r, c in lengths))
     patches = xp.stack([xp.pad(x, ((0, length - len(x)), (0, 0))) for x in rows])
     eol = np.zeros((len(rows), length), bool)
     for i, (r, c) in enumerate(lengths):

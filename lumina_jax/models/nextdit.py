@@ -121,9 +121,11 @@ class NextDiTConfig(TransformerSizes):
     def sequence_length(self, rows: int, cols: int) -> int:
         return rows * cols
 
-    def token_sequence(self, latents: list[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+    def token_sequence(
+        self, latents: list[jax.Array], length: int | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
         """`patchify_padded`'s patches, grid positions and real tokens; no end-of-line slots."""
-        return *patchify_padded(latents, self.patch_size), None
+        return *patchify_padded(latents, self.patch_size, length), None
 
     def resolution_scale(self, height: int, width: int) -> float:
         """Lumina-Next's time-aware scaling: sqrt(area) relative to the training size."""
@@ -143,8 +145,11 @@ class NextDiTConfig(TransformerSizes):
 PRESETS = {"NextDiT_2B_GQA_patch2": NextDiTConfig(num_layers=24, num_kv_heads=8)}
 
 
-def patchify_padded(images: list[jax.Array], patch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2] int32, mask [B, T].
+def patchify_padded(
+    images: list[jax.Array], patch: int, length: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2] int32, mask [B, T],
+    T the longest image's tokens or `length` (at least that).
 
     Shorter sequences are padded at the end; pad tokens sit at their image's last position, as in
     the original trainer. The model swaps their embeddings for the learned pad token. Numpy images
@@ -153,7 +158,7 @@ def patchify_padded(images: list[jax.Array], patch: int) -> tuple[jax.Array, jax
     xp = images[0].__array_namespace__()
     patches = [patchify(image[None], patch)[0] for image in images]
     grids = [grid_positions(image.shape[1] // patch, image.shape[2] // patch) for image in images]
-    length = max(len(p) for p in patches)
+    length = max(length or 0, *(len(p) for p in patches))
     pad = [length - len(p) for p in patches]
     return (
         xp.stack([xp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),

@@ -6,9 +6,14 @@ bucket's remainder is dropped), and the order of all those batches is shuffled, 
 posterior sample (noise seeded by (seed, i, example)), so a Grain iterator restored from
 `get_state()` continues with exactly the batches an uninterrupted one would give. With several
 processes, process p gets rows [p * b, (p + 1) * b) of each global batch, b = global_batch_size //
-process_count, and every process pads captions to the same length.
+process_count.
+
+Every batch of a run has one shape (`BatchShape`): captions padded to the bucket of the cache's longest,
+and, as tokens, images padded to the most tokens any latent shape of the cache gives. So a run of any
+number of crop sizes compiles one train step; padding is masked out of attention and the loss.
 """
 
+import dataclasses
 import functools
 import sys
 
@@ -56,12 +61,40 @@ class BatchPlan:
         return self.epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """The one shape every batch of a run is padded to, and the share of padding in it over the cache's
+    examples (an epoch, less each bucket's remainder)."""
+
+    image_tokens: int  # the most tokens a latent shape of the cache gives in the transformer's sequence
+    caption_tokens: int  # the bucket of the cache's longest caption
+    image_padding: float
+    caption_padding: float
+
+    @classmethod
+    def of(cls, cache: LatentCache, transformer: TransformerConfig) -> "BatchShape":
+        p = transformer.patch_size
+        tokens = np.array([transformer.sequence_length(h // p, w // p) for _, h, w in cache.latent_shapes])
+        captions = caption_tokens(cache)
+        return cls(
+            image_tokens=int(tokens.max()),
+            caption_tokens=captions,
+            image_padding=1 - float(tokens.mean() / tokens.max()),
+            caption_padding=1 - float(cache.caption_lengths.mean() / captions),
+        )
+
+
+def caption_tokens(cache: LatentCache) -> int:
+    """The caption length of every batch: the bucket of the cache's longest caption."""
+    return caption_bucket(int(cache.caption_lengths.max()))
+
+
 def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> dict[str, np.ndarray]:
-    """This process's `rows` of global batch `step`: scaled latent samples and padded captions."""
-    indices = plan(step)
-    length = caption_bucket(int(cache.caption_lengths[indices].max()))
+    """This process's `rows` of global batch `step`: scaled latent samples and captions padded to the run's
+    `caption_tokens`."""
+    length = caption_tokens(cache)
     latents, captions, masks = [], [], []
-    for index in indices[rows]:
+    for index in plan(step)[rows]:
         item = cache[int(index)]
         latent = item["mean"]
         if "logvar" in item:
@@ -80,9 +113,10 @@ def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> d
     }
 
 
-def host_tokens(batch: dict[str, np.ndarray], transformer: TransformerConfig) -> TrainBatch:
-    """A batch of `load_batch` as the transformer's tokens, numpy arrays made on the host."""
-    return TrainBatch.from_latents(list(batch["latents"]), batch["caption"], batch["caption_mask"], transformer)
+def host_tokens(batch: dict[str, np.ndarray], transformer: TransformerConfig, length: int) -> TrainBatch:
+    """A batch of `load_batch` as the transformer's tokens padded to `length`, numpy arrays made on the host."""
+    latents = list(batch["latents"])
+    return TrainBatch.from_latents(latents, batch["caption"], batch["caption_mask"], transformer, length)
 
 
 def make_batches(
@@ -98,8 +132,9 @@ def make_batches(
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's share of each global batch: {"latents" [b, C, H, W]
     float32, "caption" [b, L, D] float32, "caption_mask" [b, L] bool}, b = global_batch_size //
-    process_count, L the longest caption of the global batch rounded up to 32, 64, 128 or 256; or,
-    given the transformer's config as `tokens`, that share as a `TrainBatch` of numpy arrays.
+    process_count, L the cache's longest caption rounded up to 32, 64, 128 or 256; or, given the
+    transformer's config as `tokens`, that share as a `TrainBatch` of numpy arrays, of
+    `BatchShape.of(cache, tokens).image_tokens` tokens.
 
     Batches are read and assembled by `num_threads` threads, `prefetch` ahead of the training step (which
     they never wait for: they are numpy). The iterator's `get_state()` is a small JSON-serialisable dict;
@@ -117,5 +152,6 @@ def make_batches(
     steps = grain.MapDataset.range(sys.maxsize)  # endless: step i is read as batch i
     batches = steps.map(functools.partial(load_batch, cache, plan, rows=rows))
     if tokens is not None:
-        batches = batches.map(functools.partial(host_tokens, transformer=tokens))
+        length = BatchShape.of(cache, tokens).image_tokens
+        batches = batches.map(functools.partial(host_tokens, transformer=tokens, length=length))
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

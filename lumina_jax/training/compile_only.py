@@ -2,8 +2,8 @@
 its bytes and FLOPs per chip (`lumina_jax.tpu`), and the largest per-chip batch that fits.
 
 The step is the one `python -m train` runs, for the config's model, remat policy, mesh and
-optimizer, on square crops of `image_size` (the most tokens a multi-aspect batch holds) and
-captions of the longest bucket.
+optimizer, on its one batch shape: the most tokens any crop size of `image_size` and `max_aspect`
+gives (`batches.BatchShape`), and captions of the longest bucket.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ from lumina_jax.models.family import TransformerConfig
 from lumina_jax.pipeline import CAPTION_BUCKETS, LuminaPipeline
 from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.data import crop_sizes
 from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.loop import make_run_optimizer, transformer_factory
 from lumina_jax.training.step import TrainBatch, train_step
@@ -31,10 +32,10 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
-def planned_step(config: TrainConfig) -> tuple[TransformerConfig, int, int]:
-    """The transformer the run trains, and the latent pixels a side and caption tokens of the step planned:
-    square crops of `image_size` (the most tokens a multi-aspect batch holds), captions of the longest
-    bucket. From config files alone: the pipeline's (a folder of them, or a released name), whose
+def planned_step(config: TrainConfig) -> tuple[TransformerConfig, tuple[int, int], int]:
+    """The transformer the run trains, and the latent (height, width) and caption tokens of the step planned:
+    the crop size whose latents give the most tokens (every batch of the run is padded to those), captions
+    of the longest bucket. From config files alone: the pipeline's (a folder of them, or a released name), whose
     transformer/config.json a fine-tuning run starts from and whose VAE sets the latent size. A
     from-scratch run whose pipeline is not written yet (by `prepare`, as the digits config's) is
     planned in pixel space when its model has 1 (grey) or 3 (RGB) channels, as
@@ -47,7 +48,12 @@ def planned_step(config: TrainConfig) -> tuple[TransformerConfig, int, int]:
         if config.init == "pretrained" or config.transformer.in_channels not in (1, 3):
             raise
         cfg, latent_scale = config.transformer, 1
-    return cfg, config.image_size // latent_scale, CAPTION_BUCKETS[-1]
+    p = latent_scale * cfg.patch_size  # pixels a token
+    height, width = max(
+        crop_sizes(config.image_size, max_aspect=config.max_aspect),
+        key=lambda c: cfg.sequence_length(c[0] // p, c[1] // p),
+    )
+    return cfg, (height // latent_scale, width // latent_scale), CAPTION_BUCKETS[-1]
 
 
 def lower_train_step(
@@ -56,7 +62,7 @@ def lower_train_step(
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
     chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
     the layers in a Python loop, not a scan, for counting FLOPs (XLA counts a loop's body once)."""
-    cfg, side, caption = planned_step(config)
+    cfg, (height, width), caption = planned_step(config)
     model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
     model.scan_layers = model.scan_layers and not unroll_layers
     optimizer = make_run_optimizer(config)
@@ -67,8 +73,8 @@ def lower_train_step(
     def struct(shape, dtype, where=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-    # One square crop's token sequence, as the family lays it out, then its shapes for the whole batch.
-    image = jax.ShapeDtypeStruct((cfg.in_channels, side, side), jnp.float32)
+    # The largest crop's token sequence, as the family lays it out, then its shapes for the whole batch.
+    image = jax.ShapeDtypeStruct((cfg.in_channels, height, width), jnp.float32)
     sequence = jax.eval_shape(lambda image: cfg.token_sequence([image]), image)
     patches, positions, token_mask, end_of_line = (
         None if s is None else struct((batch_size, *s.shape[1:]), s.dtype) for s in sequence
@@ -125,8 +131,8 @@ def plan_train_step(
 
 def model_flops(config: TrainConfig) -> float:
     """The model FLOPs of the config's planned step (`training.flops`), which MFU counts."""
-    cfg, side, caption = planned_step(config)
-    tokens = cfg.sequence_length(side // cfg.patch_size, side // cfg.patch_size)
+    cfg, (height, width), caption = planned_step(config)
+    tokens = cfg.sequence_length(height // cfg.patch_size, width // cfg.patch_size)
     return train_step_flops(cfg, config.batch_size, tokens, caption)
 
 

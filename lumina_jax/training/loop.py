@@ -30,7 +30,7 @@ from lumina_jax import hub, sharding
 from lumina_jax.models.family import Transformer, TransformerConfig
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS
 from lumina_jax.training import cache as latent_cache
-from lumina_jax.training.batches import make_batches
+from lumina_jax.training.batches import BatchShape, make_batches
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import read_examples
@@ -274,6 +274,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
         hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
         peak = peak_flops(config)
+        shape = BatchShape.of(cache, transformer)
+        logger.info(
+            "every batch is padded to %d image and %d caption tokens a row, one compiled step; padding is %.1f%% "
+            "of the image tokens and %.1f%% of the caption tokens",
+            shape.image_tokens,
+            shape.caption_tokens,
+            100 * shape.image_padding,
+            100 * shape.caption_padding,
+        )
+        step_flops = train_step_flops(transformer, config.batch_size, shape.image_tokens, shape.caption_tokens)
 
         start_step = int(state.step)
         log = resources.enter_context(contextlib.closing(RunLog(workdir)))
@@ -291,10 +301,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             batch = global_batch(next(batches), mesh)
             state, metrics = train_step(graphdef, state, batch, *empty, **options, **hyper)
             step += 1
-            pending.append((train_step_flops(transformer, *batch.patches.shape[:2], batch.caption.shape[1]), metrics))
+            pending.append(metrics)
             bar.update()
             if step % config.log_every == 0 or step == config.steps:
-                skipped += _log_window(log, bar, pending, step, time.perf_counter() - window_start, config, peak)
+                seconds = time.perf_counter() - window_start
+                skipped += _log_window(log, bar, pending, step, seconds, config, step_flops, peak)
                 pending, window_start = [], time.perf_counter()
                 run_of_skips = int(state.consecutive_skips)
                 if run_of_skips >= config.max_consecutive_skips:
@@ -321,10 +332,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     return RunSummary(step, preempted, skipped, time.perf_counter() - started, export, start_step)
 
 
-def _log_window(log, bar, pending, step, seconds, config, peak) -> int:
-    """Write the mean metrics of the steps since the last log (each with its model FLOPs); returns how
+def _log_window(log, bar, pending, step, seconds, config, step_flops, peak) -> int:
+    """Write the mean metrics of the steps since the last log (each of `step_flops` model FLOPs); returns how
     many of them were skipped."""
-    values = jax.device_get([m for _, m in pending])
+    values = jax.device_get(pending)
     finite = [v for v in values if not v["skipped"]]
     steps_per_s = len(pending) / seconds
     record = {
@@ -337,7 +348,7 @@ def _log_window(log, bar, pending, step, seconds, config, peak) -> int:
         "images_per_s": steps_per_s * config.batch_size,
     }
     if peak:  # model FLOPs (`training.flops`), not what the program computes: remat and kernels do not count
-        record["mfu"] = sum(flops for flops, _ in pending) / seconds / (peak * jax.device_count())
+        record["mfu"] = len(pending) * step_flops / seconds / (peak * jax.device_count())
     log.metrics(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", it_s=f"{steps_per_s:.2f}")
     return record["skipped"]

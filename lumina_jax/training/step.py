@@ -52,12 +52,15 @@ class TrainBatch:
     end_of_line: jax.Array | None = None  # Flag-DiT: [B, T] bool, its end-of-line slots (not in the loss)
 
     @classmethod
-    def from_latents(cls, latents: list[jax.Array], caption, caption_mask, config: TransformerConfig) -> "TrainBatch":
+    def from_latents(
+        cls, latents: list[jax.Array], caption, caption_mask, config: TransformerConfig, length: int | None = None
+    ) -> "TrainBatch":
         """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L], as tokens of
-        the transformer `config` describes. Numpy latents give a batch of numpy arrays, assembled on the
-        host without waiting for the device; JAX arrays a batch of JAX arrays."""
+        the transformer `config` describes, padded to the longest image's or to `length` tokens. Numpy
+        latents give a batch of numpy arrays, assembled on the host without waiting for the device; JAX
+        arrays a batch of JAX arrays."""
         xp = latents[0].__array_namespace__()
-        patches, positions, token_mask, end_of_line = config.token_sequence(latents)
+        patches, positions, token_mask, end_of_line = config.token_sequence(latents, length)
         return cls(patches, positions, token_mask, xp.asarray(caption), xp.asarray(caption_mask), end_of_line)
 
     @property
@@ -189,6 +192,14 @@ def predict_velocity(
     return out.transpose(0, 1, 3, 2).reshape(batch, tokens, -1)
 
 
+def noise_like(key: jax.Array, patches: jax.Array) -> jax.Array:
+    """Standard normal noise [B, T, F] for patch tokens [B, T, F], the same for a row's first tokens however
+    many pad tokens follow: a key per row, and jax_threefry_partitionable (JAX's default) draws an array's
+    elements by their index, so a batch padded to the run's shape gets the noise of the per-shape batch."""
+    rows = jax.random.split(key, patches.shape[0])
+    return jax.vmap(lambda row: jax.random.normal(row, patches.shape[1:], jnp.float32))(rows)
+
+
 def flow_loss(graphdef, params, batch: TrainBatch, t, noise, caption, caption_mask) -> jax.Array:
     """The velocity loss of the model on a batch at times t [B] with noise shaped like batch.patches."""
     model = nnx.merge(graphdef, params)
@@ -225,7 +236,7 @@ def train_step(
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
     t_key, noise_key, caption_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
     t = sample_timesteps(t_key, batch.patches.shape[0], snr_type)
-    noise = jax.random.normal(noise_key, batch.patches.shape, jnp.float32)
+    noise = noise_like(noise_key, batch.patches)
     caption, caption_mask = drop_captions(
         caption_key, batch.caption, batch.caption_mask, empty_caption, empty_caption_mask, caption_dropout
     )
