@@ -19,3 +19,12 @@ def hub_cache(tmp_path, monkeypatch):
             monkeypatch.setattr(module, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache(tmp_path_factory):
+    """The commands' persistent compilation cache (`cli.use_compilation_cache`) in a folder of the session:
+    commands called in-process, and the subprocesses they start, never write the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUMINA_JAX_CACHE", str(tmp_path_factory.mktemp("lumina-jax-cache")))
+        yield

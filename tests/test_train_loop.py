@@ -366,3 +366,38 @@ def test_mfu_counts_the_model_flops_of_each_step(base, tmp_path):
     flops = train_step_flops(TINY, base.batch_size, tokens, 32)  # the digits' captions: the 32-token bucket
     for record in metrics(tmp_path):
         assert record["mfu"] == pytest.approx(flops * record["steps_per_s"] / (1e12 * jax.device_count()))
+
+
+# python -m train, reporting what the compiler does with the train step: loaded from the persistent cache, or not.
+WATCH_COMPILER = """
+import logging, sys
+from lumina_jax.cli.train import main
+
+class Report(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if "cache hit for 'jit_train_step'" in message or "CACHE MISS for 'jit_train_step'" in message:
+            print("COMPILER:", message.split(" with key")[0], flush=True)
+
+compiler = logging.getLogger("jax._src.compiler")
+compiler.setLevel(logging.DEBUG)
+compiler.addHandler(Report())
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_restarted_run_loads_its_train_step_from_the_persistent_cache(base, tmp_path):
+    config_file = write_config_file(dataclasses.replace(base, workdir=str(tmp_path / "run")), tmp_path / "tiny.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LUMINA_JAX_CACHE": str(tmp_path / "cache")}
+
+    def train(steps: int) -> list[str]:
+        command = [sys.executable, "-c", WATCH_COMPILER, "--config", config_file, "--no-progress", f"steps={steps}"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [line for line in done.stdout.splitlines() if line.startswith("COMPILER:")]
+
+    assert train(2) == ["COMPILER: PERSISTENT COMPILATION CACHE MISS for 'jit_train_step'"]
+    assert list((tmp_path / "cache" / "xla").glob("jit_train_step-*"))
+    # A fresh process resuming at step 2 (as after a preemption): the step comes from the cache.
+    assert train(3) == ["COMPILER: Persistent compilation cache hit for 'jit_train_step'"]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]

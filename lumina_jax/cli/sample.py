@@ -15,11 +15,10 @@ from PIL import Image
 
 from lumina_jax import jobs, sampling
 from lumina_jax.assets import DIGITS_MODEL
+from lumina_jax.cli import fail, use_compilation_cache
 
 # transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-CACHE = Path(os.environ.get("LUMINA_JAX_CACHE", Path.home() / ".cache" / "lumina_jax")) / "xla"
 
 
 def positive_int(text: str) -> int:
@@ -269,12 +268,6 @@ def run_mesh(args: argparse.Namespace, devices) -> tuple:
     return mesh, args.batch_size * math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def fail(message) -> int:
-    """A one-line error for the user; the exit status of a bad argument or input."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def compile_only(args: argparse.Namespace) -> int:
     """Compile the run's programs for a TPU slice without weights, print the per-chip plan."""
     from lumina_jax import tpu
@@ -344,9 +337,7 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
     from lumina_jax.sharding import initialize_distributed
 
     initialize_distributed()  # several hosts: each draws its own share of the jobs on its own devices
-    # Compiled programs persist across runs: a second start skips compilation.
-    jax.config.update("jax_compilation_cache_dir", str(CACHE))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    use_compilation_cache()
     from lumina_jax.pipeline import LuminaPipeline
 
     args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")

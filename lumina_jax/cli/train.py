@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from lumina_jax.cli import fail, use_compilation_cache
+
 COMMANDS = ("cache", "export", "eval")
 # transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -24,12 +26,6 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 1 or more")
     return int(text)
-
-
-def fail(message) -> int:
-    """A one-line error for the user; the exit status of a bad argument or input."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def parse(argv: list[str], prog: str) -> argparse.Namespace:
@@ -109,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if getattr(args, "compile_only", False):
         return compile_only(config, args)
+    use_compilation_cache()  # not for --compile-only: programs compiled for a TPU topology do not load here
     from lumina_jax.training import loop
 
     if args.command == "cache":
@@ -120,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
                 config, args.out or f"{config.workdir}/pipeline", args.step, overwrite=args.overwrite
             )
         except FileExistsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(e)
         print(f"pipeline with the EMA weights: {out}")
         return 0
     try:
