@@ -14,11 +14,14 @@ from reference import compilations
 from sharding_checks import TINY, tiny_model
 from test_train_flagdit import TINY_FLAG, random_flag_dit
 
+from lumina_jax.configs.digits_flag_dit import SIZES as SIZES_OF_A_TRANSFORMER
+from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.training import digits, loop
 from lumina_jax.training.batches import BatchShape, make_batches
 from lumina_jax.training.cache import open_cache
+from lumina_jax.training.compile_only import planned_step
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import crop_sizes
 from lumina_jax.training.step import ClippedAdamW, TrainBatch, init_train_state, train_step
@@ -157,3 +160,21 @@ def test_a_multi_aspect_run_compiles_one_train_step(tmp_path):
     with compilations() as compiled:
         assert loop.train(config, progress=False).step == config.steps
     assert compiled.count("jit(train_step)") == 1, compiled
+
+
+def test_compile_only_plans_the_run_s_one_shape(tmp_path):
+    """A Flag-DiT's widest crops are its longest sequences (an end-of-line slot a row): the plan is their step."""
+    transformer = FlagDiTConfig(**{field: getattr(MULTI_ASPECT, field) for field in SIZES_OF_A_TRANSFORMER})
+    config = TrainConfig(
+        workdir=str(tmp_path / "run"),
+        pipeline=str(tmp_path / "written-by-prepare"),
+        data="unused",
+        cache="unused",
+        init="scratch",
+        transformer=transformer,
+        image_size=128,
+        max_aspect=4.0,
+    )
+    _, (height, width), _ = planned_step(config)  # pixel space: latents are the crops
+    tokens = [transformer.sequence_length(h // 8, w // 8) for h, w in crop_sizes(128, max_aspect=4.0)]
+    assert transformer.sequence_length(height // 8, width // 8) == max(tokens) > transformer.sequence_length(16, 16)
