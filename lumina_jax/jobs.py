@@ -223,6 +223,7 @@ def run_jobs(
     process_index: int = 0,
     process_count: int = 1,
     progress: bool = True,
+    write: bool = True,
     **settings,
 ) -> RunReport:
     """Draw this process's share of `jobs` (every process_count-th, from process_index) into `out`,
@@ -230,13 +231,15 @@ def run_jobs(
     fields for each PNG. skip_existing: keep an image whose PNG records the job's settings (a file of
     the same name drawn otherwise, say before lines were inserted in the prompts file, is drawn again).
     Writes out/index.jsonl (index.I-of-N.jsonl with several processes) listing every image of the
-    share that holds its settings."""
+    share that holds its settings. write=False draws and writes nothing: where one pipeline spans the devices
+    of several processes, each of them makes the same calls and one writes."""
     mine = jobs[process_index::process_count]
     parameters = {job: {**_record(job), **(metadata or {}), **settings} for job in mine}
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.png.partial-*"):  # left by a killed run; only our own jobs' names
-        if any(stale.name.startswith(f".{job.file_name}.partial-") for job in mine):
-            stale.unlink(missing_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.png.partial-*"):  # left by a killed run; only our own jobs' names
+            if any(stale.name.startswith(f".{job.file_name}.partial-") for job in mine):
+                stale.unlink(missing_ok=True)
     done = {job for job in mine if skip_existing and _holds(out / job.file_name, parameters[job])}
     todo = [job for job in mine if job not in done]
     report = RunReport(written=0, skipped=len(done), seconds=0.0, warm_images=0, warm_seconds=0.0)
@@ -262,7 +265,8 @@ def run_jobs(
                 **settings,
             ).images
             for job, image in zip(batch[:real], images):
-                write_png(image, out / job.file_name, parameters[job])
+                if write:
+                    write_png(image, out / job.file_name, parameters[job])
                 done.add(job)
             if len(compilations) == compiled_before:
                 report.warm_images += real
@@ -273,11 +277,12 @@ def run_jobs(
         jax.monitoring.unregister_event_duration_listener(listener)
         bar.close()
         report.seconds = time.perf_counter() - started
-        lines = [json.dumps({"file": job.file_name, **parameters[job]}) for job in mine if job in done]
-        index = out / index_name(process_index, process_count)
-        partial = index.with_name(f".{index.name}.partial-{uuid.uuid4().hex[:8]}")
-        partial.write_text("".join(line + "\n" for line in lines))
-        os.replace(partial, index)
+        if write:
+            lines = [json.dumps({"file": job.file_name, **parameters[job]}) for job in mine if job in done]
+            index = out / index_name(process_index, process_count)
+            partial = index.with_name(f".{index.name}.partial-{uuid.uuid4().hex[:8]}")
+            partial.write_text("".join(line + "\n" for line in lines))
+            os.replace(partial, index)
     return report
 
 

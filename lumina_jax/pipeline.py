@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -703,7 +704,10 @@ class LuminaPipeline:
                 images = latents if latents.shape[1] == 3 else jnp.repeat(latents[:, :1], 3, axis=1)
             else:
                 images = _decode(*self._vae_split, self.vae.config.unscale_latents(latents))
-        images = np.asarray(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)).transpose(0, 2, 3, 1)
+        images = jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
+        if not images.is_fully_addressable:  # a mesh over several processes: each gets every image
+            images = multihost_utils.process_allgather(images, tiled=True)
+        images = np.asarray(images).transpose(0, 2, 3, 1)
         if output_type == "np":
             return images
         return [Image.fromarray(i) for i in (images * 255).round().astype(np.uint8)]

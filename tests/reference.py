@@ -208,3 +208,22 @@ def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> L
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(folder)
     return pipeline
+
+
+def digits_pipeline_with_vae(folder: Path, text_hidden: int) -> Path:
+    """The digits base pipeline (`digits.write_base_pipeline`) with a VAE of two blocks: 32 px images of
+    16x16 latents."""
+    from lumina_jax.training import digits
+
+    pipeline = digits.write_base_pipeline(folder, text_hidden=text_hidden)
+    AutoencoderKL(
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=8,
+        latent_channels=4,
+        scaling_factor=0.5,
+    ).save_pretrained(pipeline / "vae")
+    index = json.loads((pipeline / "model_index.json").read_text())
+    (pipeline / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    return pipeline

@@ -1,7 +1,7 @@
 """The training cache built by every process of a jax.distributed run and every device of each, as
 `python -m train cache` builds it: the same cache as one process on one device, a killed build finished
 by a rerun on another number of processes, and training starting on both processes afterwards, the two
-splitting its samples."""
+drawing its samples together on the training mesh."""
 
 import dataclasses
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import AutoencoderKL
+from reference import digits_pipeline_with_vae
 
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training import digits
@@ -43,17 +43,7 @@ def base(tmp_path_factory) -> TrainConfig:
     """Digits at 32x32 px and a base pipeline with a VAE (two blocks: 16x16 latents) and a small Gemma."""
     root = tmp_path_factory.mktemp("distributed")
     digits.write_dataset(root / "data", size=32, limit=IMAGES)
-    pipeline = digits.write_base_pipeline(root / "base", text_hidden=32)
-    AutoencoderKL(
-        block_out_channels=[8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=8,
-        latent_channels=4,
-        scaling_factor=0.5,
-    ).save_pretrained(pipeline / "vae")
-    index = json.loads((pipeline / "model_index.json").read_text())
-    (pipeline / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    pipeline = digits_pipeline_with_vae(root / "base", text_hidden=32)
     return TrainConfig(
         workdir=str(root / "run"),
         pipeline=str(pipeline),
@@ -150,14 +140,11 @@ def test_two_processes_of_four_devices_build_the_one_process_cache_then_train(ba
     )
     trained = finish(start(run, processes=2, devices=4, action="train"))
     assert trained == [{"process": p, "step": 2, "devices": 8} for p in (0, 1)]
-    # The samples at step 2: each process drew its share of the prompts, none twice.
+    # The samples at step 2, drawn on the training mesh of both processes' 8 devices, written once by process 0.
     samples = tmp_path / "run" / "samples" / "00000002"
-    assert sorted(p.name for p in samples.glob("*.png")) == ["00000_0.png", "00001_0.png", "00002_0.png"]
-    shares = [
-        [json.loads(line)["file"] for line in (samples / f"index.{p}-of-2.jsonl").read_text().splitlines()]
-        for p in (0, 1)
-    ]
-    assert shares == [["00000_0.png", "00002_0.png"], ["00001_0.png"]]
+    files = ["00000_0.png", "00001_0.png", "00002_0.png"]
+    assert sorted(p.name for p in samples.iterdir()) == [*files, "index.jsonl"]
+    assert [json.loads(line)["file"] for line in (samples / "index.jsonl").read_text().splitlines()] == files
 
 
 def test_a_killed_build_is_finished_by_a_rerun_on_another_process_count(base, four_devices, tmp_path):

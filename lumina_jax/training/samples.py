@@ -1,23 +1,37 @@
 """Samples while training: every `sample_every` steps the EMA weights draw the config's `sample_prompts`, one
 image each with seed 0, into WORKDIR/samples/STEP/ (STEP in 8 digits), through what `python -m sample` runs.
 
-The EMA weights are cast to the compute dtype, as `python -m sample` loads a transformer, and drawn on this
-process's own devices (data-parallel, the transformer replicated on each) by `jobs.run_jobs`; with several
-processes each draws its share of the prompts, so nothing is drawn twice. The text encoder and VAE are
-loaded from the base pipeline once, at the first sample, and kept.
+They are drawn on the training mesh: the EMA weights cast to the compute dtype (as `python -m sample` loads a
+transformer) where their shards lie, in the training state's sharding, so no chip holds more than its share;
+the text encoder and VAE, loaded from the base pipeline at the first sample and kept, placed on the mesh as
+the pipeline places them (`LuminaPipeline.shard`). Each call draws one image per device of the batch axes.
+With several processes the mesh spans them all: every process makes the same calls on the global arrays,
+and process 0 writes the files.
 """
 
+import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from lumina_jax import jobs, sharding
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.weights.importer import resolve_dtype
+
+
+def training_mesh(params) -> Mesh:
+    """The mesh the training state's arrays lie on."""
+    return jax.tree.leaves(params)[0].sharding.mesh
+
+
+def images_per_call(mesh: Mesh) -> int:
+    """One image per device of the mesh's batch axes: the images split over them, the weights over the rest."""
+    return math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
 
 
 class SampleDrawer:
@@ -39,45 +53,51 @@ class SampleDrawer:
             num_images=1,
         )
         self.jobs = jobs.make_jobs([{"prompt": prompt} for prompt in config.sample_prompts], defaults)
-        devices = jax.local_devices()
-        self.mesh = sharding.make_mesh(data=len(devices), devices=devices)
-        self.encoders: LuminaPipeline | None = None
+        self.encoders: LuminaPipeline | None = None  # loaded at the first sample, on the training mesh
+        self._cast = None  # jitted at the first sample, for the EMA's shardings
 
     def due(self, step: int) -> bool:
         return self.config.sample_every > 0 and step % self.config.sample_every == 0
 
-    def draw(self, step: int, graphdef, ema_params) -> list[Path]:
-        """Draw the samples of `step` (on every process together); returns all the step's image files, in
-        prompt order, once every process has written its own."""
-        if jax.process_count() > 1:  # each process gathers the whole EMA: it draws on its own devices
-            ema_params = multihost_utils.process_allgather(ema_params, tiled=True)
-        compute = resolve_dtype(self.config.compute_dtype)
-        ema_params = jax.tree.map(
-            lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, ema_params
-        )
+    def compute_weights(self, ema_params):
+        """The EMA weights in the compute dtype, each shard cast on its own device: in the training state's
+        sharding, never a whole copy on a chip."""
+        if self._cast is None:
+            compute = resolve_dtype(self.config.compute_dtype)
+            cast = lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+            shardings = jax.tree.map(lambda x: x.sharding, ema_params)
+            self._cast = jax.jit(lambda params: jax.tree.map(cast, params), out_shardings=shardings)
+        return self._cast(ema_params)
+
+    def pipeline(self, graphdef, ema_params) -> LuminaPipeline:
+        """The base pipeline's text encoder and VAE (loaded once) with the EMA transformer, on the EMA's mesh."""
+        mesh = training_mesh(ema_params)
         if self.encoders is None:
             self.encoders = LuminaPipeline.from_pretrained(
-                self.config.pipeline, self.config.compute_dtype, transformer=None, mesh=self.mesh, progress=False
+                self.config.pipeline, self.config.compute_dtype, transformer=None, mesh=mesh, progress=False
             )
         encoders = self.encoders
-        pipe = LuminaPipeline(
-            nnx.merge(graphdef, ema_params),
+        return LuminaPipeline(
+            nnx.merge(graphdef, self.compute_weights(ema_params)),
             encoders.text_encoder,
             encoders.vae,
             encoders.tokenizer,
             scheduler_shift=encoders.scheduler_shift,
-        ).shard(self.mesh)
+        ).shard(mesh)  # every weight is in place already: this tells the pipeline its mesh
+
+    def draw(self, step: int, graphdef, ema_params) -> list[Path]:
+        """Draw the samples of `step` (on every process together); returns the step's image files, in prompt
+        order, once process 0 has written them."""
         out = self.folder / f"{step:08d}"
         jobs.run_jobs(
-            pipe,
+            self.pipeline(graphdef, ema_params),
             self.jobs,
             out,
-            per_call=len(self.mesh.devices.flat),
+            per_call=images_per_call(training_mesh(ema_params)),
             metadata={"step": step},
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
             progress=False,
+            write=jax.process_index() == 0,
         )
-        if jax.process_count() > 1:
+        if jax.process_count() > 1:  # the files are there for whoever reads them next
             multihost_utils.sync_global_devices(f"samples {step}")
         return [out / job.file_name for job in self.jobs]
