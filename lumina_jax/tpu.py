@@ -215,6 +215,12 @@ class MemoryPlan:
     resident: dict[str, int]  # per chip: model name -> weight bytes
     programs: list[ProgramMemory]
 
+    def beside(self, other: "MemoryPlan") -> "MemoryPlan":
+        """This plan's programs and then another's on the same chips, the weights of both resident throughout."""
+        return dataclasses.replace(
+            self, resident={**self.resident, **other.resident}, programs=[*self.programs, *other.programs]
+        )
+
     def needs(self, program: ProgramMemory) -> int:
         """Bytes per chip while the program runs."""
         visiting = program.weights if program.model not in self.resident else 0

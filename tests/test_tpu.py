@@ -31,8 +31,16 @@ from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
-from lumina_jax.training.compile_only import lower_train_step, plan_train_step, planned_step, run_mesh  # noqa: E402
+from lumina_jax.training.checkpoint import abstract_train_state  # noqa: E402
+from lumina_jax.training.compile_only import (  # noqa: E402
+    lower_train_step,
+    plan_samples,
+    plan_train_step,
+    planned_step,
+    run_mesh,
+)
 from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
+from lumina_jax.training.loop import make_run_optimizer, transformer_factory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,6 +248,50 @@ def test_offload_remat_keeps_the_saved_layer_inputs_in_host_memory(config_folder
     assert step.host_temporaries >= layer_inputs and step.host_transfers == 2 * step.host_temporaries
     plan = plan_train_step(dataclasses.replace(config, remat="full"), target, count_flops=False)
     assert plan.programs[0].host_temporaries == 0
+
+
+def test_train_plan_includes_the_samples_drawn_on_the_training_mesh(config_folder, tmp_path):
+    """With sample_every, the sampler's programs compile on the training mesh beside the resident training
+    state: the text encoder and VAE stay, the EMA's bfloat16 copy (in the state's sharding) visits the sampler."""
+    overrides = [
+        f"pipeline={config_folder}",
+        "init=scratch",
+        *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items()),
+        "batch_size=8",
+        "image_size=64",
+        "mesh_data=2",
+        "mesh_fsdp=2",
+        "mesh_tensor=2",
+        "compute_dtype=bfloat16",
+        "sample_steps=2",
+        'sample_prompts=["a cat", "a dog"]',
+    ]
+    config = load_config("digits", [*overrides, "sample_every=10"])
+    target = tpu.tpu_slice("v5e-8")
+    samples = plan_samples(config, target)
+    plan = plan_train_step(config, target, count_flops=False, samples=samples)
+    assert [p.name for p in plan.programs] == ["train_step", "text_encoder", "noise", "sampler", "decoder"]
+    assert set(plan.resident) == {"train_state", "text_encoder", "vae"} and all(plan.resident.values())
+    mesh = run_mesh(config, tpu.compile_devices(target))
+    model = nnx.eval_shape(transformer_factory(config))
+    state = abstract_train_state(model, make_run_optimizer(config), mesh)
+    sampler = next(p for p in plan.programs if p.name == "sampler")
+    # The EMA in bfloat16, as the training state shards it: a quarter (fsdp x tensor) of it on each chip.
+    assert sampler.weights == tpu.per_chip_bytes(state.ema_params) // 2 < tpu.per_chip_bytes(model) // 2
+    assert plan.needs(sampler) == sum(plan.resident.values()) + sampler.weights + sampler.transient
+    assert plan.peak_bytes == max(map(plan.needs, plan.programs)) and plan.fits
+
+    def figures(*extra: str) -> dict:
+        report = tmp_path / "plan.json"
+        arguments = ["--compile-only", "--topology", "v5e-8", "--no-batch-search", "--json", str(report)]
+        assert train_main(["--config", "digits", *overrides, *extra, *arguments]) == 0
+        return json.loads(report.read_text())
+
+    with_samples, without = figures("sample_every=10"), figures("sample_every=0")
+    assert with_samples["samples_fit"] and without["samples_fit"] is None
+    assert [p["name"] for p in without["programs"]] == ["train_step"]
+    assert with_samples["resident_bytes"]["train_state"] == without["resident_bytes"]["train_state"]
+    assert with_samples["peak_bytes"] > without["peak_bytes"]
 
 
 def test_offloaded_text_encoder_is_resident_only_while_it_encodes(config_folder):

@@ -142,7 +142,12 @@ def compile_only(config, args: argparse.Namespace) -> int:
 
     try:
         target = tpu.tpu_slice(args.topology)
-        plan = step_plan.plan_train_step(config, target)
+        try:
+            samples = step_plan.plan_samples(config, target)
+        except FileNotFoundError as e:  # a from-scratch run whose `prepare` writes the pipeline
+            print(f"samples not planned: {e}")
+            samples = None
+        plan = step_plan.plan_train_step(config, target, samples=samples)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         return fail(e)
     flops, chips = plan.programs[0].flops, target.chips
@@ -152,6 +157,14 @@ def compile_only(config, args: argparse.Namespace) -> int:
         f"mesh data={config.mesh_data} fsdp={config.mesh_fsdp} tensor={config.mesh_tensor}"
     )
     print(plan.summary())
+    samples_fit = None
+    if samples is not None:  # beside the training state: whether drawing them is what does not fit
+        sampling = max(samples.programs, key=plan.needs)
+        samples_fit = plan.needs(sampling) <= target.hbm_bytes and not any(p.refused for p in samples.programs)
+        print(
+            f"samples every {config.sample_every} steps: {plan.needs(sampling) / tpu.GiB:.2f} GiB while "
+            f"{sampling.name} runs, {'fits' if samples_fit else 'does not fit'}"
+        )
     peak = PEAK_BF16_FLOPS[target.generation.device_kind] * chips
     print(
         f"step: {model_flops / 1e12:.2f} TFLOP of model FLOPs (what MFU counts), at least "
@@ -164,7 +177,7 @@ def compile_only(config, args: argparse.Namespace) -> int:
     largest = None
     if not args.no_batch_search:
         print("largest batch per chip:")
-        largest = step_plan.largest_per_chip_batch(config, target, log=print)
+        largest = step_plan.largest_per_chip_batch(config, target, log=print, samples=samples)
         print(f"largest batch that fits: {largest} per chip" if largest else "not even 1 image per chip fits")
     if args.json:
         figures = {
@@ -174,6 +187,7 @@ def compile_only(config, args: argparse.Namespace) -> int:
             "model_flops_per_step": model_flops,
             "compiled_flops_per_step": flops and flops * chips,
             "largest_per_chip_batch": largest,
+            "samples_fit": samples_fit,
         }
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0 if plan.fits else 1

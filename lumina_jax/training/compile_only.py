@@ -3,7 +3,9 @@ its bytes and FLOPs per chip (`lumina_jax.tpu`), and the largest per-chip batch 
 
 The step is the one `python -m train` runs, for the config's model, remat policy, mesh and
 optimizer, on its one batch shape: the most tokens any crop size of `image_size` and `max_aspect`
-gives (`batches.BatchShape`), and captions of the longest bucket.
+gives (`batches.BatchShape`), and captions of the longest bucket. A run that draws samples while
+training (`sample_every`) has the sampler's programs planned beside it, on the training mesh
+(`plan_samples`).
 """
 
 import dataclasses
@@ -22,7 +24,9 @@ from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import crop_sizes
 from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.loop import make_run_optimizer, transformer_factory
+from lumina_jax.training.samples import images_per_call
 from lumina_jax.training.step import TrainBatch, train_step
+from lumina_jax.weights.importer import resolve_dtype
 
 EMPTY_CAPTION_TOKENS = 8  # the text encoder's tokens for "" (caption dropout), padded
 
@@ -105,12 +109,48 @@ def lower_train_step(
     return lowered, tpu.per_chip_bytes(state)
 
 
+def plan_samples(config: TrainConfig, target: tpu.TpuSlice) -> tpu.MemoryPlan | None:
+    """The programs that draw the run's samples (`training.samples`), as `python -m sample --compile-only`
+    plans them, on the training mesh: the text encoder and VAE resident (kept from the first sample on), the
+    EMA's compute-dtype copy in the training state's sharding only while the sampler runs. None when the
+    config draws no samples; FileNotFoundError when the pipeline's config files are not there (yet)."""
+    if not config.sample_every:
+        return None
+    mesh = run_mesh(config, tpu.compile_devices(target))
+    pipe = LuminaPipeline.abstract(config.pipeline, config.compute_dtype)
+    cfg, _, _ = planned_step(config)
+    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
+    compute = resolve_dtype(config.compute_dtype)
+
+    def in_compute_dtype(x):
+        return jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+
+    nnx.update(model, jax.tree.map(in_compute_dtype, nnx.state(model)))
+    pipe.transformer = model  # the run's, cast as `SampleDrawer.compute_weights` casts the EMA
+    pipe.shard(mesh)
+    programs = pipe.lower(
+        height=config.image_size,
+        width=config.image_size,
+        prompts=images_per_call(mesh),
+        num_inference_steps=config.sample_steps,
+        guidance_scale=config.sample_guidance,
+    )
+    encoders = {"text_encoder": pipe.text_encoder, "vae": pipe.vae}  # no VAE: pixel space
+    return tpu.plan_programs(target, programs, {name: model for name, model in encoders.items() if model is not None})
+
+
 def plan_train_step(
-    config: TrainConfig, target: tpu.TpuSlice, per_chip_batch: int | None = None, *, count_flops: bool = True
+    config: TrainConfig,
+    target: tpu.TpuSlice,
+    per_chip_batch: int | None = None,
+    *,
+    count_flops: bool = True,
+    samples: tpu.MemoryPlan | None = None,
 ) -> tpu.MemoryPlan:
     """The train step's plan for the slice with `per_chip_batch` images per batch shard (data x fsdp;
     default: the config's batch); with count_flops, the program's FLOPs per chip as XLA counts them: what
-    remat recomputes and the elementwise work included, attention as XLA's dot products."""
+    remat recomputes and the elementwise work included, attention as XLA's dot products. With `samples`
+    (`plan_samples`), their programs run beside the resident training state."""
     mesh = run_mesh(config, tpu.compile_devices(target))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % shards:
@@ -126,7 +166,8 @@ def plan_train_step(
         unrolled, _ = lower_train_step(config, cpu, batch_size, unroll_layers=True)
         flops = (unrolled.cost_analysis() or {}).get("flops")
         step = dataclasses.replace(step, flops=flops and flops / mesh.size)
-    return tpu.MemoryPlan(target, {"train_state": resident}, [step])
+    plan = tpu.MemoryPlan(target, {"train_state": resident}, [step])
+    return plan if samples is None else plan.beside(samples)
 
 
 def model_flops(config: TrainConfig) -> float:
@@ -136,13 +177,16 @@ def model_flops(config: TrainConfig) -> float:
     return train_step_flops(cfg, config.batch_size, tokens, caption)
 
 
-def largest_per_chip_batch(config: TrainConfig, target: tpu.TpuSlice, log=None) -> int | None:
-    """The most images per batch shard whose step fits, by doubling then bisection; None if one does not."""
+def largest_per_chip_batch(
+    config: TrainConfig, target: tpu.TpuSlice, log=None, samples: tpu.MemoryPlan | None = None
+) -> int | None:
+    """The most images per batch shard whose step fits (beside `samples`' programs, if given), by doubling
+    then bisection; None if one does not."""
     fits: dict[int, bool] = {}
 
     def fits_with(per_chip: int) -> bool:
         if per_chip not in fits:
-            plan = plan_train_step(config, target, per_chip, count_flops=False)
+            plan = plan_train_step(config, target, per_chip, count_flops=False, samples=samples)
             fits[per_chip] = plan.fits
             if log:
                 log(f"  {per_chip} per chip: {plan.peak_bytes / tpu.GiB:.2f} GiB, {'fits' if plan.fits else 'too big'}")

@@ -6,7 +6,7 @@ transformer) where their shards lie, in the training state's sharding, so no chi
 the text encoder and VAE, loaded from the base pipeline at the first sample and kept, placed on the mesh as
 the pipeline places them (`LuminaPipeline.shard`). Each call draws one image per device of the batch axes.
 With several processes the mesh spans them all: every process makes the same calls on the global arrays,
-and process 0 writes the files.
+and process 0 writes the files. `python -m train --compile-only` plans these programs beside the step.
 """
 
 import math
