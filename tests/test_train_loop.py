@@ -48,16 +48,13 @@ TINY = NextDiTConfig(
 TINY_FLAG_DIT = FlagDiTConfig(**{f: getattr(TINY, f) for f in SIZES})
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> TrainConfig:
-    """48 digits at 16x16, the base pipeline, and their cache: shared by every run below."""
-    root = tmp_path_factory.mktemp("digits")
-    digits.write_dataset(root / "data", size=16, limit=48)
-    config = TrainConfig(
-        workdir=str(root / "run"),
-        pipeline=str(root / "base"),
-        data=str(root / "data" / digits.MANIFEST),
-        cache=str(root / "cache"),
+def tiny_config(workdir, pipeline, data, cache) -> TrainConfig:
+    """A few steps of a tiny transformer on 16x16 digits, from scratch."""
+    return TrainConfig(
+        workdir=str(workdir),
+        pipeline=str(pipeline),
+        data=str(data),
+        cache=str(cache),
         init="scratch",
         transformer=TINY,
         image_size=16,
@@ -71,6 +68,14 @@ def base(tmp_path_factory) -> TrainConfig:
         log_every=1,
         save_every=3,
     )
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> TrainConfig:
+    """48 digits at 16x16, the base pipeline, and their cache: shared by every run below."""
+    root = tmp_path_factory.mktemp("digits")
+    digits.write_dataset(root / "data", size=16, limit=48)
+    config = tiny_config(root / "run", root / "base", root / "data" / digits.MANIFEST, root / "cache")
     digits.write_base_pipeline(config.pipeline, text_hidden=32)
     loop.prepare_data(config)
     return config

@@ -11,7 +11,8 @@ an image folder: `data.read_examples`) and writes a folder:
     cache.json             written last: the cache is complete
 
 Shard k holds examples [k * shard_size, (k + 1) * shard_size). Every file is written under a temporary
-name and renamed into place, and a shard counts as done once its JSON exists, so a rerun after a crash
+name and renamed into place (in a bucket, where an object appears whole or not at all, it is uploaded
+straight to its name), and a shard counts as done once its JSON exists, so a rerun after a crash
 keeps the finished shards and builds only the rest. The crop of example i is drawn from (seed, i)
 alone, so a resumed build equals an uninterrupted one, and so does a build over several processes
 (jax.distributed): each takes every n-th missing shard, and the cache is complete when every shard
@@ -39,6 +40,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from lumina_jax.buckets import is_remote
 from lumina_jax.training.data import (
     CROP_STEP,
     MAX_ASPECT,
@@ -281,7 +283,13 @@ def _shard_path(out_dir: epath.Path, shard: int, suffix: str) -> epath.Path:
 
 
 def _write_atomic(path: epath.Path, write: Callable) -> None:
-    """Write through `write(file)` to a temporary sibling, then rename it over `path`."""
+    """Write through `write(file)` to a temporary sibling, then rename it over `path`; in a bucket, where a
+    rename is a copy, into memory, then upload it as `path` at once."""
+    if is_remote(path):
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
+        return
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with temporary.open("wb") as f:

@@ -4,14 +4,15 @@ A checkpoint is one step folder with two items: "state", the TrainState (params,
 state, step, RNG, skip counter) as a nested dict of plain arrays named by their paths, and "extra",
 JSON (the data iterator's state, the config). Orbax writes a step under a temporary name and renames
 it when whole, so a process killed mid-save leaves the earlier steps as they were and the partial
-folder is never listed as a step (it is deleted when a Checkpointer next opens the folder to write).
+folder is never listed as a step (it is deleted when a Checkpointer next opens the folder to write). In a
+bucket (gs://...), where nothing renames, Orbax writes the step folder in place and its commit_success.txt
+last, and lists only steps that have one.
 Restoring reads into the shardings of a target, so a checkpoint written on one mesh loads onto
 another mesh shape or onto one device.
 """
 
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from lumina_jax.buckets import absolute
 from lumina_jax.models.nextdit import NextDiT
 from lumina_jax.sharding import parameter_shardings
 from lumina_jax.training.step import TrainState, init_train_state
@@ -116,7 +118,7 @@ class Checkpointer:
     ):
         if keep < 1 or save_interval_steps < 1:
             raise ValueError(f"keep ({keep}) and save_interval_steps ({save_interval_steps}) must be at least 1")
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
         if read_only:  # a reader beside a running training, whose save in flight is a temporary folder
             options = ocp.CheckpointManagerOptions(read_only=True)
         else:

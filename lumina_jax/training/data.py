@@ -28,6 +28,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from lumina_jax.buckets import files_under
+
 CROP_STEP = 16  # the VAE's 8 x the transformer's patch 2: one latent token per 16 x 16 pixels
 MAX_ASPECT = 4.0
 TOP_K = 4  # the original picks among this many best-matching sizes
@@ -83,7 +85,7 @@ def check_captioned(examples: list[Example], data: str | os.PathLike) -> None:
 
 def _read_layout(path: epath.Path, image_column: str, caption_column: str) -> list[Example]:
     if path.is_dir():
-        files = _files_under(path)
+        files = files_under(path)
         parquet = [f for f in files if f.suffix == ".parquet"]
         if parquet:
             return [e for file in parquet for e in _read_parquet(file, image_column, caption_column)]
@@ -192,13 +194,6 @@ def _parquet_cell(path: str, row: int, column: str):
     starts = _parquet_row_groups(path)
     group = int(np.searchsorted(starts, row, side="right")) - 1
     return _parquet_row_group(path, group, column)[row - starts[group]]
-
-
-def _files_under(folder: epath.Path) -> list[epath.Path]:
-    """Every file in `folder` and its subfolders, in path order (epath refuses `**` globs, costly on buckets)."""
-    walked = list(folder.walk())
-    listed = walked[0][0]  # `folder` as its file system names it: gcsfs drops the gs:// scheme, so rebase on `folder`
-    return sorted(folder / top.relative_to(listed) / name for top, _, names in walked for name in names)
 
 
 def _read_image_folder(folder: epath.Path, files: list[epath.Path]) -> list[Example]:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ class RunSummary:
     preempted: bool
     skipped_steps: int
     seconds: float
-    export: Path | None
+    export: epath.Path | None
     start_step: int  # 0, or the step it resumed from (== step: nothing to train, the run only exported again)
 
 
@@ -196,13 +197,15 @@ def prepare_data(config: TrainConfig) -> None:
     )
 
 
-def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path, *, overwrite: bool = True) -> Path:
+def export_pipeline(
+    config: TrainConfig, graphdef, ema_params, destination: epath.Path, *, overwrite: bool = True
+) -> epath.Path:
     """A pipeline folder: the base pipeline's other components with the EMA transformer in diffusers' layout
     (a Flag-DiT, which has none, in ours: `save_transformer`). With `overwrite` it replaces an earlier export
     (never a folder we did not write, the base pipeline or the checkpoints)."""
     model = nnx.merge(graphdef, jax.device_get(ema_params))
     base = base_pipeline(config)
-    keep = (base, Path(config.workdir) / "checkpoints")
+    keep = (base, epath.Path(config.workdir) / "checkpoints")
     with orbax_io.atomic_folder(destination, overwrite=overwrite, keep=keep) as folder:
         for item in base.iterdir():
             if item.name != "transformer":
@@ -212,19 +215,21 @@ def export_pipeline(config: TrainConfig, graphdef, ema_params, destination: Path
 
 
 def export_checkpoint(
-    config: TrainConfig, destination: str | Path, step: int | None = None, *, overwrite: bool = False
-) -> Path:
+    config: TrainConfig, destination: str | os.PathLike, step: int | None = None, *, overwrite: bool = False
+) -> epath.Path:
     """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
     orbax_io.check_destination(destination, overwrite=overwrite)  # before the restore
-    with Checkpointer(Path(config.workdir) / "checkpoints", read_only=True) as checkpoints:
+    with Checkpointer(epath.Path(config.workdir) / "checkpoints", read_only=True) as checkpoints:
         abstract = nnx.eval_shape(transformer_factory(config, saved_architecture(config, checkpoints, step)))
         state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
-    return export_pipeline(config, nnx.graphdef(abstract), state.ema_params, Path(destination), overwrite=overwrite)
+    return export_pipeline(
+        config, nnx.graphdef(abstract), state.ema_params, epath.Path(destination), overwrite=overwrite
+    )
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     sharding.initialize_distributed()
-    workdir = Path(config.workdir)
+    workdir = epath.Path(config.workdir)  # local, or in a bucket (gs://...)
     drawer = SampleDrawer(config, workdir)  # checks the sample settings first
     orbax_io.check_destination(workdir / "pipeline", overwrite=True)  # the final export's, before any training
     workdir.mkdir(parents=True, exist_ok=True)

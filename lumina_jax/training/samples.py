@@ -6,19 +6,24 @@ transformer) where their shards lie, in the training state's sharding, so no chi
 the text encoder and VAE, loaded from the base pipeline at the first sample and kept, placed on the mesh as
 the pipeline places them (`LuminaPipeline.shard`). Each call draws one image per device of the batch axes.
 With several processes the mesh spans them all: every process makes the same calls on the global arrays,
-and process 0 writes the files. `python -m train --compile-only` plans these programs beside the step.
+and process 0 writes the files (into a workdir in a bucket: drawn in a local folder, then uploaded).
+`python -m train --compile-only` plans these programs beside the step.
 """
 
+import contextlib
 import math
+import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lumina_jax import jobs, sharding
+from lumina_jax.buckets import is_remote
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.weights.importer import resolve_dtype
@@ -35,7 +40,7 @@ def images_per_call(mesh: Mesh) -> int:
 
 
 class SampleDrawer:
-    def __init__(self, config: TrainConfig, workdir: Path):
+    def __init__(self, config: TrainConfig, workdir: epath.Path):
         if config.sample_every < 0 or (config.sample_every and not config.sample_prompts):
             raise ValueError(
                 f"sample_every={config.sample_every}: expected 0 (no samples), or a positive number of steps "
@@ -85,19 +90,25 @@ class SampleDrawer:
             scheduler_shift=encoders.scheduler_shift,
         ).shard(mesh)  # every weight is in place already: this tells the pipeline its mesh
 
-    def draw(self, step: int, graphdef, ema_params) -> list[Path]:
+    def draw(self, step: int, graphdef, ema_params) -> list[epath.Path]:
         """Draw the samples of `step` (on every process together); returns the step's image files, in prompt
         order, once process 0 has written them."""
         out = self.folder / f"{step:08d}"
-        jobs.run_jobs(
-            self.pipeline(graphdef, ema_params),
-            self.jobs,
-            out,
-            per_call=images_per_call(training_mesh(ema_params)),
-            metadata={"step": step},
-            progress=False,
-            write=jax.process_index() == 0,
-        )
+        # jobs renames each image into place on disk; for a bucket it draws into a local folder, then uploads
+        writes = jax.process_index() == 0
+        with tempfile.TemporaryDirectory() if is_remote(out) else contextlib.nullcontext(out) as drawn:
+            jobs.run_jobs(
+                self.pipeline(graphdef, ema_params),
+                self.jobs,
+                Path(drawn),
+                per_call=images_per_call(training_mesh(ema_params)),
+                metadata={"step": step},
+                progress=False,
+                write=writes,
+            )
+            if writes and is_remote(out):
+                for file in Path(drawn).iterdir():
+                    (out / file.name).write_bytes(file.read_bytes())
         if jax.process_count() > 1:  # the files are there for whoever reads them next
             multihost_utils.sync_global_devices(f"samples {step}")
         return [out / job.file_name for job in self.jobs]

@@ -1,7 +1,8 @@
 """Our on-disk format: a folder with config.json and an Orbax checkpoint of the parameters.
 
 Folders are written under a temporary name and renamed into place when complete, so a killed
-conversion never leaves a folder that later loads as if whole.
+conversion never leaves a folder that later loads as if whole. In a bucket (gs://...), where nothing
+renames atomically, a folder is written locally and uploaded with its top-level files last (see `_publish`).
 """
 
 import contextlib
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lumina_jax.buckets import files_under, is_remote
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -32,6 +37,11 @@ def _in_flight_gb(tree: dict) -> int:
     return max(1, math.ceil(largest / 1e9))
 
 
+def _resolved(path: str | os.PathLike) -> epath.Path | Path:
+    """A local path with its symlinks resolved (epath's resolve keeps them), a URL as it is."""
+    return epath.Path(path) if is_remote(path) else Path(path).resolve()
+
+
 def is_converted(folder: Path) -> bool:
     return (folder / PARAMS_DIR).is_dir() and (folder / CONFIG_FILE).is_file()
 
@@ -42,11 +52,12 @@ def check_destination(
     """Raise unless writing `destination` can lose nothing: it must not be, or contain, the working directory
     or any of `keep` (the sources), and may exist only with `overwrite`, as an earlier output of ours (it
     holds MARKER) or an empty folder."""
-    destination, resolved = Path(destination), Path(destination).resolve()
-    for kept, what in [*((Path(path), "the source") for path in keep), (Path.cwd(), "the working directory")]:
-        if resolved == kept.resolve() or resolved in kept.resolve().parents:
+    destination = epath.Path(destination)
+    resolved = _resolved(destination)
+    for kept, what in [*((path, "the source") for path in keep), (Path.cwd(), "the working directory")]:
+        if resolved == _resolved(kept) or resolved in _resolved(kept).parents:
             raise FileExistsError(f"{destination} is or contains {what} ({kept}); choose another output")
-    if not destination.exists() and not destination.is_symlink():
+    if not (destination.exists() if is_remote(destination) else os.path.lexists(destination)):
         return
     if not overwrite:
         raise FileExistsError(f"{destination} already exists; choose another output or pass --overwrite")
@@ -63,9 +74,16 @@ def atomic_folder(
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; it becomes `destination` (marked as ours) only if the block
     succeeds. With `overwrite` it replaces an earlier output of ours (`check_destination`); the old folder
-    is renamed aside before the new one is renamed in, and deleted only then."""
-    destination = Path(destination)
+    is renamed aside before the new one is renamed in, and deleted only then. A destination in a bucket is
+    filled in a local temporary folder and uploaded (`_publish`)."""
     check_destination(destination, overwrite=overwrite, keep=keep)
+    if is_remote(destination):
+        with tempfile.TemporaryDirectory(prefix="lumina-jax-") as local:
+            yield Path(local)
+            (Path(local) / MARKER).write_text(MARKER_TEXT)
+            _publish(Path(local), epath.Path(destination))
+        return
+    destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
@@ -86,6 +104,25 @@ def atomic_folder(
     finally:
         if partial.exists():
             shutil.rmtree(partial)
+
+
+def _publish(local: Path, destination: epath.Path) -> None:
+    """Upload the finished folder `local` as `destination` in a bucket. Each object appears whole or not at all,
+    but a folder cannot: an earlier output there (ours: `check_destination`) is emptied, its top-level files
+    first and its marker kept, then the new files go up, the marker first and the top-level files last. A
+    loader opens a top-level file first (a pipeline's model_index.json, our config.json), so an upload cut
+    short leaves a folder that does not load, and that --overwrite may replace."""
+    for file in sorted(files_under(destination), key=lambda file: file.parent != destination):  # top-level first
+        if file != destination / MARKER:
+            file.unlink()
+    new = [file for file in local.rglob("*") if file.is_file()]
+    for file in sorted(new, key=lambda file: (file.name != MARKER, file.parent == local)):
+        _upload(file, destination / file.relative_to(local))
+
+
+def _upload(file: Path, target: epath.Path) -> None:
+    with file.open("rb") as source, target.open("wb") as uploading:
+        shutil.copyfileobj(source, uploading, 64 << 20)
 
 
 def write_converted(
