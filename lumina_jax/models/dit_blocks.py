@@ -7,12 +7,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from lumina_jax.models.attention import Backend, ContextDrop, dual_attention
 from lumina_jax.models.layers import Dtype, TransformerSizes, layer_norm, linear, logical_axes
-from lumina_jax.models.rope import apply_rope
+from lumina_jax.models.rope import apply_rope, grid_positions
 
 TIMESTEP_FEATURES = 256
 # What training's backward pass keeps of each layer's forward pass (`NextDiT(remat=...)`), the rest
@@ -40,6 +41,36 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def patchify_padded(
+    images: list[jax.Array], patch: int, length: int | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2] int32, mask [B, T],
+    T the longest image's tokens or `length` (at least that).
+
+    Shorter sequences are padded at the end; pad tokens sit at their image's last position, as in
+    the original trainer. The model swaps their embeddings for the learned pad token. Numpy images
+    give numpy arrays (a training batch assembled on the host), JAX arrays JAX arrays.
+    """
+    xp = images[0].__array_namespace__()
+    patches = [patchify(image[None], patch)[0] for image in images]
+    grids = [grid_positions(image.shape[1] // patch, image.shape[2] // patch) for image in images]
+    length = max(length or 0, *(len(p) for p in patches))
+    pad = [length - len(p) for p in patches]
+    return (
+        xp.stack([xp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),
+        xp.asarray(np.stack([np.concatenate([g, np.repeat(g[-1:], n, axis=0)]) for g, n in zip(grids, pad)]), np.int32),
+        xp.stack([xp.arange(length) < len(p) for p in patches]),
+    )
+
+
+def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
+    """[B, T, p*p*C] with features ordered (ph, pw, c) -> [B, C, H, W]."""
+    b, _, features = tokens.shape
+    c = features // (patch * patch)
+    x = tokens.reshape(b, height // patch, width // patch, patch, patch, c)
+    return x.transpose(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
 
 
 def timestep_features(t: jax.Array, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> jax.Array:

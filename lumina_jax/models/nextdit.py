@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -30,8 +29,10 @@ from lumina_jax.models.dit_blocks import (
     conditioning,
     layers_caption_keys_values,
     patchify,
+    patchify_padded,
     run_layers,
     self_attention_scale,
+    unpatchify,
 )
 from lumina_jax.models.layers import (
     DIFFUSERS_BOOKKEEPING,
@@ -143,36 +144,6 @@ class NextDiTConfig(TransformerSizes):
 
 # The released 2B model (Lumina-Next-SFT and Lumina-Next-T2I), named as the original code names it.
 PRESETS = {"NextDiT_2B_GQA_patch2": NextDiTConfig(num_layers=24, num_kv_heads=8)}
-
-
-def patchify_padded(
-    images: list[jax.Array], patch: int, length: int | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Images [C, H_i, W_i] of different sizes -> patches [B, T, C*p*p], positions [B, T, 2] int32, mask [B, T],
-    T the longest image's tokens or `length` (at least that).
-
-    Shorter sequences are padded at the end; pad tokens sit at their image's last position, as in
-    the original trainer. The model swaps their embeddings for the learned pad token. Numpy images
-    give numpy arrays (a training batch assembled on the host), JAX arrays JAX arrays.
-    """
-    xp = images[0].__array_namespace__()
-    patches = [patchify(image[None], patch)[0] for image in images]
-    grids = [grid_positions(image.shape[1] // patch, image.shape[2] // patch) for image in images]
-    length = max(length or 0, *(len(p) for p in patches))
-    pad = [length - len(p) for p in patches]
-    return (
-        xp.stack([xp.pad(p, ((0, n), (0, 0))) for p, n in zip(patches, pad)]),
-        xp.asarray(np.stack([np.concatenate([g, np.repeat(g[-1:], n, axis=0)]) for g, n in zip(grids, pad)]), np.int32),
-        xp.stack([xp.arange(length) < len(p) for p in patches]),
-    )
-
-
-def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
-    """[B, T, p*p*C] with features ordered (ph, pw, c) -> [B, C, H, W]."""
-    b, _, features = tokens.shape
-    c = features // (patch * patch)
-    x = tokens.reshape(b, height // patch, width // patch, patch, patch, c)
-    return x.transpose(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
 
 
 def check_grid(rows: int, cols: int, patch: int) -> None:
