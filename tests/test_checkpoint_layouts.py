@@ -259,7 +259,7 @@ def test_corrupt_safetensors_header(tmp_path):
 
 def test_a_folder_without_weights(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="no Next-DiT or Flag-DiT weights found"):
+    with pytest.raises(ValueError, match="no Next-DiT, Flag-DiT or Unified Next-DiT weights found"):
         load_transformer(tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_transformer(tmp_path / "missing", progress=False)
@@ -267,7 +267,7 @@ def test_a_folder_without_weights(tmp_path):
 
 def test_a_checkpoint_of_another_model(tmp_path):
     save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, tmp_path / "consolidated.00-of-01.safetensors")
-    with pytest.raises(ValueError, match="not a Next-DiT or Flag-DiT checkpoint"):
+    with pytest.raises(ValueError, match="not a Next-DiT, Flag-DiT or Unified Next-DiT checkpoint"):
         load_transformer(tmp_path, progress=False)
 
 
@@ -296,7 +296,8 @@ def test_unknown_config_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_experts": 8}))
     with pytest.raises(
         ValueError,
-        match=r"config.json: not a supported Next-DiT or Flag-DiT config: unknown Next-DiT config fields \['num_e",
+        match=r"config.json: not a supported Next-DiT, Flag-DiT or Unified Next-DiT config: "
+        r"unknown Next-DiT config fields \['num_e",
     ):
         load_transformer(tmp_path, progress=False)
 

@@ -8,6 +8,7 @@ import pytest
 
 from lumina_jax.models.family import TextEncoderConfig, TransformerConfig
 from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.weights.nextdit import ARCHITECTURES
 from lumina_jax.weights.text_encoder import TEXT_ENCODERS, text_encoder_model
@@ -18,6 +19,8 @@ FAMILY_CLASSES = {
     "NextDiTConfig",
     "FlagDiT",
     "FlagDiTConfig",
+    "UnifiedNextDiT",
+    "UnifiedNextDiTConfig",
     "GemmaEncoder",
     "GemmaConfig",
     "Gemma2Encoder",
@@ -30,11 +33,13 @@ FAMILY_CLASSES = {
 OWN_MODULES = {
     "models/nextdit.py",
     "models/flagdit.py",
+    "models/lumina2.py",
     "models/gemma.py",
     "models/gemma2.py",
     "models/llama.py",
     "weights/nextdit_keys.py",
     "weights/flagdit_keys.py",
+    "weights/lumina2_keys.py",
     "weights/gemma.py",
     "weights/gemma2.py",
     "weights/llama.py",
@@ -90,10 +95,18 @@ def test_the_check_sees_every_form_of_a_family_branch(source, expected):
     assert len(family_branches(source)) == expected
 
 
-@pytest.mark.parametrize("config_class", [NextDiTConfig, FlagDiTConfig])
+# A small config of each transformer family: 2 heads of 32, 32 caption features.
+SMALL_CONFIGS = {
+    NextDiTConfig: dict(cross_attention_dim=32),
+    FlagDiTConfig: dict(cross_attention_dim=32),
+    UnifiedNextDiTConfig: dict(cap_feat_dim=32, num_kv_heads=1, axes_dim_rope=(8, 12, 12)),
+}
+
+
+@pytest.mark.parametrize("config_class", list(SMALL_CONFIGS))
 def test_every_registered_transformer_answers_the_family_interface(config_class):
     assert config_class in ARCHITECTURES
-    config = config_class(hidden_size=64, num_layers=1, num_attention_heads=2, cross_attention_dim=32)
+    config = config_class(hidden_size=64, num_layers=1, num_attention_heads=2, **SMALL_CONFIGS[config_class])
     assert isinstance(config, TransformerConfig)
     model_class = ARCHITECTURES[config_class].model
     methods = ("__call__", "forward_sequence", "image_rope", "caption_keys_values")  # `Transformer`'s
@@ -112,6 +125,7 @@ def test_every_registered_text_encoder_answers_the_family_interface(name):
 FAMILY_MODELS = {
     "lumina_jax.models.nextdit",
     "lumina_jax.models.flagdit",
+    "lumina_jax.models.lumina2",
     "lumina_jax.models.gemma",
     "lumina_jax.models.gemma2",
     "lumina_jax.models.llama",

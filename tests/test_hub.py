@@ -318,7 +318,10 @@ def test_a_cached_repo_that_is_not_lumina(hub_cache, tmp_path):
             r"snapshots/0123456789abcdef0123456789abcdef01234567/transformer: config.json but no "
             r"diffusion_pytorch_model.safetensors",
         ),
-        ("transformer/config.json", r"/transformer: no Next-DiT or Flag-DiT weights found \(no config.json\)"),
+        (
+            "transformer/config.json",
+            r"/transformer: no Next-DiT, Flag-DiT or Unified Next-DiT weights found \(no config.json\)",
+        ),
         ("text_encoder/model.safetensors", r"/text_encoder: config.json but no model.safetensors"),
     ],
 )

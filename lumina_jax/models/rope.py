@@ -2,7 +2,8 @@
 
 Lumina-Next rotates adjacent pairs (x[2k], x[2k+1]) of each head. With n axes, pair
 p = j * n + a turns by positions[a] * omega_j: the axes interleave, as the released weights expect.
-omega_j = 1 / (theta * ntk_factor) ** (2j / (head_dim / n)) / linear_factor.
+omega_j = 1 / (theta * ntk_factor) ** (2j / (head_dim / n)) / linear_factor. Lumina-Image 2.0 instead gives
+each axis its own width and puts the axes' pairs one after another, from tables (`axis_rope`).
 Everything is float32; no complex numbers, which TPUs handle poorly.
 """
 
@@ -50,3 +51,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def axis_rope_tables(
+    axes_dim: tuple[int, ...], axes_lens: tuple[int, ...], theta: float = ROPE_THETA
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per axis a, cos and sin of position * omega_j for positions < axes_lens[a] and j < axes_dim[a] / 2,
+    omega_j = theta^(-2j / axes_dim[a]): [axes_lens[a], axes_dim[a] / 2] float32 each, computed in float64
+    as diffusers' Lumina-Image 2.0 tables are (angles reach hundreds of radians)."""
+    tables = []
+    for dim, length in zip(axes_dim, axes_lens):
+        omega = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        angles = np.arange(length, dtype=np.float64)[:, None] * omega
+        tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+    return tuple(tables)
+
+
+def axis_rope(tables: tuple[tuple[np.ndarray, np.ndarray], ...], positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., sum(axes_dim) / 2] of positions [..., n_axes] (ints) from `axis_rope_tables`: the axes'
+    pairs follow each other (axis 0's first), not interleaved. A position past its table gives NaN."""
+    cos, sin = (
+        jnp.concatenate(
+            [jnp.take(table[i], positions[..., a], axis=0, mode="fill") for a, table in enumerate(tables)], -1
+        )
+        for i in (0, 1)
+    )
+    return cos, sin

@@ -3,7 +3,8 @@
 A model's key map is a pure function from a checkpoint key to a `Target`. Planning checks every key
 and shape from the checkpoint's index alone, and fails with the full list of unknown keys, missing
 parameters and shape mismatches; reading then streams one tensor at a time into preallocated
-arrays. Stacked layers live under a top-level "layers" entry, indexed by `Target.layer`.
+arrays. Stacked layers live under a top-level entry ("layers"; a model may have several stacks, as
+Lumina-Image 2.0's refiners), indexed by `Target.layer`.
 """
 
 import dataclasses
@@ -201,10 +202,11 @@ def plan_import(
             mis_shaped.append(f"{key} {tuple(tensor.shape)} (expected {expected})")
         plan.append((key, tensor, target))
     covered = {(t.path, t.layer) for _, _, t in plan}
+    stacks = {"layers"} | {t.path[0] for _, _, t in plan if t.layer is not None}
     missing = [
         ".".join(path) + ("" if layer is None else f" (layer {layer})")
         for path, shape in shapes.items()
-        for layer in (range(shape[0]) if path[0] == "layers" else [None])
+        for layer in (range(shape[0]) if path[0] in stacks else [None])
         if (path, layer) not in covered
     ]
     problems = {"unknown keys": sorted(unknown), "missing parameters": missing, "shape mismatches": mis_shaped}

@@ -1,5 +1,6 @@
 """Finding, checking and importing diffusion transformer weights in every layout users bring: Next-DiT
-(Lumina-Next) and Flag-DiT (Lumina-T2I), which a checkpoint's keys or config tell apart.
+(Lumina-Next), Flag-DiT (Lumina-T2I) and Unified Next-DiT (Lumina-Image 2.0), which a checkpoint's keys or
+config tell apart.
 
 Layouts: a diffusers transformer folder (config.json, one or sharded safetensors; Next-DiT only), a
 diffusers pipeline folder (its transformer/), an original Lumina-Next or Lumina-T2I checkpoint
@@ -23,11 +24,14 @@ from lumina_jax import hub
 from lumina_jax.models import flagdit
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.layers import ffn_fields
+from lumina_jax.models.lumina2 import UnifiedNextDiT, UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.flagdit_keys import original_key_to_target as flagdit_key_to_target
 from lumina_jax.weights.importer import LazyTensor, Target
+from lumina_jax.weights.lumina2_keys import diffusers_key_to_target as lumina2_key_to_target
+from lumina_jax.weights.lumina2_keys import diffusers_keys as lumina2_keys
 from lumina_jax.weights.nextdit_keys import (
     diffusers_key_to_target,
     diffusers_keys,
@@ -68,9 +72,13 @@ class TransformerCheckpoint:
         return self.found_config
 
 
-def config_from_dict(values: dict) -> NextDiTConfig | FlagDiTConfig:
-    """A transformer's config.json: Flag-DiT's names its class "FlagDiT"; anything else is diffusers' Next-DiT."""
-    return (FlagDiTConfig if values.get("_class_name") == "FlagDiT" else NextDiTConfig).from_dict(values)
+# config.json's _class_name -> config class; any other name is diffusers' Next-DiT (LuminaNextDiT2DModel).
+CONFIG_CLASSES = {"FlagDiT": FlagDiTConfig, "Lumina2Transformer2DModel": UnifiedNextDiTConfig}
+
+
+def config_from_dict(values: dict) -> NextDiTConfig | FlagDiTConfig | UnifiedNextDiTConfig:
+    """A transformer's config.json, by its _class_name (`CONFIG_CLASSES`)."""
+    return CONFIG_CLASSES.get(values.get("_class_name"), NextDiTConfig).from_dict(values)
 
 
 def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
@@ -86,7 +94,8 @@ def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
 
 
 def _layout_of(path: Path, tensors: Mapping[str, LazyTensor]) -> str:
-    if "patch_embedder.proj.weight" in tensors:
+    # diffusers' Lumina-Image 2.0 names its patch embedding as the original code does (x_embedder)
+    if "patch_embedder.proj.weight" in tensors or "time_caption_embed.timestep_embedder.linear_1.weight" in tensors:
         return "diffusers"
     if "x_embedder.weight" in tensors:
         return "original"
@@ -253,6 +262,16 @@ def _nextdit_key_map(checkpoint: TransformerCheckpoint) -> Callable[[str], Targe
     return to_target
 
 
+def save_lumina2_diffusers(model: UnifiedNextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a diffusers transformer folder that `Lumina2Transformer2DModel.from_pretrained` loads."""
+    keys = lumina2_keys(model.config.num_layers, model.config.num_refiner_layers)
+    with orbax_io.atomic_folder(folder, overwrite=overwrite) as partial:
+        orbax_io.write_config(partial, model.config.to_dict())
+        tensors = TRANSFORMER.export_state_dict(model, keys, lumina2_key_to_target)
+        write_safetensors(partial / "diffusion_pytorch_model.safetensors", tensors)
+    return Path(folder)
+
+
 class Architecture(NamedTuple):
     """What the weights code knows of a transformer family besides its config and model classes."""
 
@@ -265,11 +284,15 @@ class Architecture(NamedTuple):
 ARCHITECTURES = {
     NextDiTConfig: Architecture(NextDiT, _nextdit_key_map, save_diffusers),
     FlagDiTConfig: Architecture(FlagDiT, lambda checkpoint: flagdit_key_to_target, save_converted),
+    UnifiedNextDiTConfig: Architecture(
+        UnifiedNextDiT, lambda checkpoint: lumina2_key_to_target, save_lumina2_diffusers
+    ),
 }
 MODELS = {config: architecture.model for config, architecture in ARCHITECTURES.items()}  # a config's model
 
 TRANSFORMER = TransformerFamily(
-    name=" or ".join(config.family_name for config in ARCHITECTURES),  # in messages: "Next-DiT or Flag-DiT"
+    # in messages: "Next-DiT, Flag-DiT or Unified Next-DiT"
+    name=" or ".join(", ".join(config.family_name for config in ARCHITECTURES).rsplit(", ", 1)),
     model=NextDiT,  # model_for and find pick each config's own
     config=NextDiTConfig,
     key_to_target=diffusers_key_to_target,
