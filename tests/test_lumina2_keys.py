@@ -1,11 +1,14 @@
 """The Lumina-Image 2.0 key map against the released model's config and diffusers' own key and shape list."""
 
+import dataclasses
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from diffusers import Lumina2Transformer2DModel
-from reference import ShapeOnly
+from reference import ShapeOnly, relative_error
 
 from lumina_jax.models.lumina2 import PRESETS, UnifiedNextDiTConfig
 from lumina_jax.weights.importer import UnknownKeyError
@@ -76,3 +79,85 @@ def test_diffusers_released_keys_and_shapes_cover_every_parameter():
 def test_unknown_keys_raise(key):
     with pytest.raises(UnknownKeyError):
         diffusers_key_to_target(key)
+
+
+def original_state_dict(config: UnifiedNextDiTConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the original code's names (Alpha-VLLM's Lumina-Image-2.0 models/model.py `NextDiT`,
+    its unused norm_final included), written from its module definitions."""
+    d, cond, ffn, features = config.hidden_size, config.cond_dim, config.ffn_dim, config.patch_size**2 * 16
+    qkv = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
+    shapes = {
+        "x_embedder.weight": (d, features),
+        "x_embedder.bias": (d,),
+        "t_embedder.mlp.0.weight": (cond, 256),
+        "t_embedder.mlp.0.bias": (cond,),
+        "t_embedder.mlp.2.weight": (cond, cond),
+        "t_embedder.mlp.2.bias": (cond,),
+        "cap_embedder.0.weight": (config.cap_feat_dim,),
+        "cap_embedder.1.weight": (d, config.cap_feat_dim),
+        "cap_embedder.1.bias": (d,),
+        "norm_final.weight": (d,),
+        "final_layer.linear.weight": (features, d),
+        "final_layer.linear.bias": (features,),
+        "final_layer.adaLN_modulation.1.weight": (d, cond),
+        "final_layer.adaLN_modulation.1.bias": (d,),
+    }
+    block = {
+        "attention.qkv.weight": (qkv, d),
+        "attention.out.weight": (d, d),
+        "attention.q_norm.weight": (config.head_dim,),
+        "attention.k_norm.weight": (config.head_dim,),
+        "feed_forward.w1.weight": (ffn, d),
+        "feed_forward.w2.weight": (d, ffn),
+        "feed_forward.w3.weight": (ffn, d),
+        "attention_norm1.weight": (d,),
+        "attention_norm2.weight": (d,),
+        "ffn_norm1.weight": (d,),
+        "ffn_norm2.weight": (d,),
+    }
+    modulation = {"adaLN_modulation.1.weight": (4 * d, cond), "adaLN_modulation.1.bias": (4 * d,)}
+    for stack, depth in (("context_refiner", config.num_refiner_layers), ("noise_refiner", config.num_refiner_layers)):
+        for i in range(depth):
+            table = block if stack == "context_refiner" else block | modulation
+            shapes |= {f"{stack}.{i}.{name}": shape for name, shape in table.items()}
+    shapes |= {
+        f"layers.{i}.{name}": shape for i in range(config.num_layers) for name, shape in (block | modulation).items()
+    }
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=generator)
+        state[key] = (
+            noise * shape[1] ** -0.5 if len(shape) == 2 else (1 + 0.2 * noise if "norm" in key else 0.3 * noise)
+        )
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # the original code's; ComfyUI's single file
+def test_original_checkpoint_matches_diffusers_converting_it(tmp_path, prefix):
+    """diffusers' own single-file converter (which splits qkv at the released widths, so the test has them)
+    turns the original weights into its model; ours reads the file itself and computes the same."""
+    from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+    from safetensors.torch import save_file
+
+    from lumina_jax import load_transformer
+
+    config = UnifiedNextDiTConfig(num_layers=1, num_refiner_layers=1, ffn_dim_multiplier=0.1, cap_feat_dim=24)
+    state = original_state_dict(config, seed=5)
+    reference = Lumina2Transformer2DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
+    reference.load_state_dict(convert_lumina2_to_diffusers(dict(state)), strict=True)
+    path = tmp_path / "consolidated.00-of-01.safetensors"
+    save_file({prefix + key: tensor.contiguous() for key, tensor in state.items()}, path)
+    model = load_transformer(path, progress=False)
+    ffn = dict(multiple_of=config.multiple_of, ffn_dim_multiplier=config.ffn_dim_multiplier)  # read as equivalents
+    assert model.config.ffn_dim == config.ffn_dim and dataclasses.replace(model.config, **ffn) == config
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 4, 6), dtype=np.float32)
+    t = np.asarray([0.3, 0.8], np.float32)
+    caption = rng.standard_normal((2, 5, 24), dtype=np.float32)
+    mask = np.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        expected = reference.eval()(*(torch.from_numpy(a) for a in (x, t, caption, mask)), return_dict=False)[0]
+    ours = model(*(jnp.asarray(a) for a in (x, t, caption, mask)))
+    assert relative_error(ours, expected.numpy()) <= 1e-5

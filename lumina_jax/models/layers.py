@@ -44,13 +44,13 @@ class TransformerSizes:
         return self.multiple_of * -(-inner // self.multiple_of)
 
 
-def ffn_fields(hidden_size: int, ffn_dim: int) -> dict[str, Any] | None:
+def ffn_fields(hidden_size: int, ffn_dim: int, base: int | None = None) -> dict[str, Any] | None:
     """multiple_of and ffn_dim_multiplier giving a SwiGLU of width `ffn_dim` (as read off a checkpoint);
     None if none does. A multiple_of alone where one of the usual ones gives it; else a multiplier m,
-    which the width int(m * int(8 * hidden / 3)) alone does not pin down: any m giving the same width
-    computes the same model, and the one landing halfway into the width's last unit is far from
-    int()'s rounding edge."""
-    base = int(8 * hidden_size / 3)
+    which the width int(m * base) alone does not pin down: any m giving the same width computes the
+    same model, and the one landing halfway into the width's last unit is far from int()'s rounding
+    edge. base: the width before both, int(8 * hidden / 3) unless given (Lumina-Image 2.0's is 4 x hidden)."""
+    base = int(8 * hidden_size / 3) if base is None else base
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         if multiple_of * -(-base // multiple_of) == ffn_dim:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": None}

@@ -30,6 +30,7 @@ from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.flagdit_keys import original_key_to_target as flagdit_key_to_target
 from lumina_jax.weights.importer import LazyTensor, Target
+from lumina_jax.weights.lumina2_keys import ORIGINAL_PREFIX, original_tensors
 from lumina_jax.weights.lumina2_keys import diffusers_key_to_target as lumina2_key_to_target
 from lumina_jax.weights.lumina2_keys import diffusers_keys as lumina2_keys
 from lumina_jax.weights.nextdit_keys import (
@@ -164,9 +165,50 @@ def _original_config(
     return config
 
 
+def unified_config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> UnifiedNextDiTConfig:
+    """Read a Lumina-Image 2.0 architecture off the shapes of an original checkpoint (its keys without ComfyUI's
+    prefix): RoPE axes of head_dim / 3 each, as every preset of the original code has them."""
+    try:
+        hidden, patch_features = tensors["x_embedder.weight"].shape
+        head_dim = tensors["layers.0.attention.q_norm.weight"].shape[0]
+        qkv_rows = tensors["layers.0.attention.qkv.weight"].shape[0]
+        caption_dim = tensors["cap_embedder.0.weight"].shape[0]
+        ffn_dim = tensors["layers.0.feed_forward.w1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"{path}: original Lumina-Image 2.0 checkpoint without {e.args[0]!r}") from None
+    in_channels = UnifiedNextDiTConfig.in_channels
+    patch = math.isqrt(patch_features // in_channels)
+    if patch < 1 or patch * patch * in_channels != patch_features or head_dim % 6:
+        raise ValueError(
+            f"{path}: x_embedder takes {patch_features} features and heads are {head_dim} wide; expected "
+            f"patch x patch x {in_channels} features (the FLUX VAE's latents) and heads of a multiple of 6"
+        )
+    depth = lambda stack: 1 + max(int(m[1]) for k in tensors if (m := re.match(rf"{stack}\.(\d+)\.", k)))  # noqa: E731
+    ffn = ffn_fields(hidden, ffn_dim, base=4 * hidden)
+    if ffn is None:
+        raise ValueError(f"{path}: feed-forward width {ffn_dim} matches no FFN configuration for hidden size {hidden}")
+    return UnifiedNextDiTConfig(
+        patch_size=patch,
+        hidden_size=hidden,
+        num_layers=depth("layers"),
+        num_refiner_layers=depth("context_refiner"),
+        num_attention_heads=hidden // head_dim,
+        num_kv_heads=(qkv_rows // head_dim - hidden // head_dim) // 2,
+        axes_dim_rope=(head_dim // 3,) * 3,
+        cap_feat_dim=caption_dim,
+        **ffn,
+    )
+
+
 def _from_file(path: Path) -> TransformerCheckpoint:
-    """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it)."""
+    """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it);
+    an original Lumina-Image 2.0 one (or ComfyUI's single file) is read under diffusers' names."""
     tensors = _read_tensor_file(path)
+    unprefixed = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in tensors.items()}
+    if "context_refiner.0.attention.qkv.weight" in unprefixed:
+        config = unified_config_from_original(unprefixed, path)
+        kv_width = config.kv_heads * config.head_dim
+        return TransformerCheckpoint(path, config, original_tensors(tensors, config.hidden_size, kv_width), "original")
     if _layout_of(path, tensors) == "original":
         return TransformerCheckpoint(path, _original_config(path.parent, tensors, path), tensors, "original")
     if not (path.parent / "config.json").exists():
