@@ -10,7 +10,7 @@ import torch
 from diffusers import Lumina2Transformer2DModel
 from reference import ShapeOnly, relative_error
 
-from lumina_jax.models.lumina2 import PRESETS, UnifiedNextDiTConfig
+from lumina_jax.models.lumina2 import ORIGINAL_QK_NORM_EPS, PRESETS, UnifiedNextDiTConfig
 from lumina_jax.weights.importer import UnknownKeyError
 from lumina_jax.weights.lumina2_keys import diffusers_key_to_target, diffusers_keys
 from lumina_jax.weights.nextdit import TransformerCheckpoint, config_from_dict, parameter_shapes, plan_import
@@ -150,7 +150,12 @@ def test_original_checkpoint_matches_diffusers_converting_it(tmp_path, prefix):
     save_file({prefix + key: tensor.contiguous() for key, tensor in state.items()}, path)
     model = load_transformer(path, progress=False)
     ffn = dict(multiple_of=config.multiple_of, ffn_dim_multiplier=config.ffn_dim_multiplier)  # read as equivalents
-    assert model.config.ffn_dim == config.ffn_dim and dataclasses.replace(model.config, **ffn) == config
+    assert model.config.ffn_dim == config.ffn_dim and dataclasses.replace(model.config, **ffn) == dataclasses.replace(
+        config, qk_norm_eps=ORIGINAL_QK_NORM_EPS
+    )
+    for name, module in reference.named_modules():  # the original code's query/key norms, as ours reads them
+        if name.endswith(("norm_q", "norm_k")):
+            module.eps = ORIGINAL_QK_NORM_EPS
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 4, 6), dtype=np.float32)

@@ -23,7 +23,8 @@ What diffusers does, and we reproduce:
   and positions past the tables (axes_lens: 300 caption indices, 512 rows and columns) fail.
 - The timestep is not scaled by 1000; only the timestep modulates (the caption is not pooled into the
   conditioning); the FFN is 4 x hidden_size wide (then multiplier and multiple_of), not 8/3 x.
-- The RoPE tables are computed in float64; the query/key norms' epsilon is 1e-5 whatever norm_eps says.
+- The RoPE tables are computed in float64; the query/key norms' epsilon is 1e-5 whatever norm_eps says
+  (the original code's is 1e-6: `qk_norm_eps`, which its checkpoints are read with).
 - A batch holds one image size. The original code also takes images of several sizes, their tokens padded
   with zero patches that the noise refiner masks: `forward_sequence` does that.
 """
@@ -62,7 +63,8 @@ from lumina_jax.models.layers import (
 )
 from lumina_jax.models.rope import apply_rope, axis_rope, axis_rope_tables, grid_positions
 
-QK_NORM_EPS = 1e-5  # diffusers' attention norms' epsilon, fixed
+DIFFUSERS_QK_NORM_EPS = 1e-5  # diffusers' query/key norms' epsilon, whatever norm_eps says
+ORIGINAL_QK_NORM_EPS = 1e-6  # the original code's (its RMSNorm's default; 1e-5 with apex, which it does not install)
 rope_tables = functools.cache(axis_rope_tables)
 
 
@@ -87,6 +89,9 @@ class UnifiedNextDiTConfig(TransformerSizes):
     axes_dim_rope: tuple[int, ...] = (32, 32, 32)
     axes_lens: tuple[int, ...] = (300, 512, 512)
     cap_feat_dim: int = 1024
+    # Ours alone (config.json holds it only where it differs): the original code's checkpoints read with its
+    # query/key norms' epsilon, diffusers' with theirs.
+    qk_norm_eps: float = DIFFUSERS_QK_NORM_EPS
 
     family_name: ClassVar[str] = "Unified Next-DiT"  # the family's answers to `models.family.TransformerConfig`
     release: ClassVar[str] = "Lumina-Image 2.0"
@@ -123,6 +128,8 @@ class UnifiedNextDiTConfig(TransformerSizes):
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values |= {"axes_dim_rope": list(self.axes_dim_rope), "axes_lens": list(self.axes_lens)}
+        if self.qk_norm_eps == DIFFUSERS_QK_NORM_EPS:
+            del values["qk_norm_eps"]
         return {"_class_name": "Lumina2Transformer2DModel", **values}
 
     @property
@@ -197,7 +204,7 @@ class JointAttention(nnx.Module):
     def __init__(self, cfg: UnifiedNextDiTConfig, *, dtype: Dtype, param_dtype: Dtype, backend: Backend | None, rngs):
         d, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         dense = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm = dict(eps=QK_NORM_EPS, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=cfg.qk_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         self.backend = backend
         self.to_q = linear(d, heads, ("embed", "heads"), **dense)

@@ -24,7 +24,7 @@ from lumina_jax import hub
 from lumina_jax.models import flagdit
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.layers import ffn_fields
-from lumina_jax.models.lumina2 import UnifiedNextDiT, UnifiedNextDiTConfig
+from lumina_jax.models.lumina2 import ORIGINAL_QK_NORM_EPS, UnifiedNextDiT, UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.weights import importer, orbax_io
 from lumina_jax.weights.family import ModelFamily
@@ -167,7 +167,8 @@ def _original_config(
 
 def unified_config_from_original(tensors: Mapping[str, LazyTensor], path: Path) -> UnifiedNextDiTConfig:
     """Read a Lumina-Image 2.0 architecture off the shapes of an original checkpoint (its keys without ComfyUI's
-    prefix): RoPE axes of head_dim / 3 each, as every preset of the original code has them."""
+    prefix): RoPE axes of head_dim / 3 each, as every preset of the original code has them, and its query/key
+    norms' epsilon."""
     try:
         hidden, patch_features = tensors["x_embedder.weight"].shape
         head_dim = tensors["layers.0.attention.q_norm.weight"].shape[0]
@@ -196,6 +197,7 @@ def unified_config_from_original(tensors: Mapping[str, LazyTensor], path: Path) 
         num_kv_heads=(qkv_rows // head_dim - hidden // head_dim) // 2,
         axes_dim_rope=(head_dim // 3,) * 3,
         cap_feat_dim=caption_dim,
+        qk_norm_eps=ORIGINAL_QK_NORM_EPS,
         **ffn,
     )
 
