@@ -11,6 +11,7 @@ from reference import relative_error
 
 from lumina_jax import load_transformer
 from lumina_jax.models.dit_blocks import unpatchify
+from lumina_jax.weights.nextdit import convert_transformer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lumina2_original_tiny"
 FLOAT32_BOUND = 1e-5
@@ -53,3 +54,12 @@ def test_images_of_several_sizes_in_one_batch_match_the_original(model_and_io):
         h, w = image.shape[1:]
         ours = unpatchify(out[i : i + 1, : (h // p) * (w // p)], h, w, p)[0]
         assert relative_error(ours, io[f"c_out{i}"]) <= FLOAT32_BOUND, (h, w)
+
+
+def test_converted_to_our_format_it_computes_the_same(model_and_io, tmp_path):
+    model, io = model_and_io
+    convert_transformer(FIXTURE, tmp_path / "converted", progress=False)
+    converted = load_transformer(tmp_path / "converted", progress=False)
+    assert converted.config == model.config
+    args = [jnp.asarray(io[f"a_{k}"]) for k in ("x", "t", "cap", "cap_mask")]
+    np.testing.assert_array_equal(np.asarray(converted(*args)), np.asarray(model(*args)))
