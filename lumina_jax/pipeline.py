@@ -1,11 +1,14 @@
-"""Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API; and
-Lumina-T2I's LLaMA features -> Flag-DiT flow ODE -> SDXL VAE, with the same API.
+"""Text to image: Gemma features -> Next-DiT flow ODE -> SDXL VAE, with diffusers' LuminaPipeline API;
+Lumina-T2I's LLaMA features -> Flag-DiT flow ODE -> SDXL VAE, and Lumina-Image 2.0's Gemma-2 features ->
+Unified Next-DiT flow ODE -> FLUX VAE, with the same API.
 
-The text encoder's config tells the two apart (model_type "gemma" or "llama"). Each family samples as
-its reference does unless told otherwise: Lumina-Next as diffusers' LuminaPipeline (its flow-match
-schedule, lower-cased captions, RoPE scaled linearly until t = 1), Lumina-T2I as its demo (the
-time-shifted uniform grid, shift 4 unless the scheduler config says otherwise, captions as typed
-between <s> and </s>, NTK-scaled RoPE at every step).
+The components' configs tell the families apart. Each family samples as its reference does unless told
+otherwise: Lumina-Next as diffusers' LuminaPipeline (its flow-match schedule, lower-cased captions, RoPE
+scaled linearly until t = 1), Lumina-T2I as its demo (the time-shifted uniform grid, shift 4 unless the
+scheduler config says otherwise, captions as typed between <s> and </s>, NTK-scaled RoPE at every step),
+Lumina-Image 2.0 as diffusers' Lumina2Pipeline (captions after its system prompt, negative prompts
+without it; sigmas linspace(1, 1/N, N) through the scheduler config's shift; guidance on every channel,
+renormalised by default, `cfg_normalization`, and truncated by `cfg_trunc_ratio`).
 
 A pipeline without a VAE (model_index.json says `"vae": null`) works in pixel space: the
 transformer's latents [B, 3, H, W] (or [B, 1, H, W], grey) in [-1, 1] are the image (the small
@@ -192,11 +195,38 @@ def _sampler_options(options: sampling.SamplerOptions | None, fields: dict) -> s
     return dataclasses.replace(options or sampling.SamplerOptions(), **fields)
 
 
+# FlowMatchEulerDiscreteScheduler options that change its sigmas in ways the sampler does not reproduce
+SCHEDULER_OPTIONS_NOT_TAKEN = (
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
 def _scheduler_shift(pipeline: Path) -> float | None:
     """The flow schedule's shift from a pipeline folder's scheduler config (None without one: the schedule's
-    own default)."""
+    own default). With use_dynamic_shifting, exp(mu) (its exponential time shift is the shift's formula at
+    that shift), mu as diffusers' Lumina2Pipeline computes it: for an "image_seq_len" of the latents'
+    shape[1], the transformer's in_channels, whatever the image size (diffusers' quirk, kept)."""
     scheduler = pipeline / "scheduler" / "scheduler_config.json"
-    return json.loads(scheduler.read_text()).get("shift", 1.0) if scheduler.exists() else None
+    if not scheduler.exists():
+        return None
+    config = json.loads(scheduler.read_text())
+    for key in SCHEDULER_OPTIONS_NOT_TAKEN:
+        if config.get(key):
+            raise ValueError(f"{scheduler}: {key}={config[key]!r} is not supported; remove it or set it to null/false")
+    if not config.get("use_dynamic_shifting"):
+        return config.get("shift", 1.0)
+    if config.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"{scheduler}: time_shift_type {config['time_shift_type']!r}; only 'exponential' is supported")
+    channels = json.loads((pipeline / "transformer" / "config.json").read_text())["in_channels"]
+    base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (top - base)
+    return math.exp(channels * slope + base_shift - slope * base)
 
 
 def _in_memory(tree, kind: str):
@@ -402,15 +432,19 @@ class LuminaPipeline:
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """Caption features and masks of the prompts (and negative prompts), padded to a length bucket."""
-        ids, mask = self._tokenize(self.text_encoder.config.prepare_captions(prompt))
-        bucket = caption_bucket(ids.shape[1])
+        """Caption features and masks of the prompts (and negative prompts, as typed: the references neither
+        clean them nor give them a system prompt), padded to one length bucket."""
+        config = self.text_encoder.config
+        ids, mask = self._tokenize(config.prepare_captions(prompt))
         params = self._text_encoder_params()
-        embeds, mask_out = self._encode(params, ids, mask, bucket)
         if negative_prompt is None:
-            return embeds, mask_out, None, None
-        neg_ids, neg_mask = self._tokenize_negatives(negative_prompt, mask)  # diffusers does not clean these
-        return (embeds, mask_out, *self._encode(params, neg_ids, neg_mask, bucket))
+            return *self._encode(params, ids, mask, caption_bucket(ids.shape[1])), None, None
+        if config.negatives_cut_to_prompts:
+            neg_ids, neg_mask = self._tokenize_negatives(negative_prompt, mask)
+        else:
+            neg_ids, neg_mask = self._tokenize(negative_prompt)
+        bucket = caption_bucket(max(ids.shape[1], neg_ids.shape[1]))
+        return *self._encode(params, ids, mask, bucket), *self._encode(params, neg_ids, neg_mask, bucket)
 
     def __call__(
         self,
@@ -440,10 +474,14 @@ class LuminaPipeline:
 
         How to sample is `options` (default `sampling.SamplerOptions()`), any of its fields also given by
         name, as diffusers names them where it has them: num_inference_steps, guidance_scale, sigmas,
-        scaling_watershed, proportional_attn; and solver, schedule, shift, cfg_all_channels, context_drop.
-        schedule, shift and scaling_watershed default to the family's reference (`sampler_defaults`); shift,
-        when given, replaces the scheduler config's time shift, which applies to the diffusers schedule and
-        the family's own (`schedule="shifted"` on Lumina-Next: 4, as its demo).
+        scaling_watershed, proportional_attn, cfg_trunc_ratio, cfg_normalization; and solver, schedule, shift,
+        cfg_all_channels, context_drop. schedule, shift, scaling_watershed, cfg_all_channels and
+        cfg_normalization default to the family's reference (`sampler_defaults`); shift, when given, replaces
+        the scheduler config's time shift, which applies to the diffusers schedules and the family's own
+        (`schedule="shifted"` on Lumina-Next: 4, as its demo). cfg_trunc_ratio and cfg_normalization are
+        Lumina2Pipeline's and mean the same for every family: guidance only at the steps i (from 0) with
+        (i + 1) / num_inference_steps <= cfg_trunc_ratio, and the guided velocity rescaled to the
+        conditional one's norm over the latents' last axis (on by default for Lumina-Image 2.0 only).
 
         Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
         a list of one per prompt; PIL images, file names or [H, W, 3] arrays) is resized to height x width
@@ -782,11 +820,17 @@ class LuminaPipeline:
         return (batch, self.transformer.config.in_channels, height // self.latent_scale, width // self.latent_scale)
 
     def _schedule(self, options: sampling.SamplerOptions) -> tuple[sampling.FlowSchedule, sampling.SamplerOptions]:
-        """The schedule the options make, and the options with their watershed set (`_sampler`)."""
+        """The schedule the options make, and the options with their watershed and guidance choices set
+        (`_sampler`; the family's where unset)."""
         schedule, scaling_watershed = self._sampler(
             options.schedule, options.num_inference_steps, options.shift, options.scaling_watershed, options.sigmas
         )
-        return schedule, dataclasses.replace(options, scaling_watershed=scaling_watershed)
+        defaults = self.sampler_defaults()
+        guidance = {
+            name: defaults.get(name, False) if getattr(options, name) is None else getattr(options, name)
+            for name in ("cfg_all_channels", "cfg_normalization")
+        }
+        return schedule, dataclasses.replace(options, scaling_watershed=scaling_watershed, **guidance)
 
     def _image_latents(self, image, prompts: int, per_prompt: int, shape: tuple[int, ...], seed) -> jax.Array:
         """The images' latents [B, C, h, w] (each prompt's repeated for its images): a VAE posterior sample,
@@ -817,11 +861,11 @@ class LuminaPipeline:
         self, schedule, num_steps, shift, scaling_watershed, sigmas=None
     ) -> tuple[sampling.FlowSchedule, float]:
         """The schedule and watershed of a call: the given ones, else the family's (`sampler_defaults`); the
-        shift the given one, else the scheduler config's for the diffusers schedule and the family's own
+        shift the given one, else the scheduler config's for the diffusers schedules and the family's own
         (Lumina-T2I's folders keep the demo's shift there), else the schedule's default (shifted: 4)."""
         defaults = self.sampler_defaults()
         schedule = schedule or defaults["schedule"]
-        if shift is None and schedule in ("diffusers", defaults["schedule"]):
+        if shift is None and schedule in ("diffusers", "lumina2", defaults["schedule"]):
             shift = self.scheduler_shift
         steps = sampling.make_schedule(schedule, num_steps, shift=shift, sigmas=sigmas)
         return steps, defaults["scaling_watershed"] if scaling_watershed is None else scaling_watershed

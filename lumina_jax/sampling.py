@@ -3,8 +3,9 @@
 Model time t runs from 0 (noise) to 1 (data) and the model predicts the velocity dx/dt. A schedule
 is the list of steps (start time, step size); the solver integrates over them inside a
 `lax.fori_loop`. Classifier-free guidance doubles the batch ([cond, uncond], as diffusers orders
-it). Resolution extrapolation follows Lumina-Next's time-aware scaled RoPE: both RoPE tables
-(linear and NTK scaled) are computed once, and each step picks one by comparing t with
+it); with CFG truncation (Lumina-Image 2.0) the steps after the cut run the conditional half alone.
+Resolution extrapolation follows Lumina-Next's time-aware scaled RoPE: both RoPE tables (linear and
+NTK scaled) are computed once, and each step picks one by comparing t with
 `scaling_watershed`. Guidance scale, prompt embeddings and latents are traced: changing them never
 recompiles; programs are cached per shape and option.
 """
@@ -24,7 +25,7 @@ from lumina_jax.models.nextdit import NextDiT
 
 Solver = Literal["euler", "midpoint"]
 SOLVERS = ("euler", "midpoint")
-SCHEDULES = ("diffusers", "shifted", "sigmoid")
+SCHEDULES = ("diffusers", "lumina2", "shifted", "sigmoid")
 GUIDED_CHANNELS = 3  # released samples guide latent channels 0..2 only (a quirk kept from DiT)
 
 
@@ -85,6 +86,11 @@ def diffusers_schedule(num_steps: int, *, shift: float = 1.0, sigmas: list[float
     return FlowSchedule(times.astype(np.float32), (sigma[:-1] - sigma[1:]).astype(np.float32))
 
 
+def lumina2_schedule(num_steps: int, *, shift: float = 1.0) -> FlowSchedule:
+    """diffusers' Lumina2Pipeline: sigmas linspace(1, 1/N, N) through the flow-match scheduler (its shift)."""
+    return diffusers_schedule(num_steps, shift=shift, sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+
+
 def shifted_schedule(num_steps: int, *, shift: float = 4.0) -> FlowSchedule:
     """The original Lumina-Next sampler's grid: uniform in [0, 1], then t' = t / (t + s - s*t).
 
@@ -111,10 +117,12 @@ def sigmoid_schedule(num_steps: int, *, steepness: float = 6.0) -> FlowSchedule:
 def make_schedule(name: str, num_steps: int, *, shift: float | None = None, sigmas=None) -> FlowSchedule:
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
-    if sigmas is not None and name != "diffusers":
-        raise ValueError("sigmas apply to the 'diffusers' schedule only")
-    if name == "diffusers":
+    if sigmas is not None and name not in ("diffusers", "lumina2"):
+        raise ValueError("sigmas apply to the 'diffusers' and 'lumina2' schedules only")
+    if name == "diffusers" or (name == "lumina2" and sigmas is not None):  # Lumina2Pipeline takes sigmas as given
         return diffusers_schedule(num_steps, shift=1.0 if shift is None else shift, sigmas=sigmas)
+    if name == "lumina2":
+        return lumina2_schedule(num_steps, shift=1.0 if shift is None else shift)
     if name == "shifted":
         return shifted_schedule(num_steps, shift=4.0 if shift is None else shift)
     if name == "sigmoid":
@@ -125,10 +133,11 @@ def make_schedule(name: str, num_steps: int, *, shift: float | None = None, sigm
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
     """How to sample, the defaults in this one place: a hashable value, for a pipeline call, `lower` and
-    `sample` alike. Names as diffusers' LuminaPipeline.__call__ where it has them. schedule, shift and
-    scaling_watershed None: the model family's (`LuminaPipeline.sampler_defaults`; shift also the
-    scheduler config's). guidance_scale, scaling_watershed and first_step are traced values of the
-    compiled sampler: a new one reuses its program."""
+    `sample` alike. Names as diffusers' LuminaPipeline.__call__ (and Lumina2Pipeline's) where it has them.
+    schedule, shift, scaling_watershed, cfg_all_channels and cfg_normalization None: the model family's
+    (`LuminaPipeline.sampler_defaults`; shift also the scheduler config's; the sampler alone reads the two
+    cfg_ ones None as False). guidance_scale, scaling_watershed, cfg_trunc_ratio and first_step are traced
+    values of the compiled sampler: a new one reuses its program (a first cfg_trunc_ratio < 1 compiles one)."""
 
     guidance_scale: float = 4.0  # > 1: classifier-free guidance, the batch doubled ([cond, uncond])
     num_inference_steps: int = 30
@@ -138,13 +147,19 @@ class SamplerOptions:
     sigmas: tuple[float, ...] | None = None  # the diffusers schedule's sigmas, num_inference_steps of them
     scaling_watershed: float | None = None  # RoPE scaled linearly while t < this, NTK-scaled from there
     proportional_attn: bool = True  # attention logits scaled for the sequence length (Lumina-Next)
-    cfg_all_channels: bool = False  # guide every latent channel, not channels 0..2 as the released samplers
+    cfg_all_channels: bool | None = None  # guide every channel, not 0..2 as Lumina-Next's and Lumina-T2I's samplers
+    cfg_trunc_ratio: float = 1.0  # guidance at step i (from 0) only while (i + 1) / num_inference_steps <= this
+    cfg_normalization: bool | None = None  # guided velocity rescaled to the conditional one's norm over the last axis
     context_drop: int = 1  # > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`)
     first_step: int = 0  # the schedule's step to start from (image-to-image)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
+        if not (math.isfinite(self.cfg_trunc_ratio) and self.cfg_trunc_ratio >= 0):
+            raise ValueError(
+                f"cfg_trunc_ratio must be >= 0 (1 or more: guidance at every step), got {self.cfg_trunc_ratio}"
+            )
         if self.sigmas is not None:  # a list, as diffusers takes them, kept as a tuple: hashable
             object.__setattr__(self, "sigmas", tuple(self.sigmas))
 
@@ -161,7 +176,17 @@ def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float
 
 # jax.jit over the model's split state: nnx.jit walks the module graph on every call.
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "solver", "guided_channels", "base_sequence_length", "scale", "context_drop")
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "solver",
+        "guided_channels",
+        "base_sequence_length",
+        "scale",
+        "context_drop",
+        "cfg_truncation",
+        "cfg_normalization",
+    ),
 )
 def _integrate(
     graphdef,
@@ -174,6 +199,7 @@ def _integrate(
     steps,
     scaling_watershed,
     first_step,
+    guided_steps,
     caption_regions,
     *,
     solver,
@@ -181,43 +207,61 @@ def _integrate(
     base_sequence_length,
     scale,
     context_drop,
+    cfg_truncation,
+    cfg_normalization,
 ):
     model = nnx.merge(graphdef, params)
     batch, channels, height, width = latents.shape
     guided = guided_channels > 0
     linear_rope = model.image_rope(height, width, linear_factor=scale, ntk_factor=1.0)
     ntk_rope = model.image_rope(height, width, linear_factor=1.0, ntk_factor=scale)
-    caption_kv = model.caption_keys_values(caption)  # the same at every step
-    regions = {} if caption_regions is None else dict(caption_regions=caption_regions)  # Next-DiT takes them
+    # only the options in effect: a family takes the ones it has (Lumina-Image 2.0 none of these)
+    options = {} if base_sequence_length is None else dict(base_sequence_length=base_sequence_length)
+    options |= {} if context_drop == 1 else dict(context_drop=context_drop)
 
-    def velocity(x, t):
-        rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
-        inputs = jnp.concatenate([x, x]) if guided else x
-        t_batch = jnp.full((inputs.shape[0],), t, jnp.float32)
-        out = model(
-            inputs,
-            t_batch,
-            caption,
-            caption_mask,
-            base_sequence_length=base_sequence_length,
-            rope=rope,
-            caption_kv=caption_kv,
-            context_drop=context_drop,
-            **regions,
-        )
-        out = out[:, :channels].astype(jnp.float32)
-        if not guided:
-            return out
+    def conditioned(rows):
+        """The model on `rows` caption rows, its caption's keys and values computed once (the same at every step)."""
+        regions = {} if caption_regions is None else dict(caption_regions=caption_regions[rows])  # Next-DiT's
+        caption_kv = model.caption_keys_values(caption[rows], caption_mask[rows])
+
+        def call(x, t, rope):
+            t_batch = jnp.full((x.shape[0],), t, jnp.float32)
+            out = model(
+                x, t_batch, caption[rows], caption_mask[rows], rope=rope, caption_kv=caption_kv, **options, **regions
+            )
+            return out[:, :channels].astype(jnp.float32)
+
+        return call
+
+    everything = conditioned(slice(None))
+
+    def guided_velocity(x, t, rope):
+        out = everything(jnp.concatenate([x, x]), t, rope)
         cond, uncond = out[:batch], out[batch:]
         mixed = uncond + guidance_scale * (cond - uncond)
-        return cond.at[:, :guided_channels].set(mixed[:, :guided_channels])
+        mixed = cond.at[:, :guided_channels].set(mixed[:, :guided_channels])
+        if not cfg_normalization:
+            return mixed
+        # diffusers' Lumina2Pipeline: back to the conditional velocity's norm over the last (width) axis
+        return mixed * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(mixed, axis=-1, keepdims=True))
+
+    unguided_velocity = conditioned(slice(0, batch)) if cfg_truncation else everything
+
+    def velocity(x, t, i):
+        rope = jax.tree.map(lambda a, b: jnp.where(t < scaling_watershed, a, b), linear_rope, ntk_rope)
+        if not guided:
+            return unguided_velocity(x, t, rope)
+        if not cfg_truncation:
+            return guided_velocity(x, t, rope)
+        # past the cut the unconditional half is not run at all, as diffusers skips it
+        return jax.lax.cond(i < guided_steps, guided_velocity, unguided_velocity, x, t, rope)
 
     def step(i, x):
         t, dt = times[i], steps[i]
         if solver == "euler":
-            return x + dt * velocity(x, t)
-        midpoint = x + 0.5 * dt * velocity(x, t)
-        return x + dt * velocity(midpoint, t + 0.5 * dt)
+            return x + dt * velocity(x, t, i)
+        midpoint = x + 0.5 * dt * velocity(x, t, i)
+        return x + dt * velocity(midpoint, t + 0.5 * dt, i)
 
     # first_step is traced: image-to-image at any strength runs the same program
     return jax.lax.fori_loop(first_step, times.shape[0], step, latents.astype(jnp.float32))
@@ -276,6 +320,9 @@ def _integrate_arguments(
             f"{latents.shape[0]} latents, got {caption.shape[0]} embeddings and {caption_mask.shape[0]} masks"
         )
     _, channels, height, width = latents.shape
+    num_steps = len(schedule.times)
+    # diffusers' Lumina2Pipeline skips guidance at step i once (i + 1) / num_inference_steps > cfg_trunc_ratio
+    guided_steps = sum((i + 1) / num_steps <= options.cfg_trunc_ratio for i in range(num_steps))
     graphdef, params = nnx.split(model)
     args = (
         graphdef,
@@ -288,6 +335,7 @@ def _integrate_arguments(
         schedule.steps,
         np.float32(options.scaling_watershed),
         np.int32(options.first_step),
+        np.int32(guided_steps),
         caption_regions,
     )
     static = dict(
@@ -296,5 +344,7 @@ def _integrate_arguments(
         base_sequence_length=model.config.base_sequence_length if options.proportional_attn else None,
         scale=resolution_scale(model, height, width),
         context_drop=options.context_drop,
+        cfg_truncation=options.guided and guided_steps < num_steps,
+        cfg_normalization=bool(options.cfg_normalization),
     )
     return args, static

@@ -121,16 +121,19 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
 
 
-def random_vae(seed: int) -> AutoencoderKL:
-    """A small SDXL-like VAE (4 latent channels, 8x down, scaling factor 0.13025), randomised."""
+def random_vae(seed: int, **config) -> AutoencoderKL:
+    """A small SDXL-like VAE (4 latent channels, 8x down, scaling factor 0.13025; `config` overrides), randomised."""
     vae = AutoencoderKL(
-        block_out_channels=[16, 32, 32, 32],
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        scaling_factor=0.13025,
+        **dict(
+            block_out_channels=[16, 32, 32, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            latent_channels=4,
+            scaling_factor=0.13025,
+        )
+        | config
     )
     return randomize_(vae.eval(), seed=seed)
 

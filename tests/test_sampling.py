@@ -42,7 +42,7 @@ def test_shifted_and_sigmoid_grids():
     assert sigmoid.steps[0] < sigmoid.steps[4] / 2
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         make_schedule("cosine", 4)
-    with pytest.raises(ValueError, match="sigmas apply to the 'diffusers' schedule only"):
+    with pytest.raises(ValueError, match="sigmas apply to the 'diffusers' and 'lumina2' schedules only"):
         make_schedule("shifted", 4, sigmas=[1.0, 0.5, 0.2, 0.1])
 
 

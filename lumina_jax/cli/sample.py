@@ -127,6 +127,18 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         help="time from which RoPE is NTK-scaled rather than linearly (default: 1 for Lumina-Next, 0 for Lumina-T2I)",
     )
     parser.add_argument(
+        "--cfg-trunc-ratio",
+        type=fraction,
+        default=None,
+        help="guidance only at the steps i with (i + 1) / steps <= this (Lumina2Pipeline's cfg_trunc_ratio; default 1)",
+    )
+    parser.add_argument(
+        "--cfg-normalization",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rescale guided velocities to the conditional one's norm (default: on for Lumina-Image 2.0 only)",
+    )
+    parser.add_argument(
         "--image",
         type=Path,
         help="image-to-image: start from this picture (resized to --height/--width; default: its own size)",
@@ -292,6 +304,8 @@ def compile_only(args: argparse.Namespace) -> int:
             shift=args.shift,
             scaling_watershed=args.scaling_watershed,
             context_drop=args.context_drop,
+            cfg_normalization=args.cfg_normalization,
+            **({} if args.cfg_trunc_ratio is None else dict(cfg_trunc_ratio=args.cfg_trunc_ratio)),
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         return fail(e)
@@ -367,11 +381,16 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
-    chosen = dict(schedule=args.schedule, shift=args.shift, scaling_watershed=args.scaling_watershed)
+    chosen = dict(
+        schedule=args.schedule,
+        shift=args.shift,
+        scaling_watershed=args.scaling_watershed,
+        cfg_trunc_ratio=args.cfg_trunc_ratio,
+        cfg_normalization=args.cfg_normalization,
+    )
     settings = dict(
         solver=args.solver,
-        **pipe.sampler_defaults(),
-        **{name: value for name, value in chosen.items() if value is not None},
+        **pipe.sampler_defaults() | {name: value for name, value in chosen.items() if value is not None},
         context_drop=args.context_drop,
     )
     metadata = {"model": str(args.model), "dtype": args.dtype}

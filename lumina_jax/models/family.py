@@ -33,15 +33,16 @@ class TransformerConfig(Protocol):
     sample_size: int
 
     @property
-    def base_sequence_length(self) -> int:
-        """Tokens at the training resolution: the base of proportional attention."""
+    def base_sequence_length(self) -> int | None:
+        """Tokens at the training resolution: the base of proportional attention (None: the family has none)."""
 
     @property
     def query_projections(self) -> int:
         """Query projections of an image token (2 where the caption branch has its own)."""
 
     def sampler_defaults(self) -> dict[str, Any]:
-        """How the family's reference samples: {"schedule": ..., "scaling_watershed": ...}."""
+        """How the family's reference samples: {"schedule": ..., "scaling_watershed": ...}, and where they
+        are not False, "cfg_all_channels" and "cfg_normalization" (`sampling.SamplerOptions` fields all)."""
 
     def sequence_length(self, rows: int, cols: int) -> int:
         """Tokens of one image of rows x cols patches."""
@@ -72,12 +73,15 @@ class Transformer(Protocol):
 
     def image_rope(self, height: int, width: int, *, linear_factor=..., ntk_factor=...) -> tuple: ...
 
-    def caption_keys_values(self, caption: jax.Array) -> jax.Array: ...
+    def caption_keys_values(self, caption: jax.Array, caption_mask: jax.Array) -> jax.Array:
+        """What every step reads of the caption [B, L, D] (mask [B, L]); a family may not need the mask."""
 
 
 @runtime_checkable
 class TextEncoderConfig(Protocol):
     """A caption encoder's config (`GemmaConfig`, `LlamaConfig`)."""
+
+    negatives_cut_to_prompts: ClassVar[bool]  # each negative prompt cut to its prompt's length, as the reference
 
     def prepare_captions(self, texts: list[str]) -> list[str]:
         """Captions as the family's reference feeds them to its tokenizer."""

@@ -396,7 +396,7 @@ class FlagDiT(nnx.Module):
         return self.final_linear(self.final_norm(x) * (1 + scale) + shift).astype(jnp.float32)
 
     @float32_products
-    def caption_keys_values(self, caption: jax.Array) -> jax.Array:
+    def caption_keys_values(self, caption: jax.Array, caption_mask: jax.Array | None = None) -> jax.Array:
         """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim], for
-        `caption_kv`."""
+        `caption_kv` (the mask is applied where they are attended to)."""
         return layers_caption_keys_values(self.layers, caption.astype(self.dtype))

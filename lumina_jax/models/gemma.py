@@ -8,7 +8,7 @@ positions are 0..L-1 whatever the padding, as transformers numbers them.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 from flax import nnx
@@ -35,6 +35,9 @@ class GemmaConfig:
     max_position_embeddings and pad_token_id change no numbers (positions beyond the former are
     rotated all the same, as in transformers); they are kept so a converted folder says what it holds.
     """
+
+    # negative prompts cut to their prompt's length: as diffusers' LuminaPipeline cuts them
+    negatives_cut_to_prompts: ClassVar[bool] = True
 
     vocab_size: int = 256000
     hidden_size: int = 3072

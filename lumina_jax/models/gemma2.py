@@ -13,7 +13,7 @@ right-padded input_ids and attention_mask; positions are 0..L-1 whatever the pad
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,9 @@ class Gemma2Config:
     max_position_embeddings and pad_token_id change no numbers and are kept so a converted folder says what
     it holds.
     """
+
+    # negative prompts cut to their prompt's length: diffusers' Lumina2Pipeline pads each to 256 tokens on its own
+    negatives_cut_to_prompts: ClassVar[bool] = False
 
     vocab_size: int = 256000
     hidden_size: int = 2304

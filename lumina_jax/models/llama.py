@@ -8,7 +8,7 @@ differs in its RMSNorm (the weight itself, not an offset from 1), SiLU, and no e
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ from lumina_jax.models.layers import Dtype, rms_norm
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture, with the field names of transformers' LLaMA config.json; defaults are LLaMA-2-7B's."""
+
+    # negative prompts cut to their prompt's length: as Lumina-T2I's pipeline does (its demo's "" never reaches the cut)
+    negatives_cut_to_prompts: ClassVar[bool] = True
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -146,19 +146,19 @@ class UnifiedNextDiTConfig(TransformerSizes):
         return self.multiple_of * -(-inner // self.multiple_of)
 
     @property
-    def base_sequence_length(self) -> int:
-        """Image tokens at the training resolution (unused: the family has no proportional attention)."""
-        return (self.sample_size // self.patch_size) ** 2
+    def base_sequence_length(self) -> None:
+        """None: the family has no proportional attention."""
+        return None
 
     @property
     def query_projections(self) -> int:
         return 1
 
     def sampler_defaults(self) -> dict[str, Any]:
-        """As diffusers' Lumina2Pipeline samples: its flow-match scheduler, to which the pipeline passes
-        sigmas = linspace(1, 1/N, N) for N steps (the sampler must pass them: they depend on N). The family
-        has no RoPE scaling, so the watershed changes nothing."""
-        return dict(schedule="diffusers", scaling_watershed=1.0)
+        """As diffusers' Lumina2Pipeline samples: its flow-match scheduler over sigmas linspace(1, 1/N, N)
+        (`sampling.lumina2_schedule`), guidance on every channel, renormalised (cfg_normalization). The
+        family has no RoPE scaling, so the watershed changes nothing."""
+        return dict(schedule="lumina2", scaling_watershed=1.0, cfg_all_channels=True, cfg_normalization=True)
 
     def sequence_length(self, rows: int, cols: int) -> int:
         """Image tokens (the caption's come on top, as many as its real tokens)."""

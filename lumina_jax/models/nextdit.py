@@ -394,8 +394,9 @@ class NextDiT(nnx.Module):
         return self.final_linear(self.final_norm(x) * (1 + scale)).astype(jnp.float32)
 
     @float32_products
-    def caption_keys_values(self, caption: jax.Array) -> jax.Array:
-        """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim].
+    def caption_keys_values(self, caption: jax.Array, caption_mask: jax.Array | None = None) -> jax.Array:
+        """Every layer's keys and values of the caption [B, L, D]: [layers, 2, B, L, kv_heads, head_dim]
+        (the mask is applied where they are attended to, so it is not needed here).
 
         They depend on the caption alone, so a sampler computes them once per image and passes them
         as `caption_kv` to every step (with the small config of benchmarks/speed.py, 8-9% of a step).

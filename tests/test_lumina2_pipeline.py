@@ -1,0 +1,176 @@
+"""Lumina-Image 2.0 end to end against diffusers' Lumina2Pipeline: tiny random components of the released
+kinds (Lumina2Transformer2DModel, a transformers Gemma2Model with a tokenizer, a 16-channel AutoencoderKL without
+quant convs, FlowMatchEulerDiscreteScheduler with a shift), saved with save_pretrained as a Lumina2Pipeline
+folder and loaded by LuminaPipeline.from_pretrained."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from PIL import Image
+from reference import build_tokenizer, random_vae, randomize_, relative_error
+from transformers import Gemma2Config, Gemma2Model
+
+from lumina_jax.cli.sample import main as sample_main
+from lumina_jax.models.gemma2 import SYSTEM_PROMPTS, Gemma2Encoder
+from lumina_jax.models.lumina2 import UnifiedNextDiT
+from lumina_jax.pipeline import LuminaPipeline
+
+PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed, golden light"]
+NEGATIVE = "blurry, low quality"
+# longer than either prompt with its system prompt: diffusers' Lumina2Pipeline does not cut negatives to the prompts
+LONG_NEGATIVE = " ".join(["ugly distorted blurry noisy dark washed out"] * 8)
+CORPUS = PROMPTS + [NEGATIVE, LONG_NEGATIVE, SYSTEM_PROMPTS["real"] + " <Prompt Start>"]
+BOUND = 1e-5  # float32, relative, the whole sampler's latents
+
+
+@pytest.fixture(scope="module")
+def lumina2(tmp_path_factory):
+    """The diffusers pipeline (in memory) and ours, loaded from the folder diffusers saved."""
+    folder = tmp_path_factory.mktemp("lumina2")
+    tokenizer = build_tokenizer(CORPUS)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=40,
+            intermediate_size=72,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            attn_logit_softcapping=5.0,
+        )
+    )
+    transformer = Lumina2Transformer2DModel(
+        sample_size=16,
+        in_channels=16,
+        hidden_size=64,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        cap_feat_dim=40,
+    )
+    randomize_(transformer.eval(), seed=21)
+    with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
+        transformer.norm_out.linear_2.weight.mul_(0.1)
+    reference = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=random_vae(  # the FLUX VAE's kind: 16 channels, no quant convs, its scale and shift
+            23,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
+        text_encoder=randomize_(text_encoder.eval(), seed=22),
+        tokenizer=tokenizer,
+    )
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(folder)
+    return folder, reference, LuminaPipeline.from_pretrained(folder, "float32", progress=False)
+
+
+def test_the_folder_loads_as_lumina_image_2(lumina2):
+    _, _, ours = lumina2
+    assert isinstance(ours.transformer, UnifiedNextDiT) and isinstance(ours.text_encoder, Gemma2Encoder)
+    assert ours.scheduler_shift == 3.0 and ours.default_sample_size == 128
+    assert ours.sampler_defaults()["schedule"] == "lumina2"
+
+
+CASES = {
+    "normalized_cfg": dict(height=64, width=96, guidance_scale=4.0, negative_prompt=NEGATIVE, num_inference_steps=4),
+    "truncated_cfg_without_normalization": dict(
+        height=96,
+        width=64,
+        guidance_scale=5.0,
+        negative_prompt=[LONG_NEGATIVE, NEGATIVE],
+        num_inference_steps=5,
+        cfg_trunc_ratio=0.5,
+        cfg_normalization=False,
+    ),
+    "truncated_normalized_cfg": dict(
+        height=64, width=96, guidance_scale=4.0, negative_prompt=NEGATIVE, num_inference_steps=4, cfg_trunc_ratio=0.7
+    ),
+    "no_guidance": dict(height=64, width=96, guidance_scale=1.0, num_inference_steps=3),
+}
+
+
+def reference_latents(reference, latents, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = reference(prompt=PROMPTS, latents=torch.from_numpy(latents), output_type="latent", **kwargs)
+    return out.images.numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_latents_match_diffusers(lumina2, case):
+    _, reference, ours = lumina2
+    kwargs = CASES[case]
+    shape = (len(PROMPTS), 16, kwargs["height"] // 8, kwargs["width"] // 8)
+    latents = np.random.default_rng(len(case)).standard_normal(shape, dtype=np.float32)
+    expected = reference_latents(reference, latents, **kwargs)
+    got = ours(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images
+    assert relative_error(got, expected) <= BOUND
+    if case == "normalized_cfg":  # decoded through the FLUX VAE's scale and shift
+        with torch.no_grad():
+            images = reference(prompt=PROMPTS, latents=torch.from_numpy(latents), output_type="np", **kwargs).images
+        got_images = ours(prompt=PROMPTS, latents=latents, output_type="np", **kwargs).images
+        assert np.abs(got_images - images).max() <= 1e-4
+
+
+def test_dynamic_shifting_as_diffusers_computes_it(lumina2, tmp_path):
+    """use_dynamic_shifting: diffusers' mu from an "image_seq_len" of latents.shape[1], the channels."""
+    folder, reference, _ = lumina2
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.6)
+    shutil.copytree(folder, tmp_path / "dynamic")
+    dynamic.save_pretrained(tmp_path / "dynamic" / "scheduler")
+    ours = LuminaPipeline.from_pretrained(tmp_path / "dynamic", "float32", progress=False)
+    kwargs = CASES["normalized_cfg"]
+    latents = np.random.default_rng(5).standard_normal((2, 16, 8, 12), dtype=np.float32)
+    default_scheduler, reference.scheduler = reference.scheduler, dynamic
+    try:
+        expected = reference_latents(reference, latents, **kwargs)
+    finally:
+        reference.scheduler = default_scheduler
+    got = ours(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images
+    assert relative_error(got, expected) <= BOUND
+    assert relative_error(got, reference_latents(reference, latents, **kwargs)) > 1e-3  # the shift mattered
+
+
+def test_unsupported_scheduler_options_are_named(lumina2, tmp_path):
+    folder, _, _ = lumina2
+    shutil.copytree(folder, tmp_path / "karras")
+    FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).save_pretrained(tmp_path / "karras" / "scheduler")
+    with pytest.raises(ValueError, match=r"scheduler_config.json: use_karras_sigmas=True is not supported"):
+        LuminaPipeline.from_pretrained(tmp_path / "karras", "float32", progress=False)
+
+
+def test_cfg_trunc_ratio_must_be_a_ratio(lumina2):
+    _, _, ours = lumina2
+    with pytest.raises(ValueError, match="cfg_trunc_ratio must be >= 0"):
+        ours(prompt=PROMPTS[0], height=64, width=64, cfg_trunc_ratio=float("nan"))
+
+
+def test_sample_command_draws_lumina_image_2(lumina2, tmp_path, capsys):
+    folder, _, ours = lumina2
+    args = ["--model", str(folder), "--prompt", PROMPTS[1], "--height", "64", "--width", "96", "--steps", "3"]
+    guidance = ["--cfg-trunc-ratio", "0.5", "--no-cfg-normalization"]
+    assert sample_main([*args, *guidance, "--seed", "4", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    image = Image.open(tmp_path / "00000_4.png")
+    assert image.size == (96, 64)
+    settings = dict(num_inference_steps=3, seed=4, cfg_trunc_ratio=0.5, cfg_normalization=False)
+    expected = ours(prompt=PROMPTS[1], height=64, width=96, output_type="np", **settings).images
+    assert np.abs(np.asarray(image, np.float32) / 255 - expected[0]).max() <= 1 / 255
+    record = json.loads((tmp_path / "index.jsonl").read_text())
+    assert record["schedule"] == "lumina2" and record["cfg_all_channels"] is True
+    assert record["cfg_trunc_ratio"] == 0.5 and record["cfg_normalization"] is False
