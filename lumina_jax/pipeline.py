@@ -430,12 +430,13 @@ class LuminaPipeline:
         return embeds, mask
 
     def encode_prompt(
-        self, prompt: list[str], negative_prompt: list[str] | None
+        self, prompt: list[str], negative_prompt: list[str] | None, system_prompt: str | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """Caption features and masks of the prompts (and negative prompts, as typed: the references neither
-        clean them nor give them a system prompt), padded to one length bucket."""
+        """Caption features and masks of the prompts (after `system_prompt`, for a family that has one; and
+        negative prompts, as typed: the references neither clean them nor give them a system prompt), padded
+        to one length bucket."""
         config = self.text_encoder.config
-        ids, mask = self._tokenize(config.prepare_captions(prompt))
+        ids, mask = self._tokenize(config.prepare_captions(prompt, system_prompt))
         params = self._text_encoder_params()
         if negative_prompt is None:
             return *self._encode(params, ids, mask, caption_bucket(ids.shape[1])), None, None
@@ -466,6 +467,7 @@ class LuminaPipeline:
         strength: float = 1.0,
         region_prompts: list[str] | None = None,
         grid: tuple[int, int] | None = None,
+        system_prompt: str | None = None,
         options: sampling.SamplerOptions | None = None,
         **sampler_options,
     ) -> LuminaPipelineOutput:
@@ -494,7 +496,10 @@ class LuminaPipeline:
         one caption per cell of a `grid` (rows, cols; default one row), numbered row by row, each cell's
         image tokens attending to their own caption only; `prompt` is the global caption (its mean
         conditions the model, as the original's). Next-DiT only; the same regions for every prompt. New
-        captions of the same lengths reuse the compiled programs."""
+        captions of the same lengths reuse the compiled programs.
+
+        `system_prompt` (Lumina-Image 2.0, as Lumina2Pipeline's): the text each prompt follows, instead of
+        the default (`models.gemma2.SYSTEM_PROMPTS["real"]`; the original's other ones are there too)."""
         self._check_can_sample()
         options = _sampler_options(options, sampler_options)
         image = _read_images(image)
@@ -521,6 +526,7 @@ class LuminaPipeline:
                 strength=strength,
                 region_prompts=region_prompts,
                 grid=grid,
+                system_prompt=system_prompt,
             )
         except ValueError as e:
             if image is None or "height and width" not in str(e):
@@ -539,6 +545,7 @@ class LuminaPipeline:
             grid=grid,
             height=height,
             width=width,
+            system_prompt=system_prompt,
         )
         latents, options = self.prepare_latents(
             conditioning.images(options.guided),
@@ -569,6 +576,7 @@ class LuminaPipeline:
         strength: float = 1.0,
         region_prompts: list[str] | None = None,
         grid: tuple[int, int] | None = None,
+        system_prompt: str | None = None,
     ) -> None:
         """Raise TypeError or ValueError, before any work, for arguments of `__call__` it cannot draw with."""
         if image is None and strength != 1.0:
@@ -589,6 +597,10 @@ class LuminaPipeline:
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         _check_texts("negative_prompt", negative_prompt)
+        if system_prompt is not None:
+            if not isinstance(system_prompt, str):
+                raise TypeError(f"system_prompt must be a string, got {system_prompt!r:.80}")
+            self.text_encoder.config.prepare_captions([], system_prompt)  # a family without one says so
         if options.context_drop != 1:  # its windows must tile the token grid
             self.check_size(height, width, context_drop=options.context_drop)
         _checked_seed(seed)
@@ -612,6 +624,7 @@ class LuminaPipeline:
         grid: tuple[int, int] | None = None,
         height: int | None = None,
         width: int | None = None,
+        system_prompt: str | None = None,
     ) -> Conditioning:
         """The sampler's caption rows: the prompts' features (`encode_prompt`), or the embeddings given,
         each prompt's repeated for its images; guided (guidance_scale > 1), then each image's negative
@@ -627,7 +640,7 @@ class LuminaPipeline:
                     raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
             cells = list(region_prompts or [])  # encoded with the prompts: one caption length for all
             negatives = None if negatives is None else negatives + [""] * len(cells)
-            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts + cells, negatives)
+            embeds, mask, neg_embeds, neg_mask = self.encode_prompt(prompts + cells, negatives, system_prompt)
             if cells:
                 cell_embeds, cell_mask = np.asarray(embeds[len(prompts) :]), np.asarray(mask[len(prompts) :])
                 embeds, mask = embeds[: len(prompts)], mask[: len(prompts)]

@@ -15,6 +15,7 @@ from reference import build_tokenizer, random_vae, randomize_, relative_error
 from transformers import Gemma2Config, Gemma2Model
 
 from lumina_jax.cli.sample import main as sample_main
+from lumina_jax.models.gemma import GemmaConfig
 from lumina_jax.models.gemma2 import SYSTEM_PROMPTS, Gemma2Encoder
 from lumina_jax.models.lumina2 import UnifiedNextDiT
 from lumina_jax.pipeline import LuminaPipeline
@@ -23,7 +24,7 @@ PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, hi
 NEGATIVE = "blurry, low quality"
 # longer than either prompt with its system prompt: diffusers' Lumina2Pipeline does not cut negatives to the prompts
 LONG_NEGATIVE = " ".join(["ugly distorted blurry noisy dark washed out"] * 8)
-CORPUS = PROMPTS + [NEGATIVE, LONG_NEGATIVE, SYSTEM_PROMPTS["real"] + " <Prompt Start>"]
+CORPUS = PROMPTS + [NEGATIVE, LONG_NEGATIVE, SYSTEM_PROMPTS["real"] + " <Prompt Start>", SYSTEM_PROMPTS["align"]]
 BOUND = 1e-5  # float32, relative, the whole sampler's latents
 
 
@@ -102,6 +103,9 @@ CASES = {
         height=64, width=96, guidance_scale=4.0, negative_prompt=NEGATIVE, num_inference_steps=4, cfg_trunc_ratio=0.7
     ),
     "no_guidance": dict(height=64, width=96, guidance_scale=1.0, num_inference_steps=3),
+    "another_system_prompt": dict(
+        height=64, width=96, guidance_scale=4.0, num_inference_steps=3, system_prompt=SYSTEM_PROMPTS["align"]
+    ),
 }
 
 
@@ -154,10 +158,14 @@ def test_unsupported_scheduler_options_are_named(lumina2, tmp_path):
         LuminaPipeline.from_pretrained(tmp_path / "karras", "float32", progress=False)
 
 
-def test_cfg_trunc_ratio_must_be_a_ratio(lumina2):
+def test_cfg_trunc_ratio_and_system_prompt_are_checked(lumina2):
     _, _, ours = lumina2
     with pytest.raises(ValueError, match="cfg_trunc_ratio must be >= 0"):
         ours(prompt=PROMPTS[0], height=64, width=64, cfg_trunc_ratio=float("nan"))
+    with pytest.raises(TypeError, match="system_prompt must be a string"):
+        ours(prompt=PROMPTS[0], height=64, width=64, system_prompt=["real"])
+    with pytest.raises(ValueError, match="system_prompt is Lumina-Image 2.0's .* Lumina-Next's captions have none"):
+        GemmaConfig().prepare_captions(PROMPTS, "You are an assistant")
 
 
 def test_sample_command_draws_lumina_image_2(lumina2, tmp_path, capsys):

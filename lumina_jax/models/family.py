@@ -83,8 +83,9 @@ class TextEncoderConfig(Protocol):
 
     negatives_cut_to_prompts: ClassVar[bool]  # each negative prompt cut to its prompt's length, as the reference
 
-    def prepare_captions(self, texts: list[str]) -> list[str]:
-        """Captions as the family's reference feeds them to its tokenizer."""
+    def prepare_captions(self, texts: list[str], system_prompt: str | None = None) -> list[str]:
+        """Captions as the family's reference feeds them to its tokenizer; system_prompt (Lumina-Image 2.0's)
+        replaces the default one, a ValueError for a family without."""
 
     def load_tokenizer(self, folder):
         """The tokenizer in `folder`, set up as the family's reference sets it up."""

@@ -71,10 +71,12 @@ class GemmaConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["GemmaModel"], "model_type": "gemma", **dataclasses.asdict(self)}
 
-    def prepare_captions(self, texts: list[str]) -> list[str]:
+    def prepare_captions(self, texts: list[str], system_prompt: str | None = None) -> list[str]:
         """Lower-cased and stripped: diffusers cleans Lumina-Next's captions (clean_caption=True) only when
         beautifulsoup4 and ftfy are installed; lumina-jax depends on neither, so this is diffusers' behaviour
         without them."""
+        if system_prompt is not None:
+            raise ValueError("system_prompt is Lumina-Image 2.0's (Gemma-2); Lumina-Next's captions have none")
         return [t.lower().strip() for t in texts]
 
     def load_tokenizer(self, folder):

@@ -120,10 +120,12 @@ class Gemma2Config:
             "layer_types": list(values["layer_types"]),
         }
 
-    def prepare_captions(self, texts: list[str]) -> list[str]:
-        """Each caption after the default system prompt, as diffusers' Lumina2Pipeline and the original's
-        default (--system_type real) write it; as typed otherwise (neither cleans nor lower-cases)."""
-        return [SYSTEM_PROMPTS["real"] + PROMPT_START + t for t in texts]
+    def prepare_captions(self, texts: list[str], system_prompt: str | None = None) -> list[str]:
+        """Each caption after the system prompt (default: the original's --system_type real, diffusers'
+        default), as diffusers' Lumina2Pipeline and the original write it; as typed otherwise (neither cleans
+        nor lower-cases)."""
+        system_prompt = SYSTEM_PROMPTS["real"] if system_prompt is None else system_prompt
+        return [system_prompt + PROMPT_START + t for t in texts]
 
     def load_tokenizer(self, folder):
         """Gemma-2's tokenizer padding on the right, as both references set it (its own default is the left)."""

@@ -64,8 +64,10 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["LlamaModel"], "model_type": "llama", **dataclasses.asdict(self)}
 
-    def prepare_captions(self, texts: list[str]) -> list[str]:
-        """As typed: Lumina-T2I's demo encodes captions so."""
+    def prepare_captions(self, texts: list[str], system_prompt: str | None = None) -> list[str]:
+        """As typed: Lumina-T2I's demo encodes captions so (without a system prompt)."""
+        if system_prompt is not None:
+            raise ValueError("system_prompt is Lumina-Image 2.0's (Gemma-2); Lumina-T2I's captions have none")
         return texts
 
     def load_tokenizer(self, folder):
