@@ -43,12 +43,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from lumina_jax import hub, regions, sampling
-from lumina_jax.models import flagdit
+from lumina_jax.models import flagdit, lumina2
 from lumina_jax.models.family import TextEncoderConfig, Transformer, TransformerConfig
 from lumina_jax.models.gemma import GEMMA_2B
+from lumina_jax.models.gemma2 import GEMMA_2_2B
 from lumina_jax.models.llama import LLAMA_2_7B
 from lumina_jax.models.nextdit import PRESETS
-from lumina_jax.models.vae import SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
+from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
@@ -66,6 +67,7 @@ RELEASED = {
     "lumina-next-sft": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
     "lumina-next-t2i": (PRESETS["NextDiT_2B_GQA_patch2"], GEMMA_2B, SDXL_VAE),
     "lumina-t2i": (flagdit.PRESETS["DiT_Llama_5B_patch2"], LLAMA_2_7B, SDXL_VAE),
+    "lumina-image-2.0": (lumina2.PRESETS["NextDiT_2B_GQA_patch2_Adaln_Refiner"], GEMMA_2_2B, FLUX_VAE),
 }
 
 
@@ -73,7 +75,8 @@ def released_architecture(
     name: str | Path,
 ) -> tuple[TransformerConfig, TextEncoderConfig, AutoencoderKLConfig] | None:
     """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers",
-    "lumina-t2i" or by a download folder of such a name that is not there; None for any other name."""
+    "lumina-t2i", "Alpha-VLLM/Lumina-Image-2.0" or by a download folder of such a name that is not there;
+    None for any other name."""
     if Path(name).exists():
         return None
     return RELEASED.get(Path(name).name.lower().removesuffix("-diffusers"))

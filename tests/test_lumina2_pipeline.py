@@ -168,6 +168,17 @@ def test_cfg_trunc_ratio_and_system_prompt_are_checked(lumina2):
         GemmaConfig().prepare_captions(PROMPTS, "You are an assistant")
 
 
+def test_the_released_pipeline_lowers_without_weights():
+    """LuminaPipeline.abstract knows the released architecture by its hub id: every program of a 1024 px call
+    (guided, truncated) lowers, the 2B transformer's parameters as shapes only."""
+    pipe = LuminaPipeline.abstract("Alpha-VLLM/Lumina-Image-2.0")
+    assert isinstance(pipe.transformer, UnifiedNextDiT) and pipe.transformer.config.hidden_size == 2304
+    assert pipe.vae.config.latent_channels == 16 and pipe.default_sample_size == 1024
+    programs = pipe.lower(height=1024, width=768, guidance_scale=4.0, cfg_trunc_ratio=0.5)
+    assert sorted(programs) == ["decoder", "noise", "sampler", "text_encoder"]
+    assert programs["sampler"][0].out_info.shape == (1, 16, 128, 96)
+
+
 def test_sample_command_draws_lumina_image_2(lumina2, tmp_path, capsys):
     folder, _, ours = lumina2
     args = ["--model", str(folder), "--prompt", PROMPTS[1], "--height", "64", "--width", "96", "--steps", "3"]

@@ -68,7 +68,7 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         help="pipeline folder (diffusers layout or from `lumina-convert`) or a hub id, e.g. "
         "Alpha-VLLM/Lumina-Next-SFT-diffusers (default: the small "
         "digits model shipped with lumina-jax, 32x32 px); with --compile-only, a folder of "
-        "config files is enough, or a released name: lumina-next-sft",
+        "config files is enough, or a released name: lumina-next-sft, lumina-t2i, lumina-image-2.0",
     )
     parser.add_argument("--revision", help="hub id: the branch, tag or commit to download (default: main)")
     prompts = parser.add_mutually_exclusive_group()
