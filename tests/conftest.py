@@ -23,8 +23,15 @@ def hub_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def compilation_cache(tmp_path_factory):
-    """The commands' persistent compilation cache (`cli.use_compilation_cache`) in a folder of the session:
-    commands called in-process, and the subprocesses they start, never write the user's ~/.cache."""
+    """The commands' persistent compilation cache (`cli.use_compilation_cache`) in a folder of the session, so
+    the commands tests start as subprocesses never write the user's ~/.cache. Commands called in-process
+    leave it off: JAX's cache is process-wide, so it would then store every later test's programs too, and
+    its writes have crashed the suite there (a segfault in compilation_cache.put_executable_and_time)."""
+    # Imported here, after collection: test modules set XLA_FLAGS and TPU variables before JAX loads.
+    from lumina_jax.cli import sample, train
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LUMINA_JAX_CACHE", str(tmp_path_factory.mktemp("lumina-jax-cache")))
+        for command in (sample, train):
+            patch.setattr(command, "use_compilation_cache", lambda: None)
         yield
