@@ -96,6 +96,8 @@ def test_unrolled_and_rematerialised_layers_match_scan(saved_transformer):
         )
 
 
+# Five backward passes each: the two small configs (the released widths' forward is checked above).
+@pytest.mark.parametrize("saved_transformer", ["tiny", "odd"], indirect=True)
 def test_remat_policies_give_the_loss_and_gradients_of_no_remat(saved_transformer):
     """Rematerialisation only changes what the backward pass recomputes, and "offload" where it keeps the
     layer inputs: in host memory, in JAX's program. On the CPU the host's memory is the device's, so the
