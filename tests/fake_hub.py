@@ -11,6 +11,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 def cache_repo(cache: Path, repo_id: str, source: Path, *, revision: str = REVISION, ref: str = "main") -> Path:
     """Put `source`'s files in the cache as a download lays them out: content-addressed blobs, the
     snapshot of symlinks to them, and `ref` naming the commit. Returns the snapshot folder."""
+    source = Path(source)  # a local folder; `loop.train` returns exports as etils paths, whose rglob refuses "**"
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / revision
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
