@@ -89,10 +89,12 @@ def caption_tokens(cache: LatentCache) -> int:
     return caption_bucket(int(cache.caption_lengths.max()))
 
 
-def load_batch(cache: LatentCache, plan: BatchPlan, step: int, rows: slice) -> dict[str, np.ndarray]:
+def load_batch(
+    cache: LatentCache, plan: BatchPlan, step: int, rows: slice, caption_length: int | None = None
+) -> dict[str, np.ndarray]:
     """This process's `rows` of global batch `step`: scaled latent samples and captions padded to the run's
-    `caption_tokens`."""
-    length = caption_tokens(cache)
+    `caption_tokens` (`caption_length`, when the caller has it: a scan of every caption a batch otherwise)."""
+    length = caption_length or caption_tokens(cache)
     latents, captions, masks = [], [], []
     for index in plan(step)[rows]:
         item = cache[int(index)]
@@ -150,7 +152,7 @@ def make_batches(
     per_process = global_batch_size // process_count
     rows = slice(process_index * per_process, (process_index + 1) * per_process)
     steps = grain.MapDataset.range(sys.maxsize)  # endless: step i is read as batch i
-    batches = steps.map(functools.partial(load_batch, cache, plan, rows=rows))
+    batches = steps.map(functools.partial(load_batch, cache, plan, rows=rows, caption_length=caption_tokens(cache)))
     if tokens is not None:
         length = BatchShape.of(cache, tokens).image_tokens
         batches = batches.map(functools.partial(host_tokens, transformer=tokens, length=length))
