@@ -4,12 +4,14 @@ python tests/checkpoint_checks.py meshes DIR   (XLA_FLAGS=--xla_force_host_platf
     saves a training state laid out for fsdp=8, restores it under data=2 x fsdp=4 and onto one
     device; prints the measurements as JSON.
 python tests/checkpoint_checks.py saving DIR
-    saves step 1 (unless DIR holds it) and waits for it, starts an asynchronous save of a large step 2,
-    prints SAVING_MARKER and waits for the save, then prints SAVED_MARKER: a test kills the process
-    before the save completes, or opens DIR beside it.
+    saves step 1 (unless DIR holds it) and waits for it, then saves step 2 asynchronously and holds it at
+    its last act, the rename of its written temporary folder: prints SAVING_MARKER there and waits for a
+    line on stdin before renaming, then prints SAVED_MARKER. A test kills the process at that moment (every
+    byte of step 2 written, nothing committed), or opens DIR beside the held save.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -22,10 +24,9 @@ from lumina_jax import sharding
 from lumina_jax.training.checkpoint import Checkpointer, PreemptionWatcher, abstract_train_state
 from lumina_jax.training.step import ClippedAdamW
 
-SAVING_MARKER = "step 2 is being saved"
+SAVING_MARKER = "step 2 is written, not yet renamed"
 SAVED_MARKER = "step 2 saved"
 READY_MARKER = "stepping"
-LARGE_STATE_BYTES = 512 * 2**20
 RESTORE_MESHES = {"data2_fsdp4": dict(data=2, fsdp=4), "one_device": None}
 
 
@@ -38,21 +39,22 @@ def small_state(seed: int = 1) -> dict:
     }
 
 
-def large_state() -> dict:
-    """Large and incompressible (Orbax compresses), so that writing it takes seconds: far longer than
-    the parent needs to kill the process once it reads the marker."""
-    rng = np.random.default_rng(0)
-    chunk = 64 * 2**20
-    weights = [jnp.asarray(np.frombuffer(rng.bytes(chunk), np.uint32)) for _ in range(LARGE_STATE_BYTES // chunk)]
-    return {"weights": weights, "count": jnp.int32(2)}
-
-
 def saving(directory: str) -> None:
     checkpointer = Checkpointer(directory)
     checkpointer.save(1, small_state())
     checkpointer.wait_until_finished()
-    checkpointer.save(2, large_state())  # returns when the arrays are copied; the writing goes on
-    print(SAVING_MARKER, flush=True)
+    # Hold step 2 where a kill does the most harm, between its last byte and its rename: the same moment
+    # on any machine, where a race with the writing thread would depend on the machine's speed
+    rename = os.rename
+
+    def held_rename(source, target, *args, **kwargs):
+        if os.path.basename(target) == "2":
+            print(SAVING_MARKER, flush=True)
+            sys.stdin.readline()
+        return rename(source, target, *args, **kwargs)
+
+    os.rename = held_rename
+    checkpointer.save(2, small_state(seed=2))
     checkpointer.wait_until_finished()
     print(SAVED_MARKER, flush=True)
 

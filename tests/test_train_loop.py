@@ -339,25 +339,22 @@ def test_export_replaces_only_an_earlier_export_and_with_overwrite(base, tmp_pat
 
 def test_an_export_beside_a_save_in_flight_leaves_the_save_whole(base, tmp_path):
     """python -m train export mid-run reads the checkpoints and deletes nothing: the training's save in
-    flight (here frozen, so that the export surely runs while it is a temporary folder) completes."""
+    flight (here held before its rename, so that the export surely runs while it is a temporary folder) completes."""
     workdir = tmp_path / "run"
     run(base, workdir, steps=1)  # a checkpoint of step 1
     checkpoints = workdir / "checkpoints"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, checkpoint_checks.__file__, "saving", str(checkpoints)]
-    saving = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    saving = subprocess.Popen(
+        command, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert saving.stdout.readline().strip() == checkpoint_checks.SAVING_MARKER, saving.stderr.read()[-3000:]
-        deadline = time.monotonic() + 60
-        while not [p for p in checkpoints.iterdir() if p.name.startswith("2.")] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        saving.send_signal(signal.SIGSTOP)
-        (in_flight,) = [p for p in checkpoints.iterdir() if p.name.startswith("2.")]
+        (in_flight,) = [p for p in checkpoints.iterdir() if p.name.startswith("2.")]  # held before its rename
         config_file = write_config_file(dataclasses.replace(base, workdir=str(workdir)), tmp_path / "tiny.py")
         assert train_main(["export", "--config", config_file, "--step", "1", "--out", str(tmp_path / "out")]) == 0
         assert in_flight.is_dir()
-        saving.send_signal(signal.SIGCONT)
-        stdout, stderr = saving.communicate(timeout=300)
+        stdout, stderr = saving.communicate("rename\n", timeout=300)  # let the save finish
     finally:
         saving.kill()
     assert saving.returncode == 0 and checkpoint_checks.SAVED_MARKER in stdout, stderr[-3000:]
