@@ -486,7 +486,9 @@ class LuminaPipeline:
         (`schedule="shifted"` on Lumina-Next: 4, as its demo). cfg_trunc_ratio and cfg_normalization are
         Lumina2Pipeline's and mean the same for every family: guidance only at the steps i (from 0) with
         (i + 1) / num_inference_steps <= cfg_trunc_ratio, and the guided velocity rescaled to the
-        conditional one's norm over the latents' last axis (on by default for Lumina-Image 2.0 only).
+        conditional one's norm over the latents' last axis (on by default for Lumina-Image 2.0 only). The
+        original Lumina-Image 2.0 sampler's are cfg_trunc and renorm_cfg (`sampling.SamplerOptions`; its whole
+        recipe: `models.lumina2.ORIGINAL_SAMPLING`).
 
         Image-to-image, as the original Lumina-Next's sample_img2img.py: `image` (one for every prompt, or
         a list of one per prompt; PIL images, file names or [H, W, 3] arrays) is resized to height x width
@@ -841,7 +843,7 @@ class LuminaPipeline:
         schedule, scaling_watershed = self._sampler(
             options.schedule, options.num_inference_steps, options.shift, options.scaling_watershed, options.sigmas
         )
-        defaults = self.sampler_defaults()
+        defaults = self.sampler_defaults(options.renorm_cfg)
         guidance = {
             name: defaults.get(name, False) if getattr(options, name) is None else getattr(options, name)
             for name in ("cfg_all_channels", "cfg_normalization")
@@ -868,10 +870,12 @@ class LuminaPipeline:
         with self._on_mesh():
             return _encode_image(*self._vae_split, pixels.astype(self.vae.dtype), noise)
 
-    def sampler_defaults(self) -> dict:
+    def sampler_defaults(self, renorm_cfg: float = 0.0) -> dict:
         """How the family's reference samples (its schedule and watershed): Lumina-Next as diffusers does,
-        Lumina-T2I as its demo does (the transformer config's `sampler_defaults`)."""
-        return self.transformer.config.sampler_defaults()
+        Lumina-T2I as its demo does (the transformer config's `sampler_defaults`). With the original Lumina-Image
+        2.0 sampler's cap (renorm_cfg > 0) no diffusers renormalisation: the cap replaces it."""
+        defaults = self.transformer.config.sampler_defaults()
+        return defaults | dict(cfg_normalization=False) if renorm_cfg > 0 else defaults
 
     def _sampler(
         self, schedule, num_steps, shift, scaling_watershed, sigmas=None

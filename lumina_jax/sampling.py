@@ -3,7 +3,7 @@
 Model time t runs from 0 (noise) to 1 (data) and the model predicts the velocity dx/dt. A schedule
 is the list of steps (start time, step size); the solver integrates over them inside a
 `lax.fori_loop`. Classifier-free guidance doubles the batch ([cond, uncond], as diffusers orders
-it); with CFG truncation (Lumina-Image 2.0) the steps after the cut run the conditional half alone.
+it); with CFG truncation (Lumina-Image 2.0) the model calls after the cut run the conditional half alone.
 Resolution extrapolation follows Lumina-Next's time-aware scaled RoPE: both RoPE tables (linear and
 NTK scaled) are computed once, and each step picks one by comparing t with
 `scaling_watershed`. Guidance scale, prompt embeddings and latents are traced: changing them never
@@ -136,8 +136,9 @@ class SamplerOptions:
     `sample` alike. Names as diffusers' LuminaPipeline.__call__ (and Lumina2Pipeline's) where it has them.
     schedule, shift, scaling_watershed, cfg_all_channels and cfg_normalization None: the model family's
     (`LuminaPipeline.sampler_defaults`; shift also the scheduler config's; the sampler alone reads the two
-    cfg_ ones None as False). guidance_scale, scaling_watershed, cfg_trunc_ratio and first_step are traced
-    values of the compiled sampler: a new one reuses its program (a first cfg_trunc_ratio < 1 compiles one)."""
+    cfg_ ones None as False). guidance_scale, scaling_watershed, cfg_trunc_ratio, cfg_trunc, renorm_cfg and
+    first_step are traced values of the compiled sampler: a new one reuses its program (a first truncation or cap
+    compiles one)."""
 
     guidance_scale: float = 4.0  # > 1: classifier-free guidance, the batch doubled ([cond, uncond])
     num_inference_steps: int = 30
@@ -150,6 +151,11 @@ class SamplerOptions:
     cfg_all_channels: bool | None = None  # guide every channel, not 0..2 as Lumina-Next's and Lumina-T2I's samplers
     cfg_trunc_ratio: float = 1.0  # guidance at step i (from 0) only while (i + 1) / num_inference_steps <= this
     cfg_normalization: bool | None = None  # guided velocity rescaled to the conditional one's norm over the last axis
+    # The original Lumina-Image 2.0 sampler's (forward_with_cfg) guidance options: guidance only at model calls whose
+    # time t < cfg_trunc (1 or more: at every call), and the guided velocity capped at renorm_cfg times the
+    # conditional one's norm over each whole sample (0: no cap; excludes cfg_normalization)
+    cfg_trunc: float = 1.0
+    renorm_cfg: float = 0.0
     context_drop: int = 1  # > 1: the paper's Context Drop, an approximation (`NextDiT.__call__`)
     first_step: int = 0  # the schedule's step to start from (image-to-image)
 
@@ -159,6 +165,14 @@ class SamplerOptions:
         if not (math.isfinite(self.cfg_trunc_ratio) and self.cfg_trunc_ratio >= 0):
             raise ValueError(
                 f"cfg_trunc_ratio must be >= 0 (1 or more: guidance at every step), got {self.cfg_trunc_ratio}"
+            )
+        for name in ("cfg_trunc", "renorm_cfg"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        if self.renorm_cfg > 0 and self.cfg_normalization:
+            raise ValueError(
+                "cfg_normalization (diffusers') and renorm_cfg (the original sampler's) both rescale the guided "
+                "velocity: choose one"
             )
         if self.sigmas is not None:  # a list, as diffusers takes them, kept as a tuple: hashable
             object.__setattr__(self, "sigmas", tuple(self.sigmas))
@@ -186,6 +200,7 @@ def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float
         "context_drop",
         "cfg_truncation",
         "cfg_normalization",
+        "capped",
     ),
 )
 def _integrate(
@@ -200,6 +215,8 @@ def _integrate(
     scaling_watershed,
     first_step,
     guided_steps,
+    cfg_trunc,
+    renorm_cfg,
     caption_regions,
     *,
     solver,
@@ -209,6 +226,7 @@ def _integrate(
     context_drop,
     cfg_truncation,
     cfg_normalization,
+    capped,
 ):
     model = nnx.merge(graphdef, params)
     batch, channels, height, width = latents.shape
@@ -240,10 +258,15 @@ def _integrate(
         cond, uncond = out[:batch], out[batch:]
         mixed = uncond + guidance_scale * (cond - uncond)
         mixed = cond.at[:, :guided_channels].set(mixed[:, :guided_channels])
-        if not cfg_normalization:
-            return mixed
-        # diffusers' Lumina2Pipeline: back to the conditional velocity's norm over the last (width) axis
-        return mixed * (jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(mixed, axis=-1, keepdims=True))
+        if cfg_normalization:  # diffusers' Lumina2Pipeline: back to the conditional velocity's norm over the last axis
+            return mixed * (
+                jnp.linalg.norm(cond, axis=-1, keepdims=True) / jnp.linalg.norm(mixed, axis=-1, keepdims=True)
+            )
+        if capped:  # the original's: down to renorm_cfg times the conditional velocity's norm over the whole sample
+            cap = renorm_cfg * jnp.linalg.vector_norm(cond, axis=(1, 2, 3), keepdims=True)
+            norm = jnp.linalg.vector_norm(mixed, axis=(1, 2, 3), keepdims=True)
+            return jnp.where(norm >= cap, mixed * (cap / norm), mixed)
+        return mixed
 
     unguided_velocity = conditioned(slice(0, batch)) if cfg_truncation else everything
 
@@ -253,8 +276,9 @@ def _integrate(
             return unguided_velocity(x, t, rope)
         if not cfg_truncation:
             return guided_velocity(x, t, rope)
-        # past the cut the unconditional half is not run at all, as diffusers skips it
-        return jax.lax.cond(i < guided_steps, guided_velocity, unguided_velocity, x, t, rope)
+        # past the cut the unconditional half is not run at all, as both references skip it: diffusers' cut is by
+        # step, the original's by the model time of each call (a midpoint step's two calls may fall either side)
+        return jax.lax.cond((i < guided_steps) & (t < cfg_trunc), guided_velocity, unguided_velocity, x, t, rope)
 
     def step(i, x):
         t, dt = times[i], steps[i]
@@ -336,6 +360,8 @@ def _integrate_arguments(
         np.float32(options.scaling_watershed),
         np.int32(options.first_step),
         np.int32(guided_steps),
+        np.float32(options.cfg_trunc),
+        np.float32(options.renorm_cfg),
         caption_regions,
     )
     static = dict(
@@ -344,7 +370,8 @@ def _integrate_arguments(
         base_sequence_length=model.config.base_sequence_length if options.proportional_attn else None,
         scale=resolution_scale(model, height, width),
         context_drop=options.context_drop,
-        cfg_truncation=options.guided and guided_steps < num_steps,
+        cfg_truncation=options.guided and (guided_steps < num_steps or options.cfg_trunc < 1),
         cfg_normalization=bool(options.cfg_normalization),
+        capped=options.renorm_cfg > 0,
     )
     return args, static

@@ -1,7 +1,9 @@
 """Unified Next-DiT against the original Lumina-Image 2.0 code: a tiny checkpoint in its own layout, every
-parameter random, and its outputs (tests/fixtures/lumina2_original_tiny/, written by
-tests/fixtures/make_lumina2_original_tiny.py), loaded through the real import path."""
+parameter random, its outputs and what the original sampler draws with it (tests/fixtures/lumina2_original_tiny/,
+written by tests/fixtures/make_lumina2_original_tiny.py), loaded through the real import path."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,10 +13,13 @@ from reference import relative_error
 
 from lumina_jax import load_transformer
 from lumina_jax.models.dit_blocks import unpatchify
+from lumina_jax.sampling import SamplerOptions, sample, shifted_schedule
 from lumina_jax.weights.nextdit import convert_transformer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lumina2_original_tiny"
 FLOAT32_BOUND = 1e-5
+SAMPLING = dict(np.load(FIXTURE / "sampling.npz"))
+SAMPLING_CASES = json.loads(str(SAMPLING.pop("cases")))  # the original sampler's settings, case by case
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,38 @@ def test_converted_to_our_format_it_computes_the_same(model_and_io, tmp_path):
     assert converted.config == model.config
     args = [jnp.asarray(io[f"a_{k}"]) for k in ("x", "t", "cap", "cap_mask")]
     np.testing.assert_array_equal(np.asarray(converted(*args)), np.asarray(model(*args)))
+
+
+def original_sampler(case: dict, **changes) -> tuple:
+    """The schedule and options that reproduce the original sampler's settings: its grid of `points` is
+    points - 1 steps; guidance on every channel, no diffusers renormalisation."""
+    options = SamplerOptions(
+        guidance_scale=case["cfg_scale"],
+        solver=case["solver"],
+        cfg_trunc=case["cfg_trunc"],
+        renorm_cfg=case["renorm_cfg"],
+        cfg_all_channels=True,
+        cfg_normalization=False,
+        scaling_watershed=1.0,
+    )
+    return shifted_schedule(case["points"] - 1, shift=case["t_shift"]), dataclasses.replace(options, **changes)
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_CASES))
+def test_the_original_sampler_is_reproduced(model_and_io, name):
+    model, _ = model_and_io
+    io = SAMPLING
+    inputs = jnp.asarray(io["noise"]), jnp.asarray(io["cap"]), jnp.asarray(io["cap_mask"])
+    case = SAMPLING_CASES[name]
+    assert relative_error(sample(model, *inputs, *original_sampler(case)), io[name]) <= FLOAT32_BOUND
+    # each of the original's guidance options changes the result here, so the match above proves it
+    if case["cfg_trunc"] < 1:
+        assert relative_error(sample(model, *inputs, *original_sampler(case, cfg_trunc=1.0)), io[name]) > 1e-3
+    if case["renorm_cfg"] > 0:
+        assert relative_error(sample(model, *inputs, *original_sampler(case, renorm_cfg=0.0)), io[name]) > 1e-3
+
+
+def test_the_original_guidance_options_are_checked():
+    for bad in (dict(cfg_trunc=-0.1), dict(renorm_cfg=float("nan")), dict(renorm_cfg=1.0, cfg_normalization=True)):
+        with pytest.raises(ValueError, match="cfg_trunc|renorm_cfg"):
+            SamplerOptions(**bad)

@@ -17,7 +17,7 @@ from transformers import Gemma2Config, Gemma2Model
 from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.gemma import GemmaConfig
 from lumina_jax.models.gemma2 import SYSTEM_PROMPTS, Gemma2Encoder
-from lumina_jax.models.lumina2 import UnifiedNextDiT
+from lumina_jax.models.lumina2 import ORIGINAL_SAMPLING, UnifiedNextDiT
 from lumina_jax.pipeline import LuminaPipeline
 
 PROMPTS = ["A red fox in the snow", "an astronaut riding a horse on the moon, highly detailed, golden light"]
@@ -193,3 +193,37 @@ def test_sample_command_draws_lumina_image_2(lumina2, tmp_path, capsys):
     record = json.loads((tmp_path / "index.jsonl").read_text())
     assert record["schedule"] == "lumina2" and record["cfg_all_channels"] is True
     assert record["cfg_trunc_ratio"] == 0.5 and record["cfg_normalization"] is False
+
+
+def test_sample_command_samples_as_the_original_repository(lumina2, tmp_path, capsys):
+    """The original sampler by flags (models.lumina2.ORIGINAL_SAMPLING's, with 3 steps and a truncation here) and one
+    of the original's system prompts by name draw what the pipeline draws with those keywords."""
+    folder, _, ours = lumina2
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--height", "64", "--width", "64", "--steps", "3"]
+    original = [
+        "--schedule",
+        "shifted",
+        "--shift",
+        "6",
+        "--solver",
+        "midpoint",
+        "--renorm-cfg",
+        "1",
+        "--cfg-trunc",
+        "0.5",
+    ]
+    command = [*args, *original, "--system-prompt", "align", "--dtype", "float32", "--out", str(tmp_path)]
+    assert sample_main(command) == 0
+    settings = ORIGINAL_SAMPLING | dict(num_inference_steps=3, cfg_trunc=0.5, system_prompt=SYSTEM_PROMPTS["align"])
+    expected = ours(prompt=PROMPTS[0], height=64, width=64, output_type="np", **settings).images
+    image = np.asarray(Image.open(tmp_path / "00000_0.png"), np.float32) / 255
+    assert np.abs(image - expected[0]).max() <= 1 / 255
+    record = json.loads((tmp_path / "index.jsonl").read_text())
+    assert record["renorm_cfg"] == 1.0 and record["cfg_normalization"] is False and record["cfg_trunc"] == 0.5
+    assert record["system_prompt"] == SYSTEM_PROMPTS["align"]
+    # the default sampler draws another image: the flags took effect
+    diffusers_default = ours(prompt=PROMPTS[0], height=64, width=64, output_type="np", num_inference_steps=3).images
+    assert np.abs(diffusers_default[0] - expected[0]).max() > 0.05
+    with pytest.raises(SystemExit):
+        sample_main([*args, "--renorm-cfg", "1", "--cfg-normalization", "--out", str(tmp_path)])
+    assert "choose one" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from PIL import Image
 from lumina_jax import jobs, sampling
 from lumina_jax.assets import DIGITS_MODEL
 from lumina_jax.cli import fail, use_compilation_cache
+from lumina_jax.models.gemma2 import SYSTEM_PROMPTS
 
 # transformers' notice that PyTorch is missing speaks to users of its models; we use its tokenizers only.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -58,6 +59,12 @@ def number(accept, expected: str):
 guidance = number(lambda v: v >= 0, "a number >= 0 (1 or less turns guidance off)")
 positive_float = number(lambda v: v > 0, "a number > 0")
 fraction = number(lambda v: 0 <= v <= 1, "a number from 0 to 1")
+non_negative = number(lambda v: v >= 0, "a number >= 0")
+
+
+def system_prompt(text: str) -> str:
+    """--system-prompt: a name of the original's system prompts, else the text itself."""
+    return SYSTEM_PROMPTS.get(text, utf8_text(text))
 
 
 def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -137,6 +144,27 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="rescale guided velocities to the conditional one's norm (default: on for Lumina-Image 2.0 only)",
+    )
+    parser.add_argument(
+        "--cfg-trunc",
+        type=non_negative,
+        default=None,
+        help="guidance only at model calls at times t < this, 0 (noise) to 1 (the original Lumina-Image 2.0 "
+        "sampler's cfg_trunc; default 1: always)",
+    )
+    parser.add_argument(
+        "--renorm-cfg",
+        type=non_negative,
+        default=None,
+        help="cap guided velocities at this many times the conditional one's norm over the whole image (the "
+        "original Lumina-Image 2.0 sampler's renorm_cfg, 1 there; replaces --cfg-normalization; default 0: no cap)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        type=system_prompt,
+        default=None,
+        help="Lumina-Image 2.0: the text before each prompt, or one of the original's by name: "
+        f"{', '.join(SYSTEM_PROMPTS)} (default: real, as diffusers)",
     )
     parser.add_argument(
         "--image",
@@ -228,6 +256,10 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         parser.error(f"argument --json: cannot write {args.json} (a folder, or its folder is missing or read-only)")
     if args.caption_length > 256:
         parser.error(f"argument --caption-length: at most 256 tokens, got {args.caption_length}")
+    if args.cfg_normalization and args.renorm_cfg:
+        parser.error(
+            "--cfg-normalization (diffusers') and --renorm-cfg (the original's) both rescale guidance: choose one"
+        )
     if args.prompts_file and not args.prompts_file.is_file():
         parser.error(f"argument --prompts-file: {args.prompts_file} is not a file")
     if args.strength is not None and args.image is None:
@@ -305,7 +337,11 @@ def compile_only(args: argparse.Namespace) -> int:
             scaling_watershed=args.scaling_watershed,
             context_drop=args.context_drop,
             cfg_normalization=args.cfg_normalization,
-            **({} if args.cfg_trunc_ratio is None else dict(cfg_trunc_ratio=args.cfg_trunc_ratio)),
+            **{
+                name: getattr(args, name)
+                for name in ("cfg_trunc_ratio", "cfg_trunc", "renorm_cfg")
+                if getattr(args, name) is not None
+            },
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         return fail(e)
@@ -374,6 +410,8 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
         todo = jobs.make_jobs(requests, defaults)
         for height, width in sorted({(job.height, job.width) for job in todo}):
             pipe.check_size(height, width, args.grid, args.context_drop)
+        if args.system_prompt is not None:
+            pipe.text_encoder.config.prepare_captions([], args.system_prompt)  # a family without one says so
     except (FileNotFoundError, PermissionError, ValueError) as e:
         if picture is not None and "height and width" in str(e):
             return fail(f"{e}; --image is {picture.width}x{picture.height}: give --height and --width to resize it")
@@ -387,10 +425,14 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
         scaling_watershed=args.scaling_watershed,
         cfg_trunc_ratio=args.cfg_trunc_ratio,
         cfg_normalization=args.cfg_normalization,
+        cfg_trunc=args.cfg_trunc,
+        renorm_cfg=args.renorm_cfg,
+        system_prompt=args.system_prompt,
     )
     settings = dict(
         solver=args.solver,
-        **pipe.sampler_defaults() | {name: value for name, value in chosen.items() if value is not None},
+        **pipe.sampler_defaults(args.renorm_cfg or 0.0)
+        | {name: value for name, value in chosen.items() if value is not None},
         context_drop=args.context_drop,
     )
     metadata = {"model": str(args.model), "dtype": args.dtype}

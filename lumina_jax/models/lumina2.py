@@ -68,6 +68,14 @@ ORIGINAL_QK_NORM_EPS = 1e-6  # the original code's (its RMSNorm's default; 1e-5 
 rope_tables = functools.cache(axis_rope_tables)
 
 
+# How the original Lumina-Image 2.0 repository samples (scripts/sample.sh, its demo's defaults): a grid of 18
+# points (17 midpoint steps) time-shifted by 6, guidance 4 on every channel, capped at the conditional velocity's
+# norm. As keywords of LuminaPipeline.__call__: pipe(prompt, **ORIGINAL_SAMPLING).
+ORIGINAL_SAMPLING = dict(
+    schedule="shifted", shift=6.0, solver="midpoint", num_inference_steps=17, guidance_scale=4.0, renorm_cfg=1.0
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class UnifiedNextDiTConfig(TransformerSizes):
     """Architecture, with the field names and defaults of diffusers' `Lumina2Transformer2DModel` config.json
