@@ -1,9 +1,8 @@
 """A run in a bucket: data, cache and workdir under gs:// on a local GCS emulator (gcp-storage-emulator, see
 gcs_emulator.py) that the tests start, reached as a real bucket is (etils.epath through gcsfs, Orbax through
-TensorStore, TensorBoard through google-cloud-storage), each pointed at the emulator by its environment variable."""
+TensorStore), each pointed at the emulator by its environment variable."""
 
 import dataclasses
-import gc
 import io
 import json
 import os
@@ -20,12 +19,14 @@ import pytest
 from etils import epath
 from flax import nnx
 from PIL import Image
+from tensorboardX import record_writer
 from test_train_loop import leaves, tensorboard_events, tiny_config, write_config_file
 
 from lumina_jax import buckets
 from lumina_jax.training import digits, loop
 from lumina_jax.training.checkpoint import Checkpointer, abstract_train_state
 from lumina_jax.training.config import TrainConfig
+from lumina_jax.training.run_log import RunLog
 from lumina_jax.weights import orbax_io
 
 BUCKET = "lumina-test"
@@ -47,7 +48,7 @@ def emulator(tmp_path_factory):
     with log.open("w") as output:
         server = subprocess.Popen([*command, "--default-bucket", BUCKET], stdout=output, stderr=output)
     settings = {
-        "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils.epath) and google-cloud-storage (tensorboardX)
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils.epath)
         "TENSORSTORE_GCS_HTTP_URL": url,  # Orbax's arrays
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore asks for no credentials then
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs would ask Google for the bucket's kind
@@ -65,7 +66,6 @@ def emulator(tmp_path_factory):
         os.environ.update(settings)
         yield f"gs://{BUCKET}"
     finally:
-        gc.collect()  # tensorboardX's writers upload again when collected: while the emulator answers
         for name, value in previous.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
         server.kill()
@@ -166,6 +166,25 @@ def test_a_run_killed_in_a_bucket_resumes_to_the_same_state(base, tmp_path):
     sample = workdir / "samples" / f"{steps:08d}" / "00000_0.png"
     pixels = [np.asarray(Image.open(io.BytesIO(png))) for png in (image.encoded_image_string, sample.read_bytes())]
     np.testing.assert_array_equal(*pixels)
+
+
+def test_the_run_log_uploads_its_events_through_the_runs_file_system(emulator, monkeypatch):
+    """TensorBoard events reach the bucket as metrics.jsonl does, through etils.epath, never tensorboardX's own
+    google-cloud-storage writer (which uploads again from its finalizer, retrying for minutes once the bucket is
+    out of reach); nothing is left in the local temporary folder."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("tensorboardX's GCS writer was used")
+
+    monkeypatch.setattr(record_writer.GCSRecordWriter, "__init__", refused)
+    workdir = epath.Path(emulator) / "run-log"
+    run_log = RunLog(workdir)
+    run_log.metrics({"step": 1, "loss": 0.5})
+    run_log.metrics({"step": 2, "loss": 0.25})
+    local = run_log.events
+    run_log.close()
+    losses = {(v.tag, e.step): v.simple_value for e in tensorboard_events(workdir) for v in e.summary.value}
+    assert losses == {("train/loss", 1): 0.5, ("train/loss", 2): 0.25} and not local.exists()
 
 
 def listing(folder: epath.Path) -> list[str]:

@@ -2,11 +2,16 @@
 and TensorBoard event files beside it (`tensorboard --logdir WORKDIR`) with the same scalars and the samples.
 
 In a bucket (gs://...), where an object cannot be appended to, metrics.jsonl is uploaded whole at each record
-(the object is replaced at once: a reader sees the old lines or the new ones), as tensorboardX uploads its
-event file whole at each flush."""
+(the object is replaced at once: a reader sees the old lines or the new ones), and so is the event file, written
+in a local temporary folder (at each record as far as tensorboardX's writing thread has gone, whole at close).
+tensorboardX would upload it itself, through google-cloud-storage rather than the file system the rest of the run
+uses, and again from its finalizer after close, retrying for minutes once the bucket is out of reach."""
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,7 +32,9 @@ class RunLog:
                 self.file, self.lines = None, self.path.read_text() if self.path.exists() else ""
             else:
                 self.file = open(self.path, "a")
-            self.board = SummaryWriter(os.fspath(workdir))
+            self.workdir = epath.Path(workdir)
+            self.events = Path(tempfile.mkdtemp(prefix="lumina-jax-events-")) if is_remote(workdir) else None
+            self.board = SummaryWriter(os.fspath(self.events or workdir))
 
     def metrics(self, record: dict) -> None:
         """One line of metrics.jsonl, and each number but the step as a TensorBoard scalar "train/NAME"."""
@@ -43,7 +50,7 @@ class RunLog:
         for name, value in record.items():
             if name != "step":
                 self.board.add_scalar(f"train/{name}", value, record["step"])
-        self.board.flush()
+        self._flush_board()
 
     def samples(self, step: int, files: list[epath.Path]) -> None:
         """The step's sample images as TensorBoard images "samples/I", I the prompt's index (2 digits)."""
@@ -53,10 +60,22 @@ class RunLog:
             with file.open("rb") as f, Image.open(f) as image:
                 pixels = np.asarray(image.convert("RGB"))
             self.board.add_image(f"samples/{index:02d}", pixels, step, dataformats="HWC")
+        self._flush_board()
+
+    def _flush_board(self) -> None:
         self.board.flush()
+        self._upload_events()
+
+    def _upload_events(self) -> None:
+        if self.events is not None:  # each event file uploaded whole
+            for file in self.events.iterdir():
+                (self.workdir / file.name).write_bytes(file.read_bytes())
 
     def close(self) -> None:
         if self.active:
             if self.file is not None:
                 self.file.close()
             self.board.close()
+            self._upload_events()
+            if self.events is not None:
+                shutil.rmtree(self.events)
