@@ -1,5 +1,7 @@
 """Fixtures shared by several test files."""
 
+import gc
+
 import huggingface_hub._snapshot_download as snapshot_module
 import pytest
 from huggingface_hub import constants
@@ -35,3 +37,14 @@ def compilation_cache(tmp_path_factory):
         for command in (sample, train):
             patch.setattr(command, "use_compilation_cache", lambda: None)
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+    """Each test file's compiled programs are freed after it: one process runs many files, and would otherwise
+    hold every file's programs to the end."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
