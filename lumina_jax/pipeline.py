@@ -432,6 +432,12 @@ class LuminaPipeline:
             embeds = _encode_text(self._text_encoder_split[0], params, ids, mask)
         return embeds, mask
 
+    def encode_texts(self, texts: list[str]) -> tuple[jax.Array, jax.Array]:
+        """Caption features and masks of texts tokenised as they are (no system prompt, no cleaning: the
+        training cache gives them the family's `training_captions`), padded to one length bucket."""
+        ids, mask = self._tokenize(texts)
+        return self._encode(self._text_encoder_params(), ids, mask, caption_bucket(ids.shape[1]))
+
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None, system_prompt: str | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
@@ -439,10 +445,11 @@ class LuminaPipeline:
         negative prompts, as typed: the references neither clean them nor give them a system prompt), padded
         to one length bucket."""
         config = self.text_encoder.config
-        ids, mask = self._tokenize(config.prepare_captions(prompt, system_prompt))
-        params = self._text_encoder_params()
+        captions = config.prepare_captions(prompt, system_prompt)
         if negative_prompt is None:
-            return *self._encode(params, ids, mask, caption_bucket(ids.shape[1])), None, None
+            return *self.encode_texts(captions), None, None
+        ids, mask = self._tokenize(captions)
+        params = self._text_encoder_params()
         if config.negatives_cut_to_prompts:
             neg_ids, neg_mask = self._tokenize_negatives(negative_prompt, mask)
         else:

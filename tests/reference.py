@@ -8,10 +8,26 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
+    LuminaNextDiT2DModel,
+    LuminaPipeline,
+)
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2Model,
+    GemmaConfig,
+    GemmaModel,
+    LlamaConfig,
+    LlamaModel,
+    LlamaTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -207,6 +223,59 @@ def random_pipeline(folder: Path, corpus: list[str], caption_dim: int = 32) -> L
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=build_tokenizer(corpus),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+def random_lumina2_pipeline(folder: Path, corpus: list[str]) -> Lumina2Pipeline:
+    """A diffusers Lumina2Pipeline of tiny random components of the released kinds (Lumina2Transformer2DModel,
+    a transformers Gemma2Model with a tokenizer, a 16-channel AutoencoderKL without quant convs and with the
+    FLUX VAE's scale and shift, FlowMatchEulerDiscreteScheduler with a shift), saved to `folder`."""
+    tokenizer = build_tokenizer(corpus)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=40,
+            intermediate_size=72,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            attn_logit_softcapping=5.0,
+        )
+    )
+    transformer = Lumina2Transformer2DModel(
+        sample_size=16,
+        in_channels=16,
+        hidden_size=64,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        cap_feat_dim=40,
+    )
+    randomize_(transformer.eval(), seed=21)
+    with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
+        transformer.norm_out.linear_2.weight.mul_(0.1)
+    pipeline = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=random_vae(
+            23,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
+        text_encoder=randomize_(text_encoder.eval(), seed=22),
+        tokenizer=tokenizer,
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(folder)

@@ -389,17 +389,15 @@ class TinyVae(nnx.Module):
         return moments[:, :4], moments[:, 4:]
 
 
-def test_pipeline_encoders_use_the_vae_posterior_and_encode_prompt():
+def test_pipeline_encoders_use_the_vae_posterior_and_the_training_captions():
     vae = TinyVae()
-    features, mask = hash_text(["a red fox", "a cat"])
+    features, mask = hash_text(["caption: a red fox", "caption: a cat"])
     pipe = SimpleNamespace(
         vae=vae,
-        encode_prompt=lambda prompts, negative: (
-            jnp.asarray(hash_text(prompts)[0]),
-            jnp.asarray(hash_text(prompts)[1]),
-            None,
-            None,
+        text_encoder=SimpleNamespace(
+            config=SimpleNamespace(training_captions=lambda texts: [f"caption: {t}" for t in texts])
         ),
+        encode_texts=lambda texts: (jnp.asarray(hash_text(texts)[0]), jnp.asarray(hash_text(texts)[1])),
     )
     encode_images, encode_text, scale, shift = pipeline_encoders(pipe)
     assert (scale, shift) == (0.25, 0.0)

@@ -1,7 +1,6 @@
 """Lumina-Image 2.0 end to end against diffusers' Lumina2Pipeline: tiny random components of the released
-kinds (Lumina2Transformer2DModel, a transformers Gemma2Model with a tokenizer, a 16-channel AutoencoderKL without
-quant convs, FlowMatchEulerDiscreteScheduler with a shift), saved with save_pretrained as a Lumina2Pipeline
-folder and loaded by LuminaPipeline.from_pretrained."""
+kinds (`reference.random_lumina2_pipeline`), saved with save_pretrained as a Lumina2Pipeline folder and loaded
+by LuminaPipeline.from_pretrained."""
 
 import json
 import shutil
@@ -9,11 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
-from reference import build_tokenizer, random_vae, randomize_, relative_error
+from reference import random_lumina2_pipeline, relative_error
 from test_img2img import photo
-from transformers import Gemma2Config, Gemma2Model
 
 from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.gemma import GemmaConfig
@@ -33,52 +31,7 @@ BOUND = 1e-5  # float32, relative, the whole sampler's latents
 def lumina2(tmp_path_factory):
     """The diffusers pipeline (in memory) and ours, loaded from the folder diffusers saved."""
     folder = tmp_path_factory.mktemp("lumina2")
-    tokenizer = build_tokenizer(CORPUS)
-    text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=40,
-            intermediate_size=72,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=12,
-            query_pre_attn_scalar=16,
-            sliding_window=8,
-            attn_logit_softcapping=5.0,
-        )
-    )
-    transformer = Lumina2Transformer2DModel(
-        sample_size=16,
-        in_channels=16,
-        hidden_size=64,
-        num_layers=2,
-        num_refiner_layers=1,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        axes_dim_rope=(4, 6, 6),
-        cap_feat_dim=40,
-    )
-    randomize_(transformer.eval(), seed=21)
-    with torch.no_grad():  # keep the random velocity field tame so a few Euler steps stay well conditioned
-        transformer.norm_out.linear_2.weight.mul_(0.1)
-    reference = Lumina2Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=random_vae(  # the FLUX VAE's kind: 16 channels, no quant convs, its scale and shift
-            23,
-            latent_channels=16,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        ),
-        text_encoder=randomize_(text_encoder.eval(), seed=22),
-        tokenizer=tokenizer,
-    )
-    reference.set_progress_bar_config(disable=True)
-    reference.save_pretrained(folder)
+    reference = random_lumina2_pipeline(folder, CORPUS)
     return folder, reference, LuminaPipeline.from_pretrained(folder, "float32", progress=False)
 
 

@@ -85,7 +85,10 @@ def test_the_console_scripts_run_outside_the_repository(installed):
     train = subprocess.run(
         [venv / "bin" / "lumina-train", "--config", "nothing"], cwd=work, env=env, capture_output=True, text=True
     )
-    assert train.returncode == 2 and "'digits', 'digits_flag_dit', 'lumina_next_sft'" in train.stderr, train.stderr
+    assert (
+        train.returncode == 2
+        and "'digits', 'digits_flag_dit', 'lumina_image_2', 'lumina_next_sft', 'lumina_t2i'" in train.stderr
+    ), train.stderr
 
     # the shipped digits model is the default
     arguments = ["--prompt", "a handwritten digit three", "--steps", "2", "--out", "out"]

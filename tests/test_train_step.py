@@ -5,7 +5,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import torch
 from flax import nnx
 from reference import compilations
 from sharding_checks import empty_caption, padded_batch, tiny_model
@@ -150,6 +152,33 @@ def test_padded_batch_loss_is_the_mean_of_per_image_losses():
         draw = (t[i : i + 1], noise[i : i + 1, tokens])
         alone.append(float(evaluate(graphdef, params, image, *draw, image.caption, image.caption_mask)))
     assert abs(padded / np.mean(alone) - 1) <= FLOAT32_BOUND
+
+
+def test_the_optimizer_is_torchs_adamw_after_clipping_the_gradient_norm():
+    """ClippedAdamW against torch.nn.utils.clip_grad_norm_ then torch.optim.AdamW, as the original trainers
+    step: Lumina-Image 2.0's betas and eps, weight decay on, gradients large enough to be clipped."""
+    rng = np.random.default_rng(4)
+    shapes = {"w": (6, 5), "b": (5,)}
+    start = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    grads = [{n: 3 * rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()} for _ in range(4)]
+    settings = dict(lr=2e-4, weight_decay=0.1, clip=2.0)
+    optimizer = ClippedAdamW(**settings, b1=0.9, b2=0.95, eps=1e-15)
+    params = {name: jnp.asarray(value) for name, value in start.items()}
+    state = optimizer.init(params)
+    for grad in grads:
+        updates, state = optimizer.update({n: jnp.asarray(g) for n, g in grad.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+
+    tensors = {name: torch.tensor(value, requires_grad=True) for name, value in start.items()}
+    reference = torch.optim.AdamW(tensors.values(), lr=2e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.1)
+    for grad in grads:
+        for name, tensor in tensors.items():
+            tensor.grad = torch.from_numpy(grad[name])
+        assert float(torch.nn.utils.clip_grad_norm_(list(tensors.values()), 2.0)) > 2.0
+        reference.step()
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(np.asarray(params[name]), tensor.detach().numpy(), rtol=1e-6, atol=1e-7)
+        assert not np.allclose(np.asarray(params[name]), start[name], atol=1e-5)  # it moved
 
 
 def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():

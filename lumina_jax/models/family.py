@@ -87,5 +87,8 @@ class TextEncoderConfig(Protocol):
         """Captions as the family's reference feeds them to its tokenizer; system_prompt (Lumina-Image 2.0's)
         replaces the default one, a ValueError for a family without."""
 
+    def training_captions(self, texts: list[str]) -> list[str]:
+        """Captions as the family's original trainer feeds them to its tokenizer; "" (caption dropout's) as is."""
+
     def load_tokenizer(self, folder):
         """The tokenizer in `folder`, set up as the family's reference sets it up."""

@@ -79,6 +79,10 @@ class GemmaConfig:
             raise ValueError("system_prompt is Lumina-Image 2.0's (Gemma-2); Lumina-Next's captions have none")
         return [t.lower().strip() for t in texts]
 
+    def training_captions(self, texts: list[str]) -> list[str]:
+        """As at sampling time: the cache encodes them as the pipeline does."""
+        return self.prepare_captions(texts)
+
     def load_tokenizer(self, folder):
         """Gemma's tokenizer as transformers loads it."""
         from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import

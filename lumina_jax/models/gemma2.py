@@ -127,6 +127,12 @@ class Gemma2Config:
         system_prompt = SYSTEM_PROMPTS["real"] if system_prompt is None else system_prompt
         return [system_prompt + PROMPT_START + t for t in texts]
 
+    def training_captions(self, texts: list[str]) -> list[str]:
+        """After the original trainer's system prompt for {"path", "prompt"} items (finetune.py's "base"); the
+        empty caption bare, as its caption dropout feeds it (and so any empty caption: the original would
+        prepend the system prompt to an item whose caption is empty, which caption dropout alone leaves bare)."""
+        return [t and SYSTEM_PROMPTS["base"] + PROMPT_START + t for t in texts]
+
     def load_tokenizer(self, folder):
         """Gemma-2's tokenizer padding on the right, as both references set it (its own default is the left)."""
         from transformers import AutoTokenizer  # here, not at import: transformers takes seconds to import

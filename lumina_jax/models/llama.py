@@ -70,6 +70,10 @@ class LlamaConfig:
             raise ValueError("system_prompt is Lumina-Image 2.0's (Gemma-2); Lumina-T2I's captions have none")
         return texts
 
+    def training_captions(self, texts: list[str]) -> list[str]:
+        """As at sampling time: the cache encodes them as the pipeline does."""
+        return self.prepare_captions(texts)
+
     def load_tokenizer(self, folder):
         """Lumina-T2I's LLaMA tokenizer: <s> and </s> around every caption (add_bos_token, add_eos_token) and,
         as LLaMA has no pad token, its <unk> (id 0, the original's padding) to pad with."""

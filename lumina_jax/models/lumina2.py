@@ -172,9 +172,11 @@ class UnifiedNextDiTConfig(TransformerSizes):
         """Image tokens (the caption's come on top, as many as its real tokens)."""
         return rows * cols
 
-    def token_sequence(self, latents: list[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+    def token_sequence(
+        self, latents: list[jax.Array], length: int | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
         """`patchify_padded`'s patches, grid positions and real tokens; no end-of-line slots."""
-        return *patchify_padded(latents, self.patch_size), None
+        return *patchify_padded(latents, self.patch_size, length), None
 
     def resolution_scale(self, height: int, width: int) -> float:
         """Always 1: Lumina-Image 2.0 does not scale its RoPE with the resolution."""

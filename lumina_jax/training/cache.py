@@ -372,7 +372,8 @@ def open_cache(folder: str | os.PathLike) -> LatentCache:
 def pipeline_encoders(pipe, pixel_channels: int = 3) -> tuple[ImageEncoder, TextEncoder, float, float]:
     """(encode_images, encode_text, scaling_factor, shift_factor) for `build_cache`, from a
     `LuminaPipeline`: its VAE's posterior (jitted; pixel space when `pipe.vae` is None, in grey when
-    pixel_channels is 1) and `pipe.encode_prompt` (cleaning and tokenising as at sampling time).
+    pixel_channels is 1) and `pipe.encode_texts` of the text encoder's `training_captions` (as the family's
+    original trainer writes them).
 
     On a pipeline with a mesh (`LuminaPipeline.shard`), each batch is split over the mesh's batch
     axes, data-parallel: padded with repeats of its last item to a multiple of their size."""
@@ -386,7 +387,8 @@ def pipeline_encoders(pipe, pixel_channels: int = 3) -> tuple[ImageEncoder, Text
 
     def encode_text(prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         count = len(prompts)
-        features, mask, _, _ = pipe.encode_prompt(list(prompts) + [prompts[-1]] * (-count % ways), None)
+        captions = pipe.text_encoder.config.training_captions(list(prompts) + [prompts[-1]] * (-count % ways))
+        features, mask = pipe.encode_texts(captions)
         return np.asarray(features[:count], np.float32), np.asarray(mask[:count], bool)
 
     if pipe.vae is None:

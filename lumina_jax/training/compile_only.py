@@ -104,6 +104,7 @@ def lower_train_step(
         mesh=mesh,
         snr_type=config.snr_type,
         caption_dropout=np.float32(config.caption_dropout),
+        time_shift=np.float32(config.time_shift),
         ema_decay=np.float32(config.ema_decay),
     )
     return lowered, tpu.per_chip_bytes(state)

@@ -17,9 +17,18 @@ from typing import Any, Literal
 
 from lumina_jax.models.dit_blocks import Remat
 from lumina_jax.models.flagdit import FlagDiTConfig
+from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
-from lumina_jax.training.step import EMA_DECAY, GRAD_CLIP, LEARNING_RATE, WEIGHT_DECAY
+from lumina_jax.training.step import (
+    ADAM_B1,
+    ADAM_B2,
+    ADAM_EPS,
+    EMA_DECAY,
+    GRAD_CLIP,
+    LEARNING_RATE,
+    WEIGHT_DECAY,
+)
 from lumina_jax.weights.nextdit import config_from_dict
 
 
@@ -36,8 +45,9 @@ class TrainConfig:
     data: str
     cache: str
     init: Literal["pretrained", "scratch"] = "pretrained"
-    # For init == "scratch": the transformer to build, a Next-DiT (Lumina-Next) or a Flag-DiT (Lumina-T2I).
-    transformer: NextDiTConfig | FlagDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
+    # For init == "scratch": the transformer to build, a Next-DiT (Lumina-Next), a Flag-DiT (Lumina-T2I) or a
+    # Unified Next-DiT (Lumina-Image 2.0).
+    transformer: NextDiTConfig | FlagDiTConfig | UnifiedNextDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
     # A function "module:name" run first on every process, taking this config (e.g. writes a dataset).
     prepare: str | None = None
 
@@ -60,6 +70,12 @@ class TrainConfig:
     ema_decay: float = EMA_DECAY
     caption_dropout: float = CAPTION_DROPOUT
     snr_type: SnrType = "uniform"
+    # Sampled times moved towards the noise by this shift (1: not moved; Lumina-Image 2.0's trainer moves them
+    # by `objective.resolution_time_shift(image_size)`).
+    time_shift: float = 1.0
+    adam_b1: float = ADAM_B1
+    adam_b2: float = ADAM_B2
+    adam_eps: float = ADAM_EPS
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     # What the backward pass recomputes: none, full, offload (full, the layer inputs kept in host memory),
     # attention_ffn or dots (`models.dit_blocks.REMAT_POLICIES`).
@@ -120,6 +136,10 @@ LIMITS = {
     "grad_clip": _POSITIVE,
     "ema_decay": _between(0.0, 1.0),
     "caption_dropout": _between(0.0, 1.0),
+    "time_shift": _POSITIVE,
+    "adam_b1": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
+    "adam_b2": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
+    "adam_eps": _POSITIVE,
     "mesh_data": _at_least(1),
     "mesh_fsdp": ((lambda value: value == -1 or value >= 1), "-1 (every device data and tensor leave), or 1 or more"),
     "mesh_tensor": _at_least(1),

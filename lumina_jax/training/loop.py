@@ -137,7 +137,9 @@ def initial_transformer(config: TrainConfig, mesh: Mesh, base: TransformerCheckp
 def make_run_optimizer(config: TrainConfig) -> ClippedAdamW:
     cosine_until = config.steps if config.lr_decay == "cosine" else None
     schedule = LearningRate(config.lr, config.warmup_steps, cosine_until)
-    return ClippedAdamW(schedule, config.weight_decay, config.grad_clip)
+    return ClippedAdamW(
+        schedule, config.weight_decay, config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps
+    )
 
 
 def peak_flops(config: TrainConfig) -> float | None:
@@ -277,7 +279,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             logger.info("resumed from step %d", int(state.step))
         empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
         options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
-        hyper = dict(caption_dropout=jnp.float32(config.caption_dropout), ema_decay=jnp.float32(config.ema_decay))
+        hyper = dict(
+            caption_dropout=jnp.float32(config.caption_dropout),
+            time_shift=jnp.float32(config.time_shift),
+            ema_decay=jnp.float32(config.ema_decay),
+        )
         peak = peak_flops(config)
         shape = BatchShape.of(cache, transformer)
         logger.info(

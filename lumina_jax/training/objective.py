@@ -1,14 +1,15 @@
 """The training objective of the released model: rectified flow with velocity regression.
 
-As the original trainer computes it (Lumina-T2X `lumina_next_t2i/transport`, linear path,
-velocity prediction, train_eps 0): x_t = t * x1 + (1 - t) * x0 with x0 noise and x1 data, target
-x1 - x0, t uniform in [0, 1) or logit-normal ("snr_type" "uniform" / "lognorm"). The loss is the
-mean squared error over each image's own elements, averaged over the batch; of a learn_sigma
-model's outputs only the velocity half enters it (the original drops the other half before the
+As the original trainer computes it (Lumina-T2X `lumina_next_t2i/transport`, linear path, velocity
+prediction, train_eps 0): x_t = t * x1 + (1 - t) * x0 with x0 noise and x1 data, target x1 - x0, t uniform
+in [0, 1) or logit-normal ("snr_type" "uniform" / "lognorm"), shifted towards the noise for Lumina-Image
+2.0. The loss is the mean squared error over each image's own elements, averaged over the batch; of a
+learn_sigma model's outputs only the velocity half enters it (the original drops the other half before the
 loss, so it gets no gradient). Captions are dropped to the empty caption with probability 0.1 for
 classifier-free guidance. Everything here is a pure function of explicit PRNG keys.
 """
 
+import math
 from typing import Literal
 
 import jax
@@ -19,13 +20,26 @@ SNR_TYPES = ("uniform", "lognorm")
 CAPTION_DROPOUT = 0.1
 
 
-def sample_timesteps(key: jax.Array, batch: int, snr_type: SnrType = "uniform") -> jax.Array:
-    """t [batch] float32: uniform in [0, 1), or sigmoid of a standard normal ("lognorm")."""
+def sample_timesteps(
+    key: jax.Array, batch: int, snr_type: SnrType = "uniform", shift: float | jax.Array = 1.0
+) -> jax.Array:
+    """t [batch] float32: uniform in [0, 1), or sigmoid of a standard normal ("lognorm"); then, for shift
+    s != 1, moved towards the noise as Lumina-Image 2.0's trainer moves it (its transport's `time_shift`:
+    the noise level 1 - t becomes s(1 - t) / (1 + (s - 1)(1 - t)), written here so that s = 1 is exact)."""
     if snr_type == "uniform":
-        return jax.random.uniform(key, (batch,), jnp.float32)
-    if snr_type == "lognorm":
-        return jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
-    raise ValueError(f"unknown snr_type {snr_type!r}; choose one of {SNR_TYPES}")
+        t = jax.random.uniform(key, (batch,), jnp.float32)
+    elif snr_type == "lognorm":
+        t = jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
+    else:
+        raise ValueError(f"unknown snr_type {snr_type!r}; choose one of {SNR_TYPES}")
+    return t / (1 + (shift - 1) * (1 - t))
+
+
+def resolution_time_shift(image_size: int) -> float:
+    """Lumina-Image 2.0's training shift at image_size^2 pixels: exp(mu), mu linear in the image's tokens
+    (image_size / 16)^2, from 0.5 at 256 tokens to 1.15 at 4096 (1024 px: e^1.15 = 3.16)."""
+    tokens = (image_size // 16) ** 2
+    return math.exp(0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256))
 
 
 def interpolate(noise: jax.Array, data: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:

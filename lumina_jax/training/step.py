@@ -36,6 +36,7 @@ LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 2.0
 EMA_DECAY = 0.9999
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 @struct.dataclass
@@ -81,10 +82,13 @@ class TrainState:
     consecutive_skips: jax.Array  # non-finite steps in a row, 0 after a good one
 
 
-@optax.inject_hyperparams
-def _clipped_adamw(learning_rate, weight_decay, clip):
-    # torch.optim.AdamW's defaults (betas 0.9 / 0.999, eps 1e-8), as the original trainer uses it
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(learning_rate, weight_decay=weight_decay))
+# b1, b2 and eps static: the optimizer state holds the learning rate, weight decay and clip only, as before they
+# were settable, so earlier checkpoints restore.
+@functools.partial(optax.inject_hyperparams, static_args=("b1", "b2", "eps"))
+def _clipped_adamw(learning_rate, weight_decay, clip, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS):
+    return optax.chain(
+        optax.clip_by_global_norm(clip), optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +138,17 @@ class ClippedAdamW:
     lr: float | optax.Schedule = LEARNING_RATE
     weight_decay: float = WEIGHT_DECAY
     clip: float = GRAD_CLIP
+    # torch.optim.AdamW's defaults, as the Lumina-Next and Lumina-T2I trainers use it (Lumina-Image 2.0's: 0.95, 1e-15)
+    b1: float = ADAM_B1
+    b2: float = ADAM_B2
+    eps: float = ADAM_EPS
 
     @property
     def transformation(self) -> optax.GradientTransformationExtraArgs:
         lr = _AtRunStep(self.lr) if callable(self.lr) else self.lr
-        return _clipped_adamw(learning_rate=lr, weight_decay=self.weight_decay, clip=self.clip)
+        return _clipped_adamw(
+            learning_rate=lr, weight_decay=self.weight_decay, clip=self.clip, b1=self.b1, b2=self.b2, eps=self.eps
+        )
 
     def init(self, params) -> optax.OptState:
         return self.transformation.init(params)
@@ -224,18 +234,20 @@ def train_step(
     mesh: Mesh | None = None,
     caption_dropout: float | jax.Array = CAPTION_DROPOUT,
     snr_type: SnrType = "uniform",
+    time_shift: float | jax.Array = 1.0,
     ema_decay: float | jax.Array = EMA_DECAY,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped).
 
     empty_caption [L_e, D] and empty_caption_mask [L_e] are the text encoder's output for "", which
     replaces a caption with probability caption_dropout. optimizer is a `ClippedAdamW`.
-    caption_dropout and ema_decay, when given, are traced: other values reuse the compiled step.
+    time_shift moves the sampled times towards the noise (`objective.sample_timesteps`). caption_dropout,
+    time_shift and ema_decay, when given, are traced: other values reuse the compiled step.
     """
     if mesh is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
     t_key, noise_key, caption_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-    t = sample_timesteps(t_key, batch.patches.shape[0], snr_type)
+    t = sample_timesteps(t_key, batch.patches.shape[0], snr_type, time_shift)
     noise = noise_like(noise_key, batch.patches)
     caption, caption_mask = drop_captions(
         caption_key, batch.caption, batch.caption_mask, empty_caption, empty_caption_mask, caption_dropout
