@@ -13,6 +13,7 @@ from PIL import Image
 from reference import random_lumina2_pipeline, relative_error
 from test_img2img import photo
 
+from lumina_jax.cli.convert import main as convert_main
 from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.gemma import GemmaConfig
 from lumina_jax.models.gemma2 import SYSTEM_PROMPTS, Gemma2Encoder
@@ -199,3 +200,16 @@ def test_image_to_image_round_trips_through_the_flux_vae(lumina2):
     assert np.abs(got - expected).max() <= 1 / 255
     kwargs = dict(prompt=PROMPTS[1], height=64, width=64, num_inference_steps=2, seed=5, output_type="latent")
     np.testing.assert_array_equal(ours(image=image, strength=1.0, **kwargs).images, ours(**kwargs).images)
+
+
+def test_converted_pipeline_gives_the_same_latents(lumina2, tmp_path, capsys):
+    """python -m convert on the diffusers folder: our format, the same family, the same latents to the bit."""
+    folder, _, ours = lumina2
+    assert convert_main([str(folder), str(tmp_path / "converted")]) == 0
+    assert "Lumina-Image 2.0" in capsys.readouterr().out
+    converted = LuminaPipeline.from_pretrained(tmp_path / "converted", "float32", progress=False)
+    assert isinstance(converted.transformer, UnifiedNextDiT) and isinstance(converted.text_encoder, Gemma2Encoder)
+    kwargs = dict(prompt=PROMPTS, height=64, width=96, num_inference_steps=3, negative_prompt=NEGATIVE)
+    np.testing.assert_array_equal(
+        converted(**kwargs, output_type="latent").images, ours(**kwargs, output_type="latent").images
+    )
