@@ -2,7 +2,7 @@
 compiler, on this machine (no TPU, no weights), through the same code as the two `--compile-only`
 commands. Slow on a small CPU (the released decoder and train step take minutes each to compile).
 
-    python benchmarks/tpu_plans.py --json out/tpu_plans.json [--only sample|train]
+    python benchmarks/tpu_plans.py --json out/tpu_plans.json [--only sample|train] [--model NAME] [--config NAME]
 """
 
 import argparse
@@ -17,35 +17,44 @@ from lumina_jax.sharding import make_mesh
 from lumina_jax.training.compile_only import largest_per_chip_batch, model_flops, plan_train_step
 from lumina_jax.training.config import apply_overrides, load_config
 
-# (slice, height = width, images) of the pipeline, one chip each; 30 steps with CFG, bfloat16 transformer
-# and Gemma, the float32 VAE its config asks for. Each is planned with every model resident, and with the
-# text encoder offloaded to the host between prompts (--offload-text-encoder).
-SAMPLING = [("v5e-1", 1024, 1), ("v5e-1", 2048, 1)]
-# (slice, overrides of lumina_jax/configs/lumina_next_sft.py, whether to search the largest batch)
+# (released pipeline, slice, height = width, images), one chip each; 30 steps with CFG, bfloat16 transformer
+# and text encoder, the VAE in the dtype its config asks for. Each is planned with every model resident, and
+# with the text encoder offloaded to the host between prompts (--offload-text-encoder).
+SAMPLING = [
+    ("lumina-next-sft", "v5e-1", 1024, 1),
+    ("lumina-next-sft", "v5e-1", 2048, 1),
+    ("lumina-image-2.0", "v5e-1", 1024, 1),
+    ("lumina-image-2.0", "v5e-1", 2048, 1),
+]
+# (config in lumina_jax/configs/, slice, its overrides, whether to search the largest batch)
 TRAINING = [
-    ("v5e-8", ["batch_size=64"], True),
-    ("v6e-8", ["batch_size=128"], True),
-    ("v5e-8", ["batch_size=32", "remat=full"], True),
-    ("v6e-8", ["batch_size=80", "remat=full"], True),
-    ("v5p-8", ["batch_size=64", "remat=full"], True),
-    ("v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
-    ("v5e-8", ["batch_size=64", "remat=dots"], False),
-    ("v5p-128", ["batch_size=128", "mesh_data=4", "mesh_fsdp=4", "mesh_tensor=4"], False),
+    ("lumina_next_sft", "v5e-8", ["batch_size=64"], True),
+    ("lumina_next_sft", "v6e-8", ["batch_size=128"], True),
+    ("lumina_next_sft", "v5e-8", ["batch_size=32", "remat=full"], True),
+    ("lumina_next_sft", "v6e-8", ["batch_size=80", "remat=full"], True),
+    ("lumina_next_sft", "v5p-8", ["batch_size=64", "remat=full"], True),
+    ("lumina_next_sft", "v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
+    ("lumina_next_sft", "v5e-8", ["batch_size=64", "remat=dots"], False),
+    ("lumina_next_sft", "v5p-128", ["batch_size=128", "mesh_data=4", "mesh_fsdp=4", "mesh_tensor=4"], False),
+    ("lumina_image_2", "v5e-8", [], True),
+    ("lumina_image_2", "v5e-8", ["batch_size=24", "remat=full"], True),
 ]
 
 
-def sampling_rows(log) -> list[dict]:
+def sampling_rows(only: str | None, log) -> list[dict]:
     rows = []
-    for name, size, images in SAMPLING:
+    for model, name, size, images in SAMPLING:
+        if only not in (None, model):
+            continue
         started = time.perf_counter()
         target = tpu.tpu_slice(name)
-        pipe = LuminaPipeline.abstract("lumina-next-sft").shard(make_mesh(fsdp=1, devices=tpu.compile_devices(target)))
+        pipe = LuminaPipeline.abstract(model).shard(make_mesh(fsdp=1, devices=tpu.compile_devices(target)))
         programs = pipe.lower(height=size, width=size, num_images_per_prompt=images)
         models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         plan = tpu.plan_programs(target, programs, models, log=log)
         offloaded = dataclasses.replace(plan, resident={k: v for k, v in plan.resident.items() if k != "text_encoder"})
         command = (
-            f"python -m sample --compile-only --topology {name} --model lumina-next-sft --height {size} "
+            f"python -m sample --compile-only --topology {name} --model {model} --height {size} "
             f"--width {size} --num-images {images}"
         )
         for variant, flag in ((plan, ""), (offloaded, " --offload-text-encoder")):
@@ -54,19 +63,21 @@ def sampling_rows(log) -> list[dict]:
     return rows
 
 
-def training_rows(log) -> list[dict]:
+def training_rows(only: str | None, log) -> list[dict]:
     rows = []
-    for name, overrides, search in TRAINING:
+    for config_name, name, overrides, search in TRAINING:
+        if only not in (None, config_name):
+            continue
         started = time.perf_counter()
         target = tpu.tpu_slice(name)
-        config = apply_overrides(load_config("lumina_next_sft"), overrides)
+        config = apply_overrides(load_config(config_name), overrides)
         plan = plan_train_step(config, target)
         log(plan.summary())
         largest = largest_per_chip_batch(config, target, log=log) if search else None
         flops = plan.programs[0].flops
         rows.append(
             {
-                "command": f"python -m train --config lumina_next_sft {' '.join(overrides)} --compile-only "
+                "command": f"python -m train --config {config_name} {' '.join(overrides)} --compile-only "
                 f"--topology {name}",
                 "remat": config.remat,
                 "batch_size": config.batch_size,
@@ -84,13 +95,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("out/tpu_plans.json"))
     parser.add_argument("--only", choices=["sample", "train"])
+    parser.add_argument("--model", help="only the sampling rows of this released pipeline (e.g. lumina-image-2.0)")
+    parser.add_argument("--config", help="only the training rows of this config (e.g. lumina_image_2)")
     args = parser.parse_args()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     if args.only != "train":
-        results["sample"] = sampling_rows(lambda line: print(line, flush=True))
+        results["sample"] = sampling_rows(args.model, lambda line: print(line, flush=True))
     if args.only != "sample":
-        results["train"] = training_rows(lambda line: print(line, flush=True))
+        results["train"] = training_rows(args.config, lambda line: print(line, flush=True))
     args.json.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.json}")
 
