@@ -52,6 +52,7 @@ from lumina_jax.models.nextdit import PRESETS
 from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
+from lumina_jax.weights.lora import merge_lora
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
 from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
 from lumina_jax.weights.vae import find_vae, load_vae
@@ -355,6 +356,14 @@ class LuminaPipeline:
         )
         pipe.weightless = True
         return pipe
+
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> "LuminaPipeline":
+        """Merge a LoRA file into the transformer's weights, times `scale`: no cost per step, and several
+        merge one after another. It may be in diffusers' (PEFT), ComfyUI's / ai-toolkit's or kohya's layout
+        (`lumina_jax.weights.lora`). Returns the pipeline."""
+        self._check_can_sample()
+        merge_lora(self.transformer, path, scale)
+        return self
 
     def shard(self, mesh: Mesh) -> "LuminaPipeline":
         """Run on a device mesh: the transformer's and text encoder's parameters laid out by the

@@ -299,3 +299,13 @@ def digits_pipeline_with_vae(folder: Path, text_hidden: int) -> Path:
     index = json.loads((pipeline / "model_index.json").read_text())
     (pipeline / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
     return pipeline
+
+
+def randomize_lora_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every LoRA parameter PEFT injected, random (PEFT starts B at zero, an adapter that changes nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return model

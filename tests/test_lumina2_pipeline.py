@@ -2,6 +2,7 @@
 kinds (`reference.random_lumina2_pipeline`), saved with save_pretrained as a Lumina2Pipeline folder and loaded
 by LuminaPipeline.from_pretrained."""
 
+import copy
 import json
 import shutil
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
-from reference import random_lumina2_pipeline, relative_error
+from reference import random_lumina2_pipeline, randomize_lora_, relative_error
 from test_img2img import photo
 
 from lumina_jax.cli.convert import main as convert_main
@@ -213,3 +215,43 @@ def test_converted_pipeline_gives_the_same_latents(lumina2, tmp_path, capsys):
     np.testing.assert_array_equal(
         converted(**kwargs, output_type="latent").images, ours(**kwargs, output_type="latent").images
     )
+
+
+def test_a_lora_samples_as_diffusers_loads_it(lumina2, tmp_path, capsys):
+    """A PEFT LoRA saved by Lumina2Pipeline.save_lora_weights: our pipeline with it merged at scale 0.5 gives
+    the latents diffusers' pipeline gives with it loaded at 0.5; python -m sample --lora FILE:0.5 draws that image
+    and records the adapter in the PNG (so --skip-existing redraws what another adapter drew)."""
+    folder, reference, _ = lumina2
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "linear_1"])
+    adapted = copy.deepcopy(reference.transformer)
+    inject_adapter_in_model(config, adapted)
+    randomize_lora_(adapted, seed=0)
+    reference.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(adapted),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    kwargs = dict(height=64, width=64, num_inference_steps=3, guidance_scale=4.0)
+    latents = np.random.default_rng(3).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    ours = LuminaPipeline.from_pretrained(folder, "float32", progress=False).load_lora_weights(lora, 0.5)
+    got = ours(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images
+    reference.load_lora_weights(lora, adapter_name="test")
+    try:
+        reference.set_adapters("test", 0.5)
+        expected = reference_latents(reference, latents, **kwargs)
+    finally:
+        reference.unload_lora_weights()
+    plain = LuminaPipeline.from_pretrained(folder, "float32", progress=False)
+    assert (
+        relative_error(plain(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images, expected) > 1e-3
+    )
+    assert relative_error(got, expected) <= BOUND
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--height", "64", "--width", "64", "--steps", "3"]
+    out = tmp_path / "out"
+    assert sample_main([*args, "--lora", f"{lora}:0.5", "--seed", "2", "--dtype", "float32", "--out", str(out)]) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    expected_image = ours(prompt=PROMPTS[0], seed=2, height=64, width=64, num_inference_steps=3, output_type="np")
+    image = np.asarray(Image.open(out / "00000_2.png"), np.float32) / 255
+    assert np.abs(image - expected_image.images[0]).max() <= 1 / 255
+    assert json.loads((out / "index.jsonl").read_text())["lora"] == [f"{lora}:0.5"]

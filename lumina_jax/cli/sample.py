@@ -67,6 +67,15 @@ def system_prompt(text: str) -> str:
     return SYSTEM_PROMPTS.get(text, utf8_text(text))
 
 
+def lora_file(text: str) -> tuple[Path, float]:
+    """--lora FILE[:SCALE]: a LoRA file and its scale (1 unless a number follows the last colon)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
 def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -158,6 +167,15 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         default=None,
         help="cap guided velocities at this many times the conditional one's norm over the whole image (the "
         "original Lumina-Image 2.0 sampler's renorm_cfg, 1 there; replaces --cfg-normalization; default 0: no cap)",
+    )
+    parser.add_argument(
+        "--lora",
+        type=lora_file,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA file into the transformer, times SCALE (default 1); repeat for several. Its layout may be "
+        "diffusers' (PEFT), ComfyUI's / ai-toolkit's or kohya's",
     )
     parser.add_argument(
         "--system-prompt",
@@ -398,6 +416,8 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
         pipe = LuminaPipeline.from_pretrained(
             args.model, dtype=args.dtype, vae_dtype=args.vae_dtype, mesh=mesh, revision=args.revision
         )
+        for path, scale in args.lora:
+            pipe.load_lora_weights(path, scale)
         defaults = dict(
             negative_prompt=args.negative_prompt,
             seed=args.seed,
@@ -436,6 +456,8 @@ def main(argv: list[str] | None = None, prog: str = "lumina-sample") -> int:
         context_drop=args.context_drop,
     )
     metadata = {"model": str(args.model), "dtype": args.dtype}
+    if args.lora:  # so that --skip-existing redraws what another adapter drew
+        metadata["lora"] = [f"{path}:{scale}" for path, scale in args.lora]
     draw = pipe
     if args.regions:
         settings |= dict(region_prompts=args.regions, grid=args.grid)

@@ -1,0 +1,264 @@
+"""LoRA adapters in the layouts they circulate in, merged into a transformer's weights.
+
+A LoRA file holds, for each adapted linear layer, a down projection A [rank, in] and an up projection
+B [out, rank], and the merged weight is W + scale * (alpha / rank) * B @ A. The files name the layer in one
+of three ways, all read here:
+
+- diffusers / PEFT: `transformer.layers.0.attn.to_q.lora_A.weight` and `lora_B`, diffusers' module names;
+  alpha in the safetensors metadata (`lora_adapter_metadata`, as diffusers' save_lora_weights writes it),
+  else alpha = rank, as diffusers assumes.
+- ComfyUI and ai-toolkit: `diffusion_model.layers.0.attention.qkv.lora_A.weight`, the original code's names,
+  whose fused qkv (Lumina-Image 2.0) shares A and splits B's rows into q, k and v, as diffusers' converter does.
+- kohya: `lora_unet_layers_0_attention_qkv.lora_down.weight`, `lora_up` and `alpha`, the original names with
+  every dot written as an underscore.
+
+Each layer's name goes through the family's key map, so an unknown layer, or a delta whose shape does not fit
+its weight, is an error naming the file and the key.
+"""
+
+import dataclasses
+import functools
+import itertools
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
+from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.weights import lumina2_keys, nextdit_keys
+from lumina_jax.weights.importer import Target, UnknownKeyError
+from lumina_jax.weights.safetensors_io import read_safetensors
+
+_PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
+_PARTS |= {"alpha": "alpha"}
+_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.", "lora_unet_")
+_KOHYA_PREFIX = "lora_unet_"
+_MAX_UNDERSCORES = 12  # kohya names: every split of the name at its underscores is tried
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayer:
+    """One adapted linear layer: W += (alpha / rank) * up @ down, in torch's [out, in] layout."""
+
+    down: np.ndarray  # [rank, in]
+    up: np.ndarray  # [out, rank]
+    alpha: float
+    rslora: bool = False  # PEFT's use_rslora: alpha / sqrt(rank)
+
+    def delta(self, scale: float) -> np.ndarray:
+        rank = self.down.shape[0]
+        scaling = self.alpha / (np.sqrt(rank) if self.rslora else rank)
+        return (scale * scaling) * (self.up.astype(np.float32) @ self.down.astype(np.float32))
+
+
+def read_lora(path: str | Path) -> dict[str, LoraLayer]:
+    """The layers of a LoRA safetensors file, by their module name in the file (prefixes removed, kohya's
+    underscores kept)."""
+    path = Path(path)
+    tensors = read_safetensors(path)
+    peft = _peft_metadata(path)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in tensors.items():
+        module, part = _split_key(key, path)
+        parts.setdefault(module, {})[part] = np.asarray(tensor.load())
+    layers = {}
+    for module, found in parts.items():
+        if "down" not in found or "up" not in found:
+            missing = "lora_A (lora_down)" if "down" not in found else "lora_B (lora_up)"
+            raise ValueError(f"{path}: {module} has no {missing} weight")
+        down, up = found["down"], found["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"{path}: {module}'s down {tuple(down.shape)} and up {tuple(up.shape)} are not "
+                "[rank, in] and [out, rank]"
+            )
+        alpha = float(found["alpha"]) if "alpha" in found else peft.alpha_of(module, down.shape[0])
+        layers[module] = LoraLayer(down, up, alpha, peft.rslora)
+    return layers
+
+
+def _split_key(key: str, path: Path) -> tuple[str, str]:
+    for suffix, part in _PARTS.items():
+        if key.endswith("." + suffix):
+            module = key.removesuffix("." + suffix)
+            for prefix in _PREFIXES:
+                if module.startswith(prefix):
+                    module = module.removeprefix(prefix) if prefix != _KOHYA_PREFIX else module
+                    break
+            return module, part
+    raise ValueError(f"{path}: {key} is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha)")
+
+
+def _peft_metadata(path: Path) -> "_PeftMetadata":
+    """The adapter's PEFT config as diffusers' save_lora_weights stores it (`lora_adapter_metadata`, its keys
+    under "transformer."), where the file has one."""
+    with open(path, "rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    stored = json.loads(header.get("__metadata__", {}).get("lora_adapter_metadata") or "{}")
+    config = {key.removeprefix("transformer."): value for key, value in stored.items()}
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: a DoRA adapter (use_dora), which merges differently: not supported")
+    return _PeftMetadata(config.get("lora_alpha"), config.get("alpha_pattern") or {}, bool(config.get("use_rslora")))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PeftMetadata:
+    alpha: float | None
+    alpha_pattern: Mapping[str, float]
+    rslora: bool
+
+    def alpha_of(self, module: str, rank: int) -> float:
+        """PEFT's: the alpha_pattern entry that ends the module's name, else lora_alpha, else (no metadata) the
+        rank, as diffusers assumes."""
+        for pattern, value in self.alpha_pattern.items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                return float(value)
+        return float(self.alpha) if self.alpha is not None else float(rank)
+
+
+# A module name of a family's diffusers layout, with the rows of a fused tensor it takes (None: all).
+Module = tuple[str, slice | None]
+
+
+def _diffusers_name(name: str, keys) -> str:
+    """A module's diffusers name: itself if diffusers has it, else the original code's name translated."""
+    try:
+        keys.diffusers_key_to_target(name + ".weight")
+        return name
+    except UnknownKeyError:
+        return keys.original_key_to_diffusers(name + ".weight").removesuffix(".weight")
+
+
+def _nextdit_modules(config: NextDiTConfig) -> Callable[[str], list[Module]]:
+    return lambda name: [(_diffusers_name(name, nextdit_keys), None)]
+
+
+def _lumina2_modules(config: UnifiedNextDiTConfig) -> Callable[[str], list[Module]]:
+    head_dim = config.hidden_size // config.num_attention_heads
+    query, kv = config.num_attention_heads * head_dim, config.num_kv_heads * head_dim
+    rows = {"to_q": slice(0, query), "to_k": slice(query, query + kv), "to_v": slice(query + kv, query + 2 * kv)}
+
+    def modules(name: str) -> list[Module]:
+        if name.endswith(".attention.qkv"):
+            block = name.removesuffix(".attention.qkv")
+            lumina2_keys.diffusers_key_to_target(f"{block}.attn.to_q.weight")  # a block the model has
+            return [(f"{block}.attn.{part}", part_rows) for part, part_rows in rows.items()]
+        return [(_diffusers_name(name, lumina2_keys), None)]
+
+    return modules
+
+
+# By transformer config: how a file's module name reads as the diffusers modules it adapts, and where a
+# diffusers key's weight is in our model.
+_FAMILIES = {
+    NextDiTConfig: (
+        _nextdit_modules,
+        lambda config: (
+            lambda key: nextdit_keys.diffusers_key_to_target(key, separate_caption_query=config.separate_caption_query)
+        ),
+    ),
+    UnifiedNextDiTConfig: (_lumina2_modules, lambda config: lumina2_keys.diffusers_key_to_target),
+}
+
+
+def _resolve(name: str, modules: Callable[[str], list[Module]]) -> list[Module]:
+    """The diffusers modules of a file's module name; kohya's underscores are tried as dots in every split."""
+    candidates = [name]
+    if name.startswith(_KOHYA_PREFIX):
+        pieces = name.removeprefix(_KOHYA_PREFIX).split("_")
+        if len(pieces) - 1 > _MAX_UNDERSCORES:
+            raise UnknownKeyError(name)
+        candidates = []
+        for joins in itertools.product("._", repeat=len(pieces) - 1):
+            candidates.append(pieces[0] + "".join(join + piece for join, piece in zip(joins, pieces[1:])))
+    found = []
+    for candidate in candidates:
+        try:
+            found.append(modules(candidate))
+        except UnknownKeyError:
+            continue
+    if len(found) != 1:
+        raise UnknownKeyError(name)
+    return found[0]
+
+
+def lora_deltas(
+    model: nnx.Module, layers: Mapping[str, LoraLayer], scale: float, source: str | Path
+) -> dict[Target, np.ndarray]:
+    """Each adapted weight's delta in our layout ([in, out] for a kernel), by its parameter target."""
+    config = model.config
+    if type(config) not in _FAMILIES:
+        raise ValueError(f"{source}: LoRA is not supported for the {config.family_name} transformer")
+    to_modules, to_target = _FAMILIES[type(config)][0](config), _FAMILIES[type(config)][1](config)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    deltas: dict[Target, np.ndarray] = {}
+    sources: dict[Target, str] = {}
+    unknown = []
+    for name, layer in layers.items():
+        try:
+            modules = _resolve(name, to_modules)
+        except UnknownKeyError:
+            unknown.append(name)
+            continue
+        delta = layer.delta(scale)
+        for module, rows in modules:
+            target = to_target(module + ".weight")
+            part = delta if rows is None else delta[rows]
+            expected = _weight_shape(params, target, module, source)
+            if part.shape != expected:
+                raise ValueError(
+                    f"{source}: {name} gives {module}.weight a delta of shape {part.shape}; the weight is {expected}"
+                )
+            part = part.transpose(target.permute) if target.permute else part
+            if target in deltas:
+                # diffusers' two copies of Next-DiT's shared query are one parameter here: the same delta or none
+                if not np.array_equal(deltas[target], part):
+                    raise ValueError(
+                        f"{source}: {name} and {sources[target]} adapt one shared weight ({module}) differently"
+                    )
+                continue
+            deltas[target], sources[target] = part, name
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} LoRA layer(s) fit no weight of the transformer: {unknown[:5]}")
+    return deltas
+
+
+def _weight_shape(params: dict, target: Target, module: str, source: str | Path) -> tuple[int, ...]:
+    value = params
+    for step in target.path:
+        value = value[step]
+    if target.layer is not None and target.layer >= value.shape[0]:
+        raise ValueError(f"{source}: {module} is past the transformer's {value.shape[0]} layers of that stack")
+    shape = tuple(value.shape) if target.layer is None else tuple(value.shape[1:])
+    # in torch's layout, to compare with the file's
+    return shape if target.permute is None else tuple(shape[i] for i in np.argsort(target.permute))
+
+
+@jax.jit
+def _add(weight: jax.Array, delta: jax.Array, layer: jax.Array) -> jax.Array:
+    """weight[layer] + delta, in float32, back in the weight's dtype (layer -1: the whole weight)."""
+    if weight.ndim == delta.ndim:
+        return (weight.astype(jnp.float32) + delta).astype(weight.dtype)
+    current = jax.lax.dynamic_index_in_dim(weight, layer, keepdims=False).astype(jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(weight, (current + delta).astype(weight.dtype), layer, 0)
+
+
+def merge_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> nnx.Module:
+    """Merge the LoRA file at `path` into the transformer's weights, times `scale`, in place; returns it."""
+    deltas = lora_deltas(model, read_lora(path), scale, path)
+    state = nnx.state(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    for target, delta in deltas.items():
+        *parents, leaf = target.path
+        holder = functools.reduce(lambda tree, step: tree[step], parents, params)
+        layer = -1 if target.layer is None else target.layer
+        holder[leaf] = _add(holder[leaf], jnp.asarray(delta, jnp.float32), jnp.int32(layer))
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
