@@ -13,6 +13,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from lumina_jax import sharding
@@ -27,6 +28,7 @@ from lumina_jax.training.step import (
     predict_velocity,
     train_step,
 )
+from lumina_jax.weights.lora import merge_lora
 
 # Every width divides by 8 except the 4 query heads' gates, so tensor=8 exercises the fallback.
 TINY = NextDiTConfig(
@@ -221,7 +223,38 @@ def main() -> dict:
         results[name] = entry
     results["pipeline"] = sharded_sampling()
     results["splash"] = splash_under_mesh(batch, empty, empty_mask, optimizer, reference_velocity, reference)
+    results["lora"] = lora_on_mesh()
     return results
+
+
+def lora_on_mesh() -> dict:
+    """A LoRA (diffusers' names) merged into the tiny model on an fsdp=4 x tensor=2 mesh and on one device."""
+    params = nnx.to_pure_dict(nnx.state(tiny_model(), nnx.Param))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    adapted = {"attn1.to_k": ("attention", "to_k"), "feed_forward.linear_1": ("feed_forward", "gate")}
+    for module, (group, name) in adapted.items():
+        _, fan_in, fan_out = params["layers"][group][name]["kernel"].shape
+        tensors[f"transformer.layers.1.{module}.lora_A.weight"] = rng.standard_normal((3, fan_in), dtype=np.float32)
+        tensors[f"transformer.layers.1.{module}.lora_B.weight"] = rng.standard_normal((fan_out, 3), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/lora.safetensors"
+        safetensors.numpy.save_file(tensors, path)
+        one_device = nnx.state(merge_lora(tiny_model(), path), nnx.Param)
+        placed = sharding.shard_module(tiny_model(), sharding.make_mesh(fsdp=4, tensor=2))
+        layout = jax.tree.map(lambda x: x.sharding, nnx.state(placed, nnx.Param))
+        merged = nnx.state(merge_lora(placed, path), nnx.Param)
+    unmerged = dict(nnx.to_flat_state(nnx.state(tiny_model(), nnx.Param)))
+    changed = [
+        ".".join(path)
+        for path, leaf in nnx.to_flat_state(one_device)
+        if not np.array_equal(np.asarray(leaf.value), np.asarray(unmerged[path].value))
+    ]
+    return {
+        "laid_out_as_before": laid_out_as(merged, layout),
+        "max_difference": max_difference(host(merged), host(one_device)),
+        "changed": sorted(changed),
+    }
 
 
 def splash_under_mesh(batch, empty, empty_mask, optimizer, reference_velocity, reference) -> dict:

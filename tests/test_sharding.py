@@ -211,3 +211,11 @@ def test_batch_rows_that_cannot_split_are_copied_with_a_warning(caplog):
         assert rows_sharding(mesh, 8).spec == batch_sharding(mesh).spec and not caplog.records
         assert rows_sharding(mesh, 7).spec == P()
     assert "batch rows: a batch of 7 cannot be split 4 ways" in caplog.text
+
+
+def test_a_lora_merges_into_sharded_weights_in_their_layout(results):
+    """Merged per layer in each weight's sharding (no gathered copy), the values of a one-device merge."""
+    lora = results["lora"]
+    assert lora["laid_out_as_before"]
+    assert lora["max_difference"] == 0.0
+    assert lora["changed"] == ["layers.attention.to_k.kernel", "layers.feed_forward.gate.kernel"]
