@@ -33,11 +33,12 @@ from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.weights import lumina2_keys, nextdit_keys
 from lumina_jax.weights.importer import Target, UnknownKeyError
-from lumina_jax.weights.safetensors_io import read_safetensors
+from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_metadata
 
 _PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
 _PARTS |= {"alpha": "alpha"}
-_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.", "lora_unet_")
+# removed from module names; kohya's "lora_unet_" stays, and marks the names whose dots are underscores
+_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
 _KOHYA_PREFIX = "lora_unet_"
 _MAX_UNDERSCORES = 12  # kohya names: every split of the name at its underscores is tried
 
@@ -87,20 +88,15 @@ def _split_key(key: str, path: Path) -> tuple[str, str]:
     for suffix, part in _PARTS.items():
         if key.endswith("." + suffix):
             module = key.removesuffix("." + suffix)
-            for prefix in _PREFIXES:
-                if module.startswith(prefix):
-                    module = module.removeprefix(prefix) if prefix != _KOHYA_PREFIX else module
-                    break
-            return module, part
+            prefix = next((prefix for prefix in _PREFIXES if module.startswith(prefix)), "")
+            return module.removeprefix(prefix), part
     raise ValueError(f"{path}: {key} is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha)")
 
 
 def _peft_metadata(path: Path) -> "_PeftMetadata":
     """The adapter's PEFT config as diffusers' save_lora_weights stores it (`lora_adapter_metadata`, its keys
     under "transformer."), where the file has one."""
-    with open(path, "rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-    stored = json.loads(header.get("__metadata__", {}).get("lora_adapter_metadata") or "{}")
+    stored = json.loads(read_safetensors_metadata(path).get("lora_adapter_metadata") or "{}")
     config = {key.removeprefix("transformer."): value for key, value in stored.items()}
     if config.get("use_dora"):
         raise ValueError(f"{path}: a DoRA adapter (use_dora), which merges differently: not supported")

@@ -38,9 +38,8 @@ class SafetensorsTensor:
         return np.asarray(data.view(self.dtype).reshape(self.shape))
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, SafetensorsTensor]:
-    """The tensors of one file, by name, without reading their data."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header, checked, and the length of that header in bytes."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -52,9 +51,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, SafetensorsTensor]:
                 f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes, file {size})"
             )
         try:
-            header = json.loads(f.read(header_len))
+            return json.loads(f.read(header_len)), header_len
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's `__metadata__` strings (empty where it has none)."""
+    return _read_header(Path(path))[0].get("__metadata__") or {}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, SafetensorsTensor]:
+    """The tensors of one file, by name, without reading their data."""
+    path = Path(path)
+    size = path.stat().st_size
+    header, header_len = _read_header(path)
     data_start = 8 + header_len
     tensors = {}
     for name, info in header.items():
