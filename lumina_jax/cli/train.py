@@ -1,7 +1,7 @@
 """lumina-train --config CONFIG [field=value ...]   train (resumes from the newest checkpoint)
 lumina-train cache --config CONFIG [field=value ...]   encode the config's manifest into its cache
-lumina-train export --config CONFIG [--step N] [--out PATH] [--overwrite]   EMA weights as a pipeline folder
-lumina-train eval [--model PATH] [--samples-per-digit N]   score a digits model with a classifier
+lumina-train export --config CONFIG [--step N] [--out PATH] [--overwrite]   EMA weights, a pipeline (LoRA: a file)
+lumina-train eval [--model PATH] [--lora FILE] [--mirrored] [--samples-per-digit N]   score a digits model
 
 CONFIG is a name from lumina_jax/configs/ (e.g. digits) or a path to a Python file defining get_config().
 A run resumes from the newest checkpoint in its workdir. One already at `steps` has nothing to train:
@@ -44,6 +44,8 @@ def parse(argv: list[str], prog: str) -> argparse.Namespace:
         parser.add_argument("--steps", type=positive_int, default=30)
         parser.add_argument("--guidance", type=float, default=4.0)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--lora", help="a LoRA file (or folder holding one) merged into the model first")
+        parser.add_argument("--mirrored", action="store_true", help="read the digits flipped left to right")
     else:
         parser.add_argument("--config", required=True, help="config name (lumina_jax/configs/NAME.py) or file")
         parser.add_argument("overrides", nargs="*", help="field=value, e.g. steps=500 lr=3e-4")
@@ -66,7 +68,9 @@ def parse(argv: list[str], prog: str) -> argparse.Namespace:
             )
         if command == "export":
             parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-            parser.add_argument("--out", default=None, help="pipeline folder to write (default: WORKDIR/pipeline)")
+            parser.add_argument(
+                "--out", default=None, help="folder to write (default: WORKDIR/pipeline; LoRA: WORKDIR/lora)"
+            )
             parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(rest)
     args.command = command
@@ -91,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
         from lumina_jax.training.digits import evaluate_pipeline
 
         pipe = LuminaPipeline.from_pretrained(args.model, dtype="float32", progress=False)
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
         result = evaluate_pipeline(
-            pipe, samples_per_digit=args.samples_per_digit, seed=args.seed, steps=args.steps, guidance=args.guidance
+            pipe,
+            samples_per_digit=args.samples_per_digit,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            mirrored=args.mirrored,
         )
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=1))
         print("confusion (rows: prompted digit, columns: classified as):")
@@ -112,13 +123,12 @@ def run(args: argparse.Namespace) -> int:
         loop.prepare_data(config)
         return 0
     if args.command == "export":
+        out = args.out or loop.export_destination(config, loop.epath.Path(config.workdir))
         try:
-            out = loop.export_checkpoint(
-                config, args.out or f"{config.workdir}/pipeline", args.step, overwrite=args.overwrite
-            )
+            out = loop.export_checkpoint(config, out, args.step, overwrite=args.overwrite)
         except FileExistsError as e:
             return fail(e)
-        print(f"pipeline with the EMA weights: {out}")
+        print(f"{exported(config)}: {out}")
         return 0
     try:
         summary = loop.train(config, progress=not args.no_progress)
@@ -131,8 +141,12 @@ def run(args: argparse.Namespace) -> int:
         state = "stopped (SIGTERM or Ctrl-C), checkpoint saved" if summary.preempted else "done"
         print(f"{state}: step {summary.step} in {summary.seconds:.0f} s, {summary.skipped_steps} skipped steps")
     if summary.export:
-        print(f"pipeline with the EMA weights: {summary.export}")
+        print(f"{exported(config)}: {summary.export}")
     return 0
+
+
+def exported(config) -> str:
+    return "the EMA adapters as a PEFT LoRA file" if config.lora_rank else "pipeline with the EMA weights"
 
 
 def compile_only(config, args: argparse.Namespace) -> int:

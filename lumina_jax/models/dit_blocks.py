@@ -101,11 +101,19 @@ def fused_dense(x: jax.Array, *layers: nnx.Linear) -> jax.Array:
     """x through bias-free linear layers that read the same input, as one matmul: x [W_1 | W_2 | ...].
 
     The parameters stay separate (checkpoints and sharding rules name them); the kernels are joined
-    at call time, one copy of the layer's weights, cheap beside the matmul it makes wider.
+    at call time, one copy of the layer's weights, cheap beside the matmul it makes wider. Their
+    adapters (`models.lora`) add their outputs, each to its own layer's columns.
     """
     dtype = layers[0].dtype
     kernel = jnp.concatenate([layer.kernel[...].astype(dtype) for layer in layers], axis=-1)
-    return jnp.dot(x.astype(dtype), kernel)
+    y = jnp.dot(x.astype(dtype), kernel)
+    if all(layer.adapter is None for layer in layers):
+        return y
+    adapted = [
+        jnp.zeros((*x.shape[:-1], layer.out_features), dtype) if layer.adapter is None else layer.adapter(x)
+        for layer in layers
+    ]
+    return y + jnp.concatenate(adapted, axis=-1).astype(y.dtype)
 
 
 @struct.dataclass

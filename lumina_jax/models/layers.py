@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lumina_jax.models.lora import LowRank
+
 Dtype = jnp.dtype | type
 # Keys diffusers writes into every config.json that say nothing about the architecture.
 DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -88,6 +90,18 @@ def logical_axes(*names: str | None) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear, plus the output of its low-rank adapter where one is attached (`models.lora`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter: LowRank | None = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.adapter is None else y + self.adapter(x).astype(y.dtype)
+
+
 def linear(
     in_features: int,
     out_features: int,
@@ -98,8 +112,8 @@ def linear(
     param_dtype: Dtype,
     rngs: nnx.Rngs,
     kernel_init: Callable = nnx.initializers.xavier_uniform(),
-) -> nnx.Linear:
-    return nnx.Linear(
+) -> Linear:
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,

@@ -23,9 +23,9 @@ from lumina_jax.training.checkpoint import abstract_train_state
 from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import crop_sizes
 from lumina_jax.training.flops import train_step_flops
-from lumina_jax.training.loop import make_run_optimizer, transformer_factory
+from lumina_jax.training.loop import abstract_transformer, make_run_optimizer
 from lumina_jax.training.samples import images_per_call
-from lumina_jax.training.step import TrainBatch, train_step
+from lumina_jax.training.step import TrainBatch, frozen_weights, train_step, trainable_split
 from lumina_jax.weights.importer import resolve_dtype
 
 EMPTY_CAPTION_TOKENS = 8  # the text encoder's tokens for "" (caption dropout), padded
@@ -64,13 +64,18 @@ def lower_train_step(
     config: TrainConfig, mesh: jax.sharding.Mesh, batch_size: int, *, unroll_layers: bool = False
 ) -> tuple[jax.stages.Lowered, int]:
     """The config's train step lowered for `batch_size` images (global) on the mesh; and the bytes per
-    chip of its state (parameters, EMA and optimizer moments), resident across steps. unroll_layers:
+    chip of its state (parameters, EMA and optimizer moments; with LoRA, the adapters' and the frozen
+    transformer), resident across steps. unroll_layers:
     the layers in a Python loop, not a scan, for counting FLOPs (XLA counts a loop's body once)."""
     cfg, (height, width), caption = planned_step(config)
-    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
+    model = abstract_transformer(config, cfg)
     model.scan_layers = model.scan_layers and not unroll_layers
     optimizer = make_run_optimizer(config)
     state = abstract_train_state(model, optimizer, mesh)
+    frozen = frozen_weights(model)  # with LoRA: the transformer, in the compute dtype, resident too
+    if frozen is not None:
+        placements = sharding.parameter_shardings(frozen, mesh)
+        frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen, placements)
     rows = sharding.batch_sharding(mesh)
     everywhere = NamedSharding(mesh, PartitionSpec())
 
@@ -96,7 +101,7 @@ def lower_train_step(
         struct((EMPTY_CAPTION_TOKENS,), jnp.bool_, everywhere),
     )
     lowered = train_step.lower(
-        nnx.graphdef(model),
+        trainable_split(model)[0],
         state,
         batch,
         *empty,
@@ -106,8 +111,9 @@ def lower_train_step(
         caption_dropout=np.float32(config.caption_dropout),
         time_shift=np.float32(config.time_shift),
         ema_decay=np.float32(config.ema_decay),
+        frozen=frozen,
     )
-    return lowered, tpu.per_chip_bytes(state)
+    return lowered, tpu.per_chip_bytes(state) + (0 if frozen is None else tpu.per_chip_bytes(frozen))
 
 
 def plan_samples(config: TrainConfig, target: tpu.TpuSlice) -> tpu.MemoryPlan | None:
@@ -120,7 +126,7 @@ def plan_samples(config: TrainConfig, target: tpu.TpuSlice) -> tpu.MemoryPlan | 
     mesh = run_mesh(config, tpu.compile_devices(target))
     pipe = LuminaPipeline.abstract(config.pipeline, config.compute_dtype)
     cfg, _, _ = planned_step(config)
-    model = nnx.eval_shape(transformer_factory(dataclasses.replace(config, init="scratch", transformer=cfg)))
+    model = abstract_transformer(config, cfg)
     compute = resolve_dtype(config.compute_dtype)
 
     def in_compute_dtype(x):

@@ -81,6 +81,15 @@ class TrainConfig:
     # attention_ffn or dots (`models.dit_blocks.REMAT_POLICIES`).
     remat: Remat = "none"
 
+    # LoRA: with a rank, only low-rank adapters train, on the linear layers whose path names one of lora_targets
+    # ("attention", "feed_forward", "modulation" (adaLN), or finer: "to_q"), each scaled lora_alpha / rank (None:
+    # alpha = rank), dropout on its input; the transformer is frozen, held once in compute_dtype, and the run
+    # exports the adapters as a PEFT LoRA file (workdir/lora/). 0 trains every weight.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["attention"])
+
     # Mesh: fsdp = -1 takes every device that data and tensor leave.
     mesh_data: int = 1
     mesh_fsdp: int = -1
@@ -104,8 +113,12 @@ class TrainConfig:
             self.transformer = config_from_dict(self.transformer)
         for name, (allowed, description) in LIMITS.items():
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and allowed(value)):  # None: peak_flops unset
+            if value is not None and not (math.isfinite(value) and allowed(value)):
                 raise ValueError(f"{name}={value!r}: expected {description}")
+        if self.lora_rank and self.init == "scratch":
+            raise ValueError(f"lora_rank={self.lora_rank}: LoRA adapts a pretrained transformer; give init=pretrained")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError('lora_targets=[]: name the linear layers to adapt, e.g. ["attention"]')
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "transformer": self.transformer.to_dict()}, indent=1)
@@ -122,7 +135,7 @@ def _between(low, high):
 _POSITIVE = (lambda value: value > 0), "a number above 0"
 
 # The range of every numeric field, checked whenever a TrainConfig is made (by a config file, an override,
-# `dataclasses.replace`); `seed` takes any integer.
+# `dataclasses.replace`); `seed` takes any integer, and a None (peak_flops, lora_alpha) means unset.
 LIMITS = {
     "cache_batch_size": _at_least(1),
     "cache_shard_size": _at_least(1),
@@ -140,6 +153,9 @@ LIMITS = {
     "adam_b1": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
     "adam_b2": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
     "adam_eps": _POSITIVE,
+    "lora_rank": _at_least(0),
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
     "mesh_data": _at_least(1),
     "mesh_fsdp": ((lambda value: value == -1 or value >= 1), "-1 (every device data and tensor leave), or 1 or more"),
     "mesh_tensor": _at_least(1),

@@ -80,11 +80,14 @@ def render(ink: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(grey.convert("RGB"))
 
 
-def write_dataset(out_dir: str | os.PathLike, *, size: int = 32, seed: int = 0, limit: int | None = None) -> Path:
+def write_dataset(
+    out_dir: str | os.PathLike, *, size: int = 32, seed: int = 0, limit: int | None = None, mirrored: bool = False
+) -> Path:
     """Write the digits as PNGs under out_dir/images/ and out_dir/captions.jsonl; returns the JSONL's path.
 
     Each JSONL line is {"path": "images/0000.png", "prompt": ..., "label": 0..9}, the path relative to
-    the JSONL's folder; line i is load_digits image i. `limit` keeps the first `limit` images. The folder
+    the JSONL's folder; line i is load_digits image i. `limit` keeps the first `limit` images; `mirrored`
+    writes every digit mirror-written (flipped left to right), a style the shipped model has never seen. The folder
     is written whole under a temporary name, then renamed: a folder with captions.jsonl is complete. If
     it already holds the data set these arguments describe, nothing is written; another data set there
     is replaced; a folder holding anything else is refused.
@@ -99,6 +102,7 @@ def write_dataset(out_dir: str | os.PathLike, *, size: int = 32, seed: int = 0, 
     rng = np.random.default_rng(seed)
     records = [
         {"path": f"{IMAGES_DIR}/{i:04d}.png", "prompt": caption(int(label), rng), "label": int(label)}
+        | ({"mirrored": True} if mirrored else {})
         for i, label in enumerate(digits.target[:count])
     ]
     manifest = "".join(json.dumps(r) + "\n" for r in records)
@@ -113,7 +117,7 @@ def write_dataset(out_dir: str | os.PathLike, *, size: int = 32, seed: int = 0, 
     with atomic_folder(out_dir, overwrite=True) as partial:
         (partial / IMAGES_DIR).mkdir()
         for record, ink in zip(records, digits.images):
-            Image.fromarray(render(ink, size)).save(partial / record["path"])
+            Image.fromarray(render(ink[:, ::-1] if mirrored else ink, size)).save(partial / record["path"])
         (partial / MANIFEST).write_text(manifest)
     return out_dir / MANIFEST
 
@@ -274,9 +278,11 @@ def evaluate_pipeline(
     steps: int = 20,
     guidance: float = 4.0,
     classifier: DigitClassifier | None = None,
+    mirrored: bool = False,
 ) -> dict:
     """Generate samples_per_digit 32x32 images of each digit, from captions drawn as the training data's
-    are, and score them with `evaluate`. One batch a digit, so every digit compiles the same program."""
+    are, and score them with `evaluate` (`mirrored`: flipped left to right first, so mirror-written digits
+    read as digits and plain ones as mirrored). One batch a digit, so every digit compiles the same program."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for digit in range(10):
@@ -292,7 +298,8 @@ def evaluate_pipeline(
         )
         images.append(np.asarray(out.images))
         labels += [digit] * samples_per_digit
-    return evaluate(np.concatenate(images), labels, classifier)
+    images = np.concatenate(images)
+    return evaluate(images[:, :, ::-1] if mirrored else images, labels, classifier)
 
 
 def write_base_pipeline(folder: str | os.PathLike, *, text_hidden: int = 64, seed: int = 0) -> Path:
@@ -316,6 +323,14 @@ def write_base_pipeline(folder: str | os.PathLike, *, text_hidden: int = 64, see
     partial.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(partial, folder / "model_index.json")
     return folder
+
+
+def prepare_mirrored(config) -> None:
+    """`TrainConfig.prepare` of lumina_jax/configs/digits_lora.py: the mirror-written data set beside config.data."""
+    manifest = Path(config.data)
+    if manifest.name != MANIFEST:
+        raise ValueError(f"the digits data set's manifest is named {MANIFEST}, got {manifest}")
+    write_dataset(manifest.parent, size=config.image_size, seed=config.seed, mirrored=True)
 
 
 def prepare(config) -> None:

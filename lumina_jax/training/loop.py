@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lumina_jax import hub, sharding
 from lumina_jax.models.family import Transformer, TransformerConfig
+from lumina_jax.models.lora import add_adapters
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS
 from lumina_jax.training import cache as latent_cache
 from lumina_jax.training.batches import BatchShape, make_batches
@@ -42,11 +43,14 @@ from lumina_jax.training.step import (
     ClippedAdamW,
     LearningRate,
     TrainBatch,
+    frozen_weights,
     init_train_state,
     train_step,
+    trainable_split,
 )
 from lumina_jax.weights import orbax_io
 from lumina_jax.weights.importer import resolve_dtype
+from lumina_jax.weights.lora import LORA_WEIGHT_NAME, save_lora
 from lumina_jax.weights.nextdit import (
     MODELS,
     TransformerCheckpoint,
@@ -110,28 +114,57 @@ def saved_architecture(config: TrainConfig, checkpoints: Checkpointer, step: int
     return saved
 
 
+def weights_dtype(config: TrainConfig) -> str:
+    """The transformer's parameters: float32 master weights, or with LoRA frozen in the compute dtype."""
+    return config.compute_dtype if config.lora_rank else "float32"
+
+
 def transformer_factory(config: TrainConfig, transformer: TransformerConfig | None = None) -> Callable[[], Transformer]:
-    """A function building `transformer` (default: `architecture(config)`) freshly initialised: float32 master
-    weights, the configured compute dtype."""
+    """A function building `transformer` (default: `architecture(config)`) freshly initialised, without adapters:
+    its weights in `weights_dtype`, the configured compute dtype."""
     compute, transformer = resolve_dtype(config.compute_dtype), transformer or architecture(config)
+    params = resolve_dtype(weights_dtype(config))
     return lambda: MODELS[type(transformer)](
-        transformer, dtype=compute, param_dtype=jnp.float32, remat=config.remat, rngs=nnx.Rngs(config.seed)
+        transformer, dtype=compute, param_dtype=params, remat=config.remat, rngs=nnx.Rngs(config.seed)
     )
 
 
+def with_adapters(config: TrainConfig, model: Transformer) -> Transformer:
+    """The model with the config's new LoRA adapters (float32, `models.lora`), if it asks for any; in place. The
+    model may be abstract (`nnx.eval_shape`): the adapters are made all the same."""
+    if config.lora_rank:
+        alpha = config.lora_alpha or config.lora_rank
+        key = jax.random.PRNGKey(config.seed)
+        add_adapters(model, config.lora_targets, config.lora_rank, alpha, dropout=config.lora_dropout, key=key)
+    return model
+
+
+def abstract_transformer(config: TrainConfig, transformer: TransformerConfig | None = None) -> Transformer:
+    """The run's transformer without its weights (`nnx.eval_shape`), with its adapters."""
+    return with_adapters(config, nnx.eval_shape(transformer_factory(config, transformer)))
+
+
 def initial_transformer(config: TrainConfig, mesh: Mesh, base: TransformerCheckpoint | None = None) -> Transformer:
-    """The pipeline's transformer in float32 to fine-tune (`base`, when found already), or a new one; each
-    parameter made or loaded straight into its sharding on the mesh."""
+    """The pipeline's transformer to fine-tune (`base`, when found already), or a new one, in `weights_dtype`;
+    each parameter made or loaded straight into its sharding on the mesh; with the config's adapters."""
     if config.init == "pretrained":
-        return build_model(
+        model = build_model(
             base or base_transformer(config),
             config.compute_dtype,
-            param_dtype="float32",
+            param_dtype=weights_dtype(config),
             remat=config.remat,
             mesh=mesh,
             progress=False,
         )
-    return sharding.create_sharded(transformer_factory(config), mesh)
+    else:
+        model = sharding.create_sharded(transformer_factory(config), mesh)
+    return with_adapters(config, model)
+
+
+def placed_frozen_weights(model: Transformer, mesh: Mesh) -> nnx.State | None:
+    """`step.frozen_weights` of the model, laid out on the mesh (the adapters' scales are made unplaced)."""
+    frozen = frozen_weights(model)
+    return None if frozen is None else jax.device_put(frozen, sharding.parameter_shardings(frozen, mesh))
 
 
 def make_run_optimizer(config: TrainConfig) -> ClippedAdamW:
@@ -199,6 +232,25 @@ def prepare_data(config: TrainConfig) -> None:
     )
 
 
+def export_destination(config: TrainConfig, workdir: epath.Path) -> epath.Path:
+    """Where a run's end exports: workdir/pipeline, or a LoRA run's adapters, workdir/lora."""
+    return workdir / ("lora" if config.lora_rank else "pipeline")
+
+
+def export_run(
+    config: TrainConfig, graphdef, ema_params, frozen, destination: epath.Path, *, overwrite: bool = True
+) -> epath.Path:
+    """The EMA weights exported: a LoRA run's adapters as a PEFT LoRA file in the folder `destination`
+    (`weights.lora.save_lora`), any other run's transformer as a pipeline folder (`export_pipeline`)."""
+    if frozen is None:
+        return export_pipeline(config, graphdef, ema_params, destination, overwrite=overwrite)
+    model = nnx.merge(graphdef, jax.device_get(ema_params), frozen)
+    keep = (base_pipeline(config), epath.Path(config.workdir) / "checkpoints")
+    with orbax_io.atomic_folder(destination, overwrite=overwrite, keep=keep) as folder:
+        save_lora(model, folder / LORA_WEIGHT_NAME)
+    return destination
+
+
 def export_pipeline(
     config: TrainConfig, graphdef, ema_params, destination: epath.Path, *, overwrite: bool = True
 ) -> epath.Path:
@@ -219,21 +271,22 @@ def export_pipeline(
 def export_checkpoint(
     config: TrainConfig, destination: str | os.PathLike, step: int | None = None, *, overwrite: bool = False
 ) -> epath.Path:
-    """The EMA weights of a saved step (default: the newest) as a pipeline folder, e.g. mid-run."""
+    """The EMA weights of a saved step (default: the newest) as a pipeline folder, or a LoRA run's adapters as a
+    PEFT LoRA file in the folder `destination`, e.g. mid-run."""
     orbax_io.check_destination(destination, overwrite=overwrite)  # before the restore
     with Checkpointer(epath.Path(config.workdir) / "checkpoints", read_only=True) as checkpoints:
-        abstract = nnx.eval_shape(transformer_factory(config, saved_architecture(config, checkpoints, step)))
+        abstract = abstract_transformer(config, saved_architecture(config, checkpoints, step))
         state, _ = checkpoints.restore(abstract_train_state(abstract, make_run_optimizer(config)), step)
-    return export_pipeline(
-        config, nnx.graphdef(abstract), state.ema_params, epath.Path(destination), overwrite=overwrite
-    )
+    # A LoRA file needs the adapters' scales of the frozen part, not the transformer's weights.
+    graphdef, frozen = trainable_split(abstract)[0], frozen_weights(abstract)
+    return export_run(config, graphdef, state.ema_params, frozen, epath.Path(destination), overwrite=overwrite)
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     sharding.initialize_distributed()
     workdir = epath.Path(config.workdir)  # local, or in a bucket (gs://...)
     drawer = SampleDrawer(config, workdir)  # checks the sample settings first
-    orbax_io.check_destination(workdir / "pipeline", overwrite=True)  # the final export's, before any training
+    orbax_io.check_destination(export_destination(config, workdir), overwrite=True)  # before any training
     workdir.mkdir(parents=True, exist_ok=True)
     # Whatever fails, from here on every resource opened is released (Orbax's threads, the log's files, the
     # SIGTERM handler), in reverse order.
@@ -267,18 +320,22 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             process_count=jax.process_count(),
             tokens=transformer,
         )
+        frozen = None
         if resumed_at is None:
             model = initial_transformer(config, mesh, base)
             graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(config.seed), mesh=mesh)
+            frozen = placed_frozen_weights(model, mesh)
             del model
         else:  # restored straight onto this mesh, whatever mesh wrote it; the initial weights are never built
-            abstract = nnx.eval_shape(transformer_factory(config, transformer))
-            graphdef = nnx.graphdef(abstract)
+            abstract = abstract_transformer(config, transformer)
+            graphdef = trainable_split(abstract)[0]
+            if config.lora_rank:  # the checkpoint holds the adapters: the frozen transformer is the pipeline's
+                frozen = placed_frozen_weights(initial_transformer(config, mesh), mesh)
             state, extra = checkpoints.restore(abstract_train_state(abstract, optimizer, mesh))
             batches.set_state(extra["data"])
             logger.info("resumed from step %d", int(state.step))
         empty = (jnp.asarray(cache.empty_caption), jnp.asarray(cache.empty_caption_mask))
-        options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type)
+        options = dict(optimizer=optimizer, mesh=mesh, snr_type=config.snr_type, frozen=frozen)
         hyper = dict(
             caption_dropout=jnp.float32(config.caption_dropout),
             time_shift=jnp.float32(config.time_shift),
@@ -330,7 +387,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
                 break
             checkpoints.save(step, state, saved_extra())
             if drawer.due(step):
-                log.samples(step, drawer.draw(step, graphdef, state.ema_params))
+                log.samples(step, drawer.draw(step, graphdef, state.ema_params, frozen))
         checkpoints.save(step, state, saved_extra(), force=True)
         checkpoints.wait_until_finished()
     export = None
@@ -339,7 +396,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         if jax.process_count() > 1:  # every process takes part in gathering the shards
             ema = multihost_utils.process_allgather(ema, tiled=True)
         if jax.process_index() == 0:
-            export = export_pipeline(config, graphdef, ema, workdir / "pipeline")
+            export = export_run(config, graphdef, ema, frozen, export_destination(config, workdir))
     return RunSummary(step, preempted, skipped, time.perf_counter() - started, export, start_step)
 
 

@@ -74,31 +74,35 @@ class SampleDrawer:
             self._cast = jax.jit(lambda params: jax.tree.map(cast, params), out_shardings=shardings)
         return self._cast(ema_params)
 
-    def pipeline(self, graphdef, ema_params) -> LuminaPipeline:
-        """The base pipeline's text encoder and VAE (loaded once) with the EMA transformer, on the EMA's mesh."""
+    def pipeline(self, graphdef, ema_params, frozen=None) -> LuminaPipeline:
+        """The base pipeline's text encoder and VAE (loaded once) with the EMA transformer (or the frozen one with
+        the EMA adapters, their dropout off), on the EMA's mesh."""
         mesh = training_mesh(ema_params)
         if self.encoders is None:
             self.encoders = LuminaPipeline.from_pretrained(
                 self.config.pipeline, self.config.compute_dtype, transformer=None, mesh=mesh, progress=False
             )
         encoders = self.encoders
+        weights = [self.compute_weights(ema_params)] + ([] if frozen is None else [frozen])
+        transformer = nnx.merge(graphdef, *weights)
+        transformer.eval()
         return LuminaPipeline(
-            nnx.merge(graphdef, self.compute_weights(ema_params)),
+            transformer,
             encoders.text_encoder,
             encoders.vae,
             encoders.tokenizer,
             scheduler_shift=encoders.scheduler_shift,
         ).shard(mesh)  # every weight is in place already: this tells the pipeline its mesh
 
-    def draw(self, step: int, graphdef, ema_params) -> list[epath.Path]:
+    def draw(self, step: int, graphdef, ema_params, frozen=None) -> list[epath.Path]:
         """Draw the samples of `step` (on every process together); returns the step's image files, in prompt
-        order, once process 0 has written them."""
+        order, once process 0 has written them. frozen: the transformer beside EMA adapters (`step.frozen_weights`)."""
         out = self.folder / f"{step:08d}"
         # jobs renames each image into place on disk; for a bucket it draws into a local folder, then uploads
         writes = jax.process_index() == 0
         with tempfile.TemporaryDirectory() if is_remote(out) else contextlib.nullcontext(out) as drawn:
             jobs.run_jobs(
-                self.pipeline(graphdef, ema_params),
+                self.pipeline(graphdef, ema_params, frozen),
                 self.jobs,
                 Path(drawn),
                 per_call=images_per_call(training_mesh(ema_params)),

@@ -5,6 +5,10 @@ float32 master weights with the model's compute dtype (bfloat16 for training: bu
 clipping the global gradient norm to 2, an EMA of the weights with decay 0.9999. A step whose loss
 or gradients are not finite changes no weights, optimizer state or EMA and is counted instead.
 
+With low-rank adapters on the model (`models.lora`), only they train: the state holds the adapters, their
+EMA and their optimizer moments, and the rest of the model (`frozen_weights`, in the compute dtype) is
+an argument of the step that it reads and never changes.
+
 Batches are in the padded-token form, so one batch may hold images of different sizes. With a
 mesh, the state is laid out by `sharding.parameter_shardings` and the batch by `batch_sharding`;
 without one, the same code runs on one device.
@@ -21,6 +25,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from lumina_jax.models.family import Transformer, TransformerConfig
+from lumina_jax.models.lora import reseed_dropout
 from lumina_jax.sharding import batch_sharding, parameter_shardings
 from lumina_jax.training.objective import (
     CAPTION_DROPOUT,
@@ -37,6 +42,8 @@ WEIGHT_DECAY = 0.0
 GRAD_CLIP = 2.0
 EMA_DECAY = 0.9999
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+# The adapters' dropout masks are drawn from the step's key folded with this, beside its three split keys.
+ADAPTER_DROPOUT_STREAM = 3
 
 
 @struct.dataclass
@@ -162,14 +169,32 @@ def ema_update(ema_params, params, decay: float | jax.Array = EMA_DECAY):
     return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
 
 
+def has_adapters(model: nnx.Module) -> bool:
+    return bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+
+
+def trainable_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and what training changes: its adapters where it has any, else all its parameters."""
+    if has_adapters(model):
+        graphdef, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
+        return graphdef, adapters
+    return nnx.split(model)
+
+
+def frozen_weights(model: nnx.Module) -> nnx.State | None:
+    """What `train_step` reads beside the trained adapters (`frozen`): the rest of a model with adapters;
+    None for a model without, all of which trains."""
+    return nnx.split(model, nnx.LoRAParam, ...)[2] if has_adapters(model) else None
+
+
 def init_train_state(
     model: Transformer, optimizer: optax.GradientTransformation, rng: jax.Array, *, mesh: Mesh | None = None
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """The model's graph and a fresh training state holding copies of its float32 parameters.
+    """The model's graph and a fresh training state holding float32 copies of what trains (`trainable_split`).
 
     rng is a raw key (`jax.random.PRNGKey`). With a mesh the state is created already sharded.
     """
-    graphdef, params = nnx.split(model)
+    graphdef, params = trainable_split(model)
     not_float32 = sorted({str(x.dtype) for x in jax.tree.leaves(params)} - {"float32"})
     if not_float32:
         raise ValueError(f"training keeps float32 master weights; the model has {not_float32} parameters")
@@ -210,9 +235,10 @@ def noise_like(key: jax.Array, patches: jax.Array) -> jax.Array:
     return jax.vmap(lambda row: jax.random.normal(row, patches.shape[1:], jnp.float32))(rows)
 
 
-def flow_loss(graphdef, params, batch: TrainBatch, t, noise, caption, caption_mask) -> jax.Array:
-    """The velocity loss of the model on a batch at times t [B] with noise shaped like batch.patches."""
-    model = nnx.merge(graphdef, params)
+def flow_loss(graphdef, params, batch: TrainBatch, t, noise, caption, caption_mask, frozen=None) -> jax.Array:
+    """The velocity loss of the model on a batch at times t [B] with noise shaped like batch.patches; params
+    are the adapters when `frozen` holds the rest."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     noisy, target = interpolate(noise, batch.patches, t)
     prediction = predict_velocity(
         model, noisy, batch.positions, batch.token_mask, t, caption, caption_mask, batch.end_of_line
@@ -236,17 +262,24 @@ def train_step(
     snr_type: SnrType = "uniform",
     time_shift: float | jax.Array = 1.0,
     ema_decay: float | jax.Array = EMA_DECAY,
+    frozen: nnx.State | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped).
 
     empty_caption [L_e, D] and empty_caption_mask [L_e] are the text encoder's output for "", which
     replaces a caption with probability caption_dropout. optimizer is a `ClippedAdamW`.
     time_shift moves the sampled times towards the noise (`objective.sample_timesteps`). caption_dropout,
-    time_shift and ema_decay, when given, are traced: other values reuse the compiled step.
+    time_shift and ema_decay, when given, are traced: other values reuse the compiled step. frozen: the
+    model's weights that do not train when the state holds its adapters (`frozen_weights`).
     """
     if mesh is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
-    t_key, noise_key, caption_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+    step_key = jax.random.fold_in(state.rng, state.step)
+    t_key, noise_key, caption_key = jax.random.split(step_key, 3)
+    if frozen is not None:  # the adapters' dropout masks of this step, drawn in the frozen part's keys
+        model = nnx.merge(graphdef, state.params, frozen)
+        reseed_dropout(model, jax.random.fold_in(step_key, ADAPTER_DROPOUT_STREAM))
+        frozen = nnx.split(model, nnx.LoRAParam, ...)[2]
     t = sample_timesteps(t_key, batch.patches.shape[0], snr_type, time_shift)
     noise = noise_like(noise_key, batch.patches)
     caption, caption_mask = drop_captions(
@@ -255,7 +288,7 @@ def train_step(
     # Under the mesh, fused attention kernels split their work by it (`models.attention`).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
         loss, grads = jax.value_and_grad(flow_loss, argnums=1)(
-            graphdef, state.params, batch, t, noise, caption, caption_mask
+            graphdef, state.params, batch, t, noise, caption, caption_mask, frozen
         )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)

@@ -1,4 +1,5 @@
-"""LoRA adapters in the layouts they circulate in, merged into a transformer's weights.
+"""LoRA adapters in the layouts they circulate in, merged into a transformer's weights; adapters trained here
+(`models.lora`) written as a PEFT LoRA file in diffusers' names (`save_lora`).
 
 A LoRA file holds, for each adapted linear layer, a down projection A [rank, in] and an up projection
 B [out, rank], and the merged weight is W + scale * (alpha / rank) * B @ A. The files name the layer in one
@@ -23,17 +24,19 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lumina_jax.models.lora import adaptable_layers
 from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.weights import lumina2_keys, nextdit_keys
 from lumina_jax.weights.importer import Target, UnknownKeyError
-from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_metadata
+from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 
 _PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
 _PARTS |= {"alpha": "alpha"}
@@ -41,6 +44,7 @@ _PARTS |= {"alpha": "alpha"}
 _PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
 _KOHYA_PREFIX = "lora_unet_"
 _MAX_UNDERSCORES = 12  # kohya names: every split of the name at its underscores is tried
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights(folder) reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +63,10 @@ class LoraLayer:
 
 
 def read_lora(path: str | Path) -> dict[str, LoraLayer]:
-    """The layers of a LoRA safetensors file, by their module name in the file (prefixes removed, kohya's
-    underscores kept)."""
+    """The layers of a LoRA safetensors file (or of a folder's pytorch_lora_weights.safetensors, as diffusers
+    saves it), by their module name in the file (prefixes removed, kohya's underscores kept)."""
     path = Path(path)
+    path = path / LORA_WEIGHT_NAME if path.is_dir() else path
     tensors = read_safetensors(path)
     peft = _peft_metadata(path)
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -150,17 +155,33 @@ def _lumina2_modules(config: UnifiedNextDiTConfig) -> Callable[[str], list[Modul
     return modules
 
 
-# By transformer config: how a file's module name reads as the diffusers modules it adapts, and where a
-# diffusers key's weight is in our model.
+class _Family(NamedTuple):
+    modules: Callable[[Any], Callable[[str], list[Module]]]  # how a file's module name reads as diffusers modules
+    key_map: Callable[[Any], Callable[[str], Target]]  # where a diffusers key's weight is in our model
+    keys: Callable[[Any], list[str]]  # every key of the family's diffusers layout
+
+
+# By transformer config.
 _FAMILIES = {
-    NextDiTConfig: (
+    NextDiTConfig: _Family(
         _nextdit_modules,
         lambda config: (
             lambda key: nextdit_keys.diffusers_key_to_target(key, separate_caption_query=config.separate_caption_query)
         ),
+        lambda config: nextdit_keys.diffusers_keys(config.num_layers),
     ),
-    UnifiedNextDiTConfig: (_lumina2_modules, lambda config: lumina2_keys.diffusers_key_to_target),
+    UnifiedNextDiTConfig: _Family(
+        _lumina2_modules,
+        lambda config: lumina2_keys.diffusers_key_to_target,
+        lambda config: lumina2_keys.diffusers_keys(config.num_layers, config.num_refiner_layers),
+    ),
 }
+
+
+def _family(config, source) -> _Family:
+    if type(config) not in _FAMILIES:
+        raise ValueError(f"{source}: LoRA is not supported for the {config.family_name} transformer")
+    return _FAMILIES[type(config)]
 
 
 def _resolve(name: str, modules: Callable[[str], list[Module]]) -> list[Module]:
@@ -189,9 +210,8 @@ def lora_deltas(
 ) -> dict[Target, np.ndarray]:
     """Each adapted weight's delta in our layout ([in, out] for a kernel), by its parameter target."""
     config = model.config
-    if type(config) not in _FAMILIES:
-        raise ValueError(f"{source}: LoRA is not supported for the {config.family_name} transformer")
-    to_modules, to_target = _FAMILIES[type(config)][0](config), _FAMILIES[type(config)][1](config)
+    family = _family(config, source)
+    to_modules, to_target = family.modules(config), family.key_map(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     deltas: dict[Target, np.ndarray] = {}
     sources: dict[Target, str] = {}
@@ -258,3 +278,43 @@ def merge_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> nnx.M
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return model
+
+
+def lora_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The model's adapters (`models.lora`, one rank and alpha for all) as PEFT LoRA tensors under diffusers'
+    module names (`transformer.NAME.lora_A.weight` [rank, in], `lora_B.weight` [out, rank], float32), and their
+    PEFT config. Next-DiT's shared query is written under both of diffusers' names for it, as its weight is."""
+    config = model.config
+    family = _family(config, "exporting LoRA")
+    to_target = family.key_map(config)
+    adapters = {path: layer.adapter for path, layer in adaptable_layers(model).items() if layer.adapter is not None}
+    if not adapters:
+        raise ValueError("the transformer has no LoRA adapters to export")
+    tensors, modules = {}, []
+    for key in family.keys(config):
+        target = to_target(key)
+        adapter = adapters.get(target.path[:-1]) if target.path[-1] == "kernel" else None
+        if adapter is None:
+            continue
+        module = key.removesuffix(".weight")
+        for half, array in (("lora_A", adapter.down[...]), ("lora_B", adapter.up[...])):
+            array = np.asarray(jax.device_get(array), np.float32)
+            array = array if target.layer is None else array[target.layer]
+            tensors[f"transformer.{module}.{half}.weight"] = np.ascontiguousarray(array.T)
+        modules.append(module)
+    scales = {float(x) for adapter in adapters.values() for x in np.asarray(jax.device_get(adapter.scale[...])).ravel()}
+    ranks = {adapter.down.shape[-1] for adapter in adapters.values()}
+    if len(scales) != 1 or len(ranks) != 1:
+        raise ValueError(f"a PEFT LoRA file has one rank and alpha; these adapters have ranks {ranks}, scales {scales}")
+    (rank,), (scale,) = ranks, scales
+    return tensors, {"r": rank, "lora_alpha": scale * rank, "target_modules": modules}
+
+
+def save_lora(model: nnx.Module, path: str | Path) -> Path:
+    """Write the model's adapters as a PEFT LoRA safetensors file (`lora_state_dict`), its config in the metadata
+    as diffusers' save_lora_weights stores it: `Lumina2Pipeline.load_lora_weights`, peft and `read_lora` read it."""
+    tensors, peft_config = lora_state_dict(model)
+    stored = {f"transformer.{key}": value for key, value in peft_config.items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(stored, indent=2, sort_keys=True)}
+    write_safetensors(Path(path), tensors, metadata)
+    return Path(path)

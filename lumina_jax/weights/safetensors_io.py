@@ -110,10 +110,11 @@ def read_safetensors_folder(folder: Path, stem: str) -> dict[str, SafetensorsTen
     return tensors
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write tensors (bfloat16 included) in the safetensors format, header first, then the data."""
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (bfloat16 included) in the safetensors format, header first (with `metadata`, text by
+    text key, where given), then the data."""
     names = {np.dtype(v): k for k, v in _DTYPES.items()}
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for name, array in tensors.items():
         header[name] = {
             "dtype": names[array.dtype],
