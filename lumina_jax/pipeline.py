@@ -52,7 +52,7 @@ from lumina_jax.models.nextdit import PRESETS
 from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
 from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
-from lumina_jax.weights.lora import merge_lora
+from lumina_jax.weights.lora import AttachedLora, attach_lora, merge_lora
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
 from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
 from lumina_jax.weights.vae import find_vae, load_vae
@@ -261,6 +261,7 @@ class LuminaPipeline:
         self._vae_split = None if vae is None else nnx.split(vae)
         self.scheduler_shift = scheduler_shift
         self.mesh: Mesh | None = None
+        self.lora_adapters: dict[str, AttachedLora] = {}  # unmerged, by name (`load_lora_weights(merge=False)`)
         self.weightless = False  # set by `abstract`: shapes only, programs can be lowered but not run
         self.text_encoder_offloaded = False  # `offload_text_encoder`
         self.latent_scale = 1 if vae is None else vae.config.downsample_factor  # image pixels per latent pixel
@@ -357,13 +358,42 @@ class LuminaPipeline:
         pipe.weightless = True
         return pipe
 
-    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> "LuminaPipeline":
-        """Merge a LoRA file into the transformer's weights, times `scale`: no cost per step, and several
-        merge one after another. It may be in diffusers' (PEFT), ComfyUI's / ai-toolkit's or kohya's layout
-        (`lumina_jax.weights.lora`). Returns the pipeline."""
+    def load_lora_weights(
+        self, path: str | os.PathLike, scale: float = 1.0, *, adapter_name: str | None = None, merge: bool = True
+    ) -> "LuminaPipeline":
+        """Apply a LoRA file (or a folder holding pytorch_lora_weights.safetensors) at strength `scale`. It may be
+        in diffusers' (PEFT), ComfyUI's / ai-toolkit's or kohya's layout (`lumina_jax.weights.lora`).
+
+        merge=True merges it into the transformer's weights: no cost per step, and several merge one after
+        another. merge=False keeps it beside them as `adapter_name` (default: the file's name): each adapted layer
+        computes its low-rank path too, and `set_adapters` changes the strengths of the adapters kept so without
+        recompiling the sampler. Returns the pipeline."""
         self._check_can_sample()
-        merge_lora(self.transformer, path, scale)
+        if merge:
+            merge_lora(self.transformer, path, scale)
+            return self
+        name = adapter_name or Path(path).stem
+        if name in self.lora_adapters:
+            raise ValueError(f"an adapter named {name!r} is loaded already; give another adapter_name")
+        self.lora_adapters[name] = attach_lora(self.transformer, path, scale)
+        if self.mesh is not None:  # the new adapters laid out as their layers are
+            shard_module(self.transformer, self.mesh)
         return self
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] = 1.0) -> None:
+        """The strengths of the unmerged adapters (`load_lora_weights(merge=False)`), as diffusers' set_adapters:
+        the named ones at their weights, every other one off (0). Variables change, not the compiled programs."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        unknown = sorted(set(names) - set(self.lora_adapters))
+        if unknown or len(weights) != len(names):
+            raise ValueError(
+                f"set_adapters({names}, {weights}): adapters loaded unmerged are {sorted(self.lora_adapters)}"
+                + (f"; unknown {unknown}" if unknown else "; give one weight per name")
+            )
+        strengths = dict(zip(names, weights))
+        for name, attached in self.lora_adapters.items():
+            attached.set_scale(self.transformer, strengths.get(name, 0.0))
 
     def shard(self, mesh: Mesh) -> "LuminaPipeline":
         """Run on a device mesh: the transformer's and text encoder's parameters laid out by the

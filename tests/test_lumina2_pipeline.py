@@ -15,6 +15,7 @@ from PIL import Image
 from reference import random_lumina2_pipeline, randomize_lora_, relative_error
 from test_img2img import photo
 
+from lumina_jax import sampling
 from lumina_jax.cli.convert import main as convert_main
 from lumina_jax.cli.sample import main as sample_main
 from lumina_jax.models.gemma import GemmaConfig
@@ -215,6 +216,53 @@ def test_converted_pipeline_gives_the_same_latents(lumina2, tmp_path, capsys):
     np.testing.assert_array_equal(
         converted(**kwargs, output_type="latent").images, ours(**kwargs, output_type="latent").images
     )
+
+
+def _saved_lora(reference, folder, seed: int, targets: list[str]):
+    """A random PEFT LoRA of the reference's transformer, saved as Lumina2Pipeline.save_lora_weights saves it."""
+    config = LoraConfig(r=2 + seed % 3, lora_alpha=4 + seed, target_modules=targets)
+    adapted = copy.deepcopy(reference.transformer)
+    inject_adapter_in_model(config, adapted)
+    randomize_lora_(adapted, seed=seed)
+    reference.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(adapted),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_unmerged_adapters_change_strength_without_recompiling(lumina2, tmp_path):
+    """Two LoRAs kept beside the weights (merge=False), on partly the same layers: at each pair of strengths
+    set_adapters gives diffusers' latents with the same adapters and strengths, and what merging them gives,
+    while the sampler compiled once."""
+    folder, reference, _ = lumina2
+    first = _saved_lora(reference, tmp_path / "a", 1, ["to_q", "to_v", "linear_3"])
+    second = _saved_lora(reference, tmp_path / "b", 2, ["to_q", "to_out.0", "norm1.linear"])
+    kwargs = dict(height=64, width=64, num_inference_steps=3, guidance_scale=4.0)
+    latents = np.random.default_rng(4).standard_normal((2, 16, 8, 8), dtype=np.float32)
+    ours = LuminaPipeline.from_pretrained(folder, "float32", progress=False)
+    ours.load_lora_weights(first, adapter_name="a", merge=False).load_lora_weights(second, merge=False)
+    reference.load_lora_weights(first, adapter_name="a")
+    reference.load_lora_weights(second, adapter_name="b")
+    compiled = []
+    try:
+        for strengths in ([0.5, 0.3], [1.2, 0.0]):
+            ours.set_adapters(["a", "pytorch_lora_weights"], strengths)
+            before = sampling._integrate._cache_size()
+            got = ours(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images
+            compiled.append(sampling._integrate._cache_size() - before)
+            reference.set_adapters(["a", "b"], strengths)
+            assert relative_error(got, reference_latents(reference, latents, **kwargs)) <= BOUND
+            merged = LuminaPipeline.from_pretrained(folder, "float32", progress=False)
+            merged.load_lora_weights(first, strengths[0]).load_lora_weights(second, strengths[1])
+            expected = merged(prompt=PROMPTS, latents=latents, output_type="latent", **kwargs).images
+            assert relative_error(got, expected) <= BOUND
+    finally:
+        reference.unload_lora_weights()
+    assert compiled == [1, 0]  # the second strengths ran the program the first compiled
+    with pytest.raises(ValueError, match=r"unknown \['c'\]"):
+        ours.set_adapters(["c"], [1.0])
 
 
 def test_a_lora_samples_as_diffusers_loads_it(lumina2, tmp_path, capsys):

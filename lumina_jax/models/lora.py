@@ -59,7 +59,7 @@ class LowRank(nnx.Module):
         bound = fan_in**-0.5
         down = jax.random.uniform(key, (*lead, fan_in, rank), param_dtype, -bound, bound)
         up = jnp.zeros((*lead, rank, fan_out), param_dtype)
-        return cls(down, up, jnp.full((*lead, rank), scale), _axes(kernel), dropout=dropout, dtype=dtype)
+        return cls(down, up, jnp.full((*lead, rank), scale), kernel_axes(kernel), dropout=dropout, dtype=dtype)
 
     def joined(self, other: "LowRank") -> "LowRank":
         """This adapter and `other` as one, their ranks side by side (several adapters on one layer)."""
@@ -82,13 +82,14 @@ class LowRank(nnx.Module):
         return jnp.dot(h, self.up[...].astype(self.dtype))
 
 
-def _axes(kernel: nnx.Param) -> tuple[str | None, ...]:
+def kernel_axes(kernel: nnx.Param) -> tuple[str | None, ...]:
+    """A kernel's logical axis names (its layer axis first in a stack): an adapter's halves are named after them."""
     return tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
 
 
 def _axes_of(down: nnx.LoRAParam, up: nnx.LoRAParam) -> tuple[str | None, ...]:
     """The kernel's axes again, from an adapter's halves: (..., in) from A's and out from B's."""
-    return (*_axes(down)[:-1], _axes(up)[-1])
+    return (*kernel_axes(down)[:-1], kernel_axes(up)[-1])
 
 
 def adaptable_layers(model: nnx.Module) -> dict[tuple[str, ...], nnx.Module]:

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lumina_jax.models.lora import adaptable_layers
+from lumina_jax.models.lora import LowRank, adaptable_layers, attach, kernel_axes
 from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.weights import lumina2_keys, nextdit_keys
-from lumina_jax.weights.importer import Target, UnknownKeyError
+from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
 from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 
 _PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
@@ -56,10 +56,29 @@ class LoraLayer:
     alpha: float
     rslora: bool = False  # PEFT's use_rslora: alpha / sqrt(rank)
 
-    def delta(self, scale: float) -> np.ndarray:
+    @property
+    def scaling(self) -> float:
         rank = self.down.shape[0]
-        scaling = self.alpha / (np.sqrt(rank) if self.rslora else rank)
-        return (scale * scaling) * (self.up.astype(np.float32) @ self.down.astype(np.float32))
+        return self.alpha / (np.sqrt(rank) if self.rslora else rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedWeight:
+    """One weight's adapter in our layout: kernel [in, out] += scaling * down @ up."""
+
+    down: np.ndarray  # [in, rank]
+    up: np.ndarray  # [rank, out]
+    scaling: float
+
+    def delta(self, scale: float) -> np.ndarray:
+        return (scale * self.scaling) * (self.down.astype(np.float32) @ self.up.astype(np.float32))
+
+    def same_as(self, other: "AdaptedWeight") -> bool:
+        return (
+            self.scaling == other.scaling
+            and np.array_equal(self.down, other.down)
+            and np.array_equal(self.up, other.up)
+        )
 
 
 def read_lora(path: str | Path) -> dict[str, LoraLayer]:
@@ -205,15 +224,15 @@ def _resolve(name: str, modules: Callable[[str], list[Module]]) -> list[Module]:
     return found[0]
 
 
-def lora_deltas(
-    model: nnx.Module, layers: Mapping[str, LoraLayer], scale: float, source: str | Path
-) -> dict[Target, np.ndarray]:
-    """Each adapted weight's delta in our layout ([in, out] for a kernel), by its parameter target."""
+def adapted_weights(
+    model: nnx.Module, layers: Mapping[str, LoraLayer], source: str | Path
+) -> dict[Target, AdaptedWeight]:
+    """Each adapted weight of the transformer, by its parameter target, with its adapter in our layout."""
     config = model.config
     family = _family(config, source)
     to_modules, to_target = family.modules(config), family.key_map(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    deltas: dict[Target, np.ndarray] = {}
+    adapted: dict[Target, AdaptedWeight] = {}
     sources: dict[Target, str] = {}
     unknown = []
     for name, layer in layers.items():
@@ -222,27 +241,27 @@ def lora_deltas(
         except UnknownKeyError:
             unknown.append(name)
             continue
-        delta = layer.delta(scale)
         for module, rows in modules:
             target = to_target(module + ".weight")
-            part = delta if rows is None else delta[rows]
+            up = layer.up if rows is None else layer.up[rows]
             expected = _weight_shape(params, target, module, source)
-            if part.shape != expected:
+            if (up.shape[0], layer.down.shape[1]) != expected or target.permute != LINEAR:
                 raise ValueError(
-                    f"{source}: {name} gives {module}.weight a delta of shape {part.shape}; the weight is {expected}"
+                    f"{source}: {name} gives {module}.weight a delta of shape {(up.shape[0], layer.down.shape[1])}; "
+                    f"the weight is {expected}"
                 )
-            part = part.transpose(target.permute) if target.permute else part
-            if target in deltas:
-                # diffusers' two copies of Next-DiT's shared query are one parameter here: the same delta or none
-                if not np.array_equal(deltas[target], part):
+            weight = AdaptedWeight(np.ascontiguousarray(layer.down.T), np.ascontiguousarray(up.T), layer.scaling)
+            if target in adapted:
+                # diffusers' two copies of Next-DiT's shared query are one parameter here: the same adapter or none
+                if not adapted[target].same_as(weight):
                     raise ValueError(
                         f"{source}: {name} and {sources[target]} adapt one shared weight ({module}) differently"
                     )
                 continue
-            deltas[target], sources[target] = part, name
+            adapted[target], sources[target] = weight, name
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} LoRA layer(s) fit no weight of the transformer: {unknown[:5]}")
-    return deltas
+    return adapted
 
 
 def _weight_shape(params: dict, target: Target, module: str, source: str | Path) -> tuple[int, ...]:
@@ -267,17 +286,62 @@ def _add(weight: jax.Array, delta: jax.Array, layer: jax.Array) -> jax.Array:
 
 def merge_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> nnx.Module:
     """Merge the LoRA file at `path` into the transformer's weights, times `scale`, in place; returns it."""
-    deltas = lora_deltas(model, read_lora(path), scale, path)
+    adapted = adapted_weights(model, read_lora(path), path)
     state = nnx.state(model, nnx.Param)
     params = nnx.to_pure_dict(state)
-    for target, delta in deltas.items():
+    for target, weight in adapted.items():
         *parents, leaf = target.path
         holder = functools.reduce(lambda tree, step: tree[step], parents, params)
         layer = -1 if target.layer is None else target.layer
-        holder[leaf] = _add(holder[leaf], jnp.asarray(delta, jnp.float32), jnp.int32(layer))
+        holder[leaf] = _add(holder[leaf], jnp.asarray(weight.delta(scale), jnp.float32), jnp.int32(layer))
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachedLora:
+    """Where one LoRA file's adapters sit among a model's unmerged adapters: for each adapted linear layer (by
+    its path), the first of its ranks and their factors at strength 1 (zero for the layers of a stack the file
+    leaves alone)."""
+
+    ranks: Mapping[tuple[str, ...], tuple[int, np.ndarray]]  # path -> (start, factors [..., rank])
+
+    def set_scale(self, model: nnx.Module, scale: float) -> None:
+        """Change the adapters' strength to `scale`: variables' values, so a compiled program stays valid."""
+        layers = adaptable_layers(model)
+        for path, (start, factors) in self.ranks.items():
+            variable = layers[path].adapter.scale
+            stop = start + factors.shape[-1]
+            variable[...] = variable[...].at[..., start:stop].set(jnp.asarray(factors * scale, variable.dtype))
+
+
+def attach_lora(model: nnx.Module, path: str | Path, scale: float = 1.0) -> AttachedLora:
+    """Put the LoRA file at `path` beside the transformer's weights, unmerged (`models.lora`): each adapted
+    layer computes W x + scale * (alpha / rank) B A x, the strength a variable `AttachedLora.set_scale` changes
+    without recompiling, beside the adapters already there. In place."""
+    by_layer: dict[tuple[str, ...], list[tuple[int | None, AdaptedWeight]]] = {}
+    for target, weight in adapted_weights(model, read_lora(path), path).items():
+        by_layer.setdefault(target.path[:-1], []).append((target.layer, weight))
+    layers = adaptable_layers(model)
+    ranks = {}
+    for module, parts in by_layer.items():
+        linear = layers[module]
+        *lead, fan_in, fan_out = linear.kernel.shape
+        rank = max(weight.down.shape[1] for _, weight in parts)
+        down = np.zeros((*lead, fan_in, rank), np.float32)
+        up = np.zeros((*lead, rank, fan_out), np.float32)
+        factors = np.zeros((*lead, rank), np.float32)
+        for index, weight in parts:  # a stack's layers the file adapts; a rank short of the most padded with zeros
+            at = ... if index is None else index
+            down[at][..., : weight.down.shape[1]] = weight.down
+            up[at][..., : weight.up.shape[0], :] = weight.up
+            factors[at][..., : weight.down.shape[1]] = weight.scaling
+        ranks[module] = (0 if linear.adapter is None else linear.adapter.scale.shape[-1], factors)
+        dtype = linear.kernel.dtype
+        halves = jnp.asarray(down, dtype), jnp.asarray(up, dtype)
+        attach(linear, LowRank(*halves, factors * scale, kernel_axes(linear.kernel), dtype=linear.dtype))
+    return AttachedLora(ranks)
 
 
 def lora_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
