@@ -30,7 +30,7 @@ def get_config() -> TrainConfig:
         max_aspect=1.0,
         batch_size=64,
         steps=600,
-        lr=1e-3,
+        lr=3e-3,
         warmup_steps=50,
         ema_decay=0.99,
         compute_dtype="float32",
