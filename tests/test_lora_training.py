@@ -25,15 +25,18 @@ from lumina_jax.weights.lora import LORA_WEIGHT_NAME, merge_lora
 FLOAT32_BOUND = 1e-5
 
 
+def recipe(root, **changes) -> TrainConfig:
+    """The digits LoRA recipe (configs/digits_lora.py) with its files under `root`."""
+    files = dict(workdir=str(root / "run"), data=str(root / "data" / digits.MANIFEST), cache=str(root / "cache"))
+    return dataclasses.replace(get_config(), **files, **changes)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> TrainConfig:
     """The digits LoRA recipe on 64 mirrored digits: its data and cache, shared by the runs below."""
     root = tmp_path_factory.mktemp("digits_lora")
-    config = dataclasses.replace(
-        get_config(),
-        workdir=str(root / "run"),
-        data=str(root / "data" / digits.MANIFEST),
-        cache=str(root / "cache"),
+    config = recipe(
+        root,
         batch_size=8,
         steps=4,
         save_every=2,
@@ -102,15 +105,7 @@ def test_a_resumed_lora_run_matches_a_straight_one_and_exports_a_peft_file(base,
 def test_the_digits_lora_teaches_the_shipped_model_mirror_writing(tmp_path):
     """The recipe, shortened to 200 steps: `train eval --mirrored` (the drawn digits flipped back, then read by
     the classifier) scores the adapted model far above the shipped one, which draws plain digits."""
-    config = dataclasses.replace(
-        get_config(),
-        workdir=str(tmp_path / "run"),
-        data=str(tmp_path / "data" / digits.MANIFEST),
-        cache=str(tmp_path / "cache"),
-        steps=200,
-        warmup_steps=20,
-    )
-    summary = loop.train(config, progress=False)
+    summary = loop.train(recipe(tmp_path, steps=200, warmup_steps=20), progress=False)
     shipped = LuminaPipeline.from_pretrained(DIGITS_MODEL, dtype="float32", progress=False)
     adapted = LuminaPipeline.from_pretrained(DIGITS_MODEL, dtype="float32", progress=False)
     adapted.load_lora_weights(summary.export)
