@@ -81,6 +81,8 @@ def test_a_resumed_lora_run_matches_a_straight_one_and_exports_a_peft_file(base,
     run(base, tmp_path / "resumed", steps=2)
     resumed = run(base, tmp_path / "resumed")
     assert (straight.step, resumed.step, resumed.start_step) == (4, 4, 2)
+    with pytest.raises(ValueError, match=r"LoRA adapters \{'rank': 8.*asks for \{'rank': 4"):
+        run(base, tmp_path / "resumed", steps=6, lora_rank=4)  # adapters of other shapes
     first, second = (saved_state(base, tmp_path / name) for name in ("straight", "resumed"))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -62,8 +62,17 @@ from lumina_jax.weights.nextdit import (
 
 logger = logging.getLogger(__name__)
 
-# The key of a checkpoint's extra JSON holding the transformer's config: a resumed run is rebuilt from it.
+# The keys of a checkpoint's extra JSON holding the transformer's config (a resumed run is rebuilt from it) and
+# the LoRA adapters' settings (None: every weight trains).
 TRANSFORMER_RECORD = "transformer"
+ADAPTERS_RECORD = "lora"
+
+
+def adapter_settings(config: TrainConfig) -> dict | None:
+    """What a LoRA run's checkpoints must agree with to be resumed: the adapters' shapes and scale."""
+    if not config.lora_rank:
+        return None
+    return {"rank": config.lora_rank, "alpha": config.lora_alpha or config.lora_rank, "targets": config.lora_targets}
 
 
 class TrainingStopped(RuntimeError):
@@ -101,8 +110,16 @@ def architecture(config: TrainConfig, base: TransformerCheckpoint | None = None)
 def saved_architecture(config: TrainConfig, checkpoints: Checkpointer, step: int | None = None) -> TransformerConfig:
     """The transformer a checkpoint of the run holds, as the run recorded it when saving; for checkpoints
     that predate that record, `architecture(config)`. A from-scratch config that now asks for another
-    transformer is refused: its weights would not fit the saved ones."""
-    recorded = checkpoints.extra(step).get(TRANSFORMER_RECORD)
+    transformer is refused: its weights would not fit the saved ones; so is a config whose LoRA adapters
+    (`adapter_settings`) are not the run's."""
+    extra = checkpoints.extra(step)
+    if extra.get(ADAPTERS_RECORD) != adapter_settings(config):
+        saved, asked = extra.get(ADAPTERS_RECORD), adapter_settings(config)
+        raise ValueError(
+            f"{checkpoints.directory} holds a run with LoRA adapters {saved or 'none (every weight trained)'}; the "
+            f"config asks for {asked or 'none'}: give the run's own lora_* settings, or another workdir to start over"
+        )
+    recorded = extra.get(TRANSFORMER_RECORD)
     if recorded is None:
         return architecture(config)
     saved = config_from_dict(recorded)
@@ -362,7 +379,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         pending, window_start, started = [], time.perf_counter(), time.perf_counter()
 
         def saved_extra() -> dict:  # what a checkpoint holds beside the state
-            return {"data": batches.get_state(), TRANSFORMER_RECORD: transformer.to_dict()}
+            return {
+                "data": batches.get_state(),
+                TRANSFORMER_RECORD: transformer.to_dict(),
+                ADAPTERS_RECORD: adapter_settings(config),
+            }
 
         skipped, preempted, step = 0, False, start_step
         while step < config.steps:
