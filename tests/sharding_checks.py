@@ -17,6 +17,7 @@ import safetensors.numpy
 from flax import nnx
 
 from lumina_jax import sharding
+from lumina_jax.models.lora import add_adapters
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
 from lumina_jax.pipeline import LuminaPipeline
 from lumina_jax.training.digits import DIGIT_WORDS, write_base_pipeline
@@ -24,6 +25,7 @@ from lumina_jax.training.step import (
     ClippedAdamW,
     TrainBatch,
     TrainState,
+    frozen_weights,
     init_train_state,
     predict_velocity,
     train_step,
@@ -224,7 +226,41 @@ def main() -> dict:
     results["pipeline"] = sharded_sampling()
     results["splash"] = splash_under_mesh(batch, empty, empty_mask, optimizer, reference_velocity, reference)
     results["lora"] = lora_on_mesh()
+    results["lora_training"] = lora_training_on_mesh(batch, empty, empty_mask, optimizer)
     return results
+
+
+def adapted_tiny_model() -> NextDiT:
+    """The tiny model with LoRA adapters on its attention and feed-forward, every adapter parameter random."""
+    model = tiny_model()
+    add_adapters(model, ["attention", "feed_forward"], 4, 8.0, dropout=0.1, key=jax.random.PRNGKey(1))
+    adapters = nnx.state(model, nnx.LoRAParam)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    nnx.update(model, jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    return model
+
+
+def lora_training_on_mesh(batch, empty, empty_mask, optimizer) -> dict:
+    """A LoRA training step (adapters trained, the rest frozen, dropout on) on fsdp=8 and on one device."""
+    model = adapted_tiny_model()
+    graphdef, state = init_train_state(model, optimizer, jax.random.PRNGKey(0))
+    reference = train_step(graphdef, state, batch, empty, empty_mask, optimizer=optimizer, frozen=frozen_weights(model))
+    mesh = sharding.make_mesh(fsdp=8)
+    placed = sharding.shard_module(adapted_tiny_model(), mesh)
+    frozen = frozen_weights(placed)
+    frozen_layout = jax.tree.map(lambda x: x.sharding, frozen)
+    graphdef, state = init_train_state(placed, optimizer, jax.random.PRNGKey(0), mesh=mesh)
+    sharded_batch = jax.device_put(jax.tree.map(np.asarray, batch), sharding.batch_sharding(mesh))
+    state, metrics = train_step(
+        graphdef, state, sharded_batch, empty, empty_mask, optimizer=optimizer, mesh=mesh, frozen=frozen
+    )
+    placement = sharding.parameter_shardings(nnx.state(placed, nnx.LoRAParam), mesh)
+    return training_comparison(state, metrics, *reference, placement) | {
+        "frozen_fraction": stored_fraction(frozen),
+        "frozen_unchanged_in_its_layout": laid_out_as(frozen, frozen_layout),
+        "adapters_only": sorted({name for path, _ in nnx.to_flat_state(state.params) for name in path[-2:-1]}),
+    }
 
 
 def lora_on_mesh() -> dict:

@@ -219,3 +219,13 @@ def test_a_lora_merges_into_sharded_weights_in_their_layout(results):
     assert lora["laid_out_as_before"]
     assert lora["max_difference"] == 0.0
     assert lora["changed"] == ["layers.attention.to_k.kernel", "layers.feed_forward.gate.kernel"]
+
+
+def test_lora_training_shards_the_adapters_and_keeps_the_frozen_weights_in_place(results):
+    """One LoRA step on fsdp=8 (the frozen model sharded by the rules, dropout on) = the one-device step."""
+    run = results["lora_training"]
+    assert run["adapters_only"] == ["adapter"]
+    assert run["loss_error"] <= SCALAR and run["grad_norm_error"] <= SCALAR
+    assert run["gradient_error"] <= REORDERED_SUMS
+    assert run["params_laid_out_by_rules"] and run["optimizer_and_ema_laid_out_as_params"]
+    assert run["frozen_unchanged_in_its_layout"] and run["frozen_fraction"] < 0.2  # an eighth, and a few scales
