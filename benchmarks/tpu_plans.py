@@ -36,6 +36,12 @@ TRAINING = [
     ("lumina_next_sft", "v5e-8", ["batch_size=64", "remat=attention_ffn"], False),
     ("lumina_next_sft", "v5e-8", ["batch_size=64", "remat=dots"], False),
     ("lumina_next_sft", "v5p-128", ["batch_size=128", "mesh_data=4", "mesh_fsdp=4", "mesh_tensor=4"], False),
+    ("lumina_next_sft", "v5e-1", ["batch_size=1"], True),
+    ("lumina_next_sft", "v6e-1", ["batch_size=1"], True),
+    ("lumina_next_sft", "v5e-4", ["batch_size=4"], True),
+    ("lumina_next_sft_lora", "v5e-1", [], True),
+    ("lumina_next_sft_lora", "v6e-1", [], True),
+    ("lumina_next_sft_lora", "v5e-4", ["batch_size=64"], True),
     ("lumina_image_2", "v5e-8", [], True),
     ("lumina_image_2", "v5e-8", ["batch_size=24", "remat=full"], True),
 ]

@@ -87,7 +87,7 @@ def test_the_console_scripts_run_outside_the_repository(installed):
     )
     assert (
         train.returncode == 2
-        and "'digits', 'digits_flag_dit', 'lumina_image_2', 'lumina_next_sft', 'lumina_t2i'" in train.stderr
+        and "'digits_lora', 'lumina_image_2', 'lumina_next_sft', 'lumina_next_sft_lora', 'lumina_t2i'" in train.stderr
     ), train.stderr
 
     # the shipped digits model is the default
