@@ -230,15 +230,19 @@ def main() -> dict:
     return results
 
 
+def randomize_adapters_(model: nnx.Module, seed: int, std: float = 0.2) -> nnx.Module:
+    """Every adapter parameter random (a new adapter's B is zero: it would change nothing)."""
+    leaves, tree = jax.tree.flatten(nnx.state(model, nnx.LoRAParam))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(tree, [std * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    return model
+
+
 def adapted_tiny_model() -> NextDiT:
     """The tiny model with LoRA adapters on its attention and feed-forward, every adapter parameter random."""
     model = tiny_model()
     add_adapters(model, ["attention", "feed_forward"], 4, 8.0, dropout=0.1, key=jax.random.PRNGKey(1))
-    adapters = nnx.state(model, nnx.LoRAParam)
-    leaves, tree = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    nnx.update(model, jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
-    return model
+    return randomize_adapters_(model, seed=2, std=0.1)
 
 
 def lora_training_on_mesh(batch, empty, empty_mask, optimizer) -> dict:

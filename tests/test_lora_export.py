@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-from flax import nnx
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from reference import TINY_NEXT_DIT, inputs, random_transformer, randomize_, relative_error, transformer_forward
 from safetensors import safe_open
+from sharding_checks import randomize_adapters_
 from test_lora import LUMINA2, _lumina2_inputs, _lumina2_reference
 
 from lumina_jax import load_transformer
@@ -22,14 +22,6 @@ from lumina_jax.models.lora import add_adapters
 from lumina_jax.weights.lora import merge_lora, save_lora
 
 FLOAT32_BOUND = 1e-5
-
-
-def randomize_adapters_(model: nnx.Module, seed: int) -> None:
-    """Every adapter parameter random (a new adapter's B is zero: it would change nothing)."""
-    state = nnx.state(model, nnx.LoRAParam)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
 
 
 def read_peft_file(path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         loop.prepare_data(config)
         return 0
     if args.command == "export":
-        out = args.out or loop.export_destination(config, loop.epath.Path(config.workdir))
+        out = args.out or loop.export_destination(config)
         try:
             out = loop.export_checkpoint(config, out, args.step, overwrite=args.overwrite)
         except FileExistsError as e:

@@ -107,13 +107,12 @@ def fused_dense(x: jax.Array, *layers: nnx.Linear) -> jax.Array:
     dtype = layers[0].dtype
     kernel = jnp.concatenate([layer.kernel[...].astype(dtype) for layer in layers], axis=-1)
     y = jnp.dot(x.astype(dtype), kernel)
-    if all(layer.adapter is None for layer in layers):
-        return y
-    adapted = [
-        jnp.zeros((*x.shape[:-1], layer.out_features), dtype) if layer.adapter is None else layer.adapter(x)
-        for layer in layers
-    ]
-    return y + jnp.concatenate(adapted, axis=-1).astype(y.dtype)
+    start = 0
+    for layer in layers:
+        if layer.adapter is not None:
+            y = y.at[..., start : start + layer.out_features].add(layer.adapter(x).astype(y.dtype))
+        start += layer.out_features
+    return y
 
 
 @struct.dataclass

@@ -149,10 +149,12 @@ def transformer_factory(config: TrainConfig, transformer: TransformerConfig | No
 def with_adapters(config: TrainConfig, model: Transformer) -> Transformer:
     """The model with the config's new LoRA adapters (float32, `models.lora`), if it asks for any; in place. The
     model may be abstract (`nnx.eval_shape`): the adapters are made all the same."""
-    if config.lora_rank:
-        alpha = config.lora_alpha or config.lora_rank
+    settings = adapter_settings(config)
+    if settings:
         key = jax.random.PRNGKey(config.seed)
-        add_adapters(model, config.lora_targets, config.lora_rank, alpha, dropout=config.lora_dropout, key=key)
+        add_adapters(
+            model, settings["targets"], settings["rank"], settings["alpha"], dropout=config.lora_dropout, key=key
+        )
     return model
 
 
@@ -249,9 +251,9 @@ def prepare_data(config: TrainConfig) -> None:
     )
 
 
-def export_destination(config: TrainConfig, workdir: epath.Path) -> epath.Path:
-    """Where a run's end exports: workdir/pipeline, or a LoRA run's adapters, workdir/lora."""
-    return workdir / ("lora" if config.lora_rank else "pipeline")
+def export_destination(config: TrainConfig) -> epath.Path:
+    """Where a run's end exports: WORKDIR/pipeline, or a LoRA run's adapters, WORKDIR/lora."""
+    return epath.Path(config.workdir) / ("lora" if config.lora_rank else "pipeline")
 
 
 def export_run(
@@ -303,7 +305,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
     sharding.initialize_distributed()
     workdir = epath.Path(config.workdir)  # local, or in a bucket (gs://...)
     drawer = SampleDrawer(config, workdir)  # checks the sample settings first
-    orbax_io.check_destination(export_destination(config, workdir), overwrite=True)  # before any training
+    orbax_io.check_destination(export_destination(config), overwrite=True)  # before any training
     workdir.mkdir(parents=True, exist_ok=True)
     # Whatever fails, from here on every resource opened is released (Orbax's threads, the log's files, the
     # SIGTERM handler), in reverse order.
@@ -417,7 +419,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
         if jax.process_count() > 1:  # every process takes part in gathering the shards
             ema = multihost_utils.process_allgather(ema, tiled=True)
         if jax.process_index() == 0:
-            export = export_run(config, graphdef, ema, frozen, export_destination(config, workdir))
+            export = export_run(config, graphdef, ema, frozen, export_destination(config))
     return RunSummary(step, preempted, skipped, time.perf_counter() - started, export, start_step)
 
 

@@ -354,20 +354,21 @@ def lora_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str,
     adapters = {path: layer.adapter for path, layer in adaptable_layers(model).items() if layer.adapter is not None}
     if not adapters:
         raise ValueError("the transformer has no LoRA adapters to export")
+    # on the host once: a stacked adapter serves every layer's key
+    host = jax.device_get({path: (a.down[...], a.up[...], a.scale[...]) for path, a in adapters.items()})
     tensors, modules = {}, []
     for key in family.keys(config):
         target = to_target(key)
-        adapter = adapters.get(target.path[:-1]) if target.path[-1] == "kernel" else None
-        if adapter is None:
+        path = target.path[:-1]
+        if target.path[-1] != "kernel" or path not in host:
             continue
         module = key.removesuffix(".weight")
-        for half, array in (("lora_A", adapter.down[...]), ("lora_B", adapter.up[...])):
-            array = np.asarray(jax.device_get(array), np.float32)
+        for half, array in zip(("lora_A", "lora_B"), host[path][:2]):
             array = array if target.layer is None else array[target.layer]
-            tensors[f"transformer.{module}.{half}.weight"] = np.ascontiguousarray(array.T)
+            tensors[f"transformer.{module}.{half}.weight"] = np.ascontiguousarray(array.T, np.float32)
         modules.append(module)
-    scales = {float(x) for adapter in adapters.values() for x in np.asarray(jax.device_get(adapter.scale[...])).ravel()}
-    ranks = {adapter.down.shape[-1] for adapter in adapters.values()}
+    scales = {float(x) for _, _, scale in host.values() for x in np.ravel(scale)}
+    ranks = {down.shape[-1] for down, _, _ in host.values()}
     if len(scales) != 1 or len(ranks) != 1:
         raise ValueError(f"a PEFT LoRA file has one rank and alpha; these adapters have ranks {ranks}, scales {scales}")
     (rank,), (scale,) = ranks, scales
