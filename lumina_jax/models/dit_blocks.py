@@ -255,6 +255,31 @@ def self_attention_scale(head_dim: int, num_tokens: int, base_sequence_length: i
     return scale
 
 
+def caption_branch_forward_flops(cfg: TransformerSizes, image_tokens: int, caption_tokens: int) -> float:
+    """One sample's forward matmul FLOPs (2 a multiply-add) through a transformer of these blocks: every layer's
+    image tokens attend to themselves and to the caption's keys and values (`Attention`), none refine the
+    caption. The config says how many hidden_size-wide modulations a block and the final layer take
+    (`block_modulations`, `final_modulations`) and how many queries an image token projects."""
+    d, cond, t, caption = cfg.hidden_size, cfg.cond_dim, image_tokens, caption_tokens
+    heads, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    per_layer = (
+        cond * cfg.block_modulations * d  # the modulation, once a sample
+        + t * d * (cfg.query_projections * heads + 2 * kv)  # queries, keys and values of the image tokens
+        + caption * cfg.cross_attention_dim * 2 * kv  # keys and values of the caption
+        + 2 * t * (t + caption) * heads  # scores and mixing: every query against image and caption keys
+        + t * heads * d  # the output projection
+        + 3 * t * d * cfg.ffn_dim  # SwiGLU
+    )
+    patch = cfg.patch_size**2
+    outside = (
+        t * patch * cfg.in_channels * d  # the patch embedding
+        + (TIMESTEP_FEATURES + cond + cfg.cross_attention_dim) * cond  # timestep and caption conditioning
+        + cond * cfg.final_modulations * d  # the final modulation
+        + t * d * patch * cfg.out_channels  # the final linear layer
+    )
+    return 2 * (cfg.num_layers * per_layer + outside)
+
+
 def layers_caption_keys_values(layers: nnx.Module, caption: jax.Array) -> jax.Array:
     """Each of the stacked layers' `caption_keys_values(caption)`: [layers, 2, B, L, kv_heads, head_dim]."""
     graphdef, stacked = nnx.split(layers)

@@ -27,8 +27,6 @@ class TransformerConfig(Protocol):
     pipeline_class: ClassVar[str]  # model_index.json's _class_name for a pipeline holding it
     takes_regions: ClassVar[bool]  # regional captions (compositional generation)
     takes_context_drop: ClassVar[bool]  # the paper's Context Drop
-    block_modulations: ClassVar[int]  # hidden_size-wide modulation vectors per block, and of the final layer
-    final_modulations: ClassVar[int]
     patch_size: int
     sample_size: int
 
@@ -36,16 +34,16 @@ class TransformerConfig(Protocol):
     def base_sequence_length(self) -> int | None:
         """Tokens at the training resolution: the base of proportional attention (None: the family has none)."""
 
-    @property
-    def query_projections(self) -> int:
-        """Query projections of an image token (2 where the caption branch has its own)."""
-
     def sampler_defaults(self) -> dict[str, Any]:
         """How the family's reference samples: {"schedule": ..., "scaling_watershed": ...}, and where they
         are not False, "cfg_all_channels" and "cfg_normalization" (`sampling.SamplerOptions` fields all)."""
 
     def sequence_length(self, rows: int, cols: int) -> int:
         """Tokens of one image of rows x cols patches."""
+
+    def forward_flops(self, image_tokens: int, caption_tokens: int) -> float:
+        """One sample's forward matmul FLOPs (2 a multiply-add) at these sequence lengths: MFU's model FLOPs
+        (`training.flops`)."""
 
     def token_sequence(self, latents: list[np.ndarray] | list[jax.Array], length: int | None = None) -> TokenSequence:
         """Latents [C, H_i, W_i] (sizes may differ) as the model's tokens, padded to the longest (or to

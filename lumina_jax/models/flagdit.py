@@ -30,6 +30,7 @@ from lumina_jax.models.dit_blocks import (
     BlockInputs,
     FeedForward,
     Remat,
+    caption_branch_forward_flops,
     check_conditioning,
     conditioning,
     layers_caption_keys_values,
@@ -114,6 +115,9 @@ class FlagDiTConfig(TransformerSizes):
 
     def sequence_length(self, rows: int, cols: int) -> int:
         return rows * (cols + 1)  # rows of tokens, each closed by an end-of-line token
+
+    def forward_flops(self, image_tokens: int, caption_tokens: int) -> float:
+        return caption_branch_forward_flops(self, image_tokens, caption_tokens)
 
     def token_sequence(
         self, latents: list[jax.Array], length: int | None = None

@@ -106,8 +106,6 @@ class UnifiedNextDiTConfig(TransformerSizes):
     pipeline_class: ClassVar[str] = "Lumina2Pipeline"
     takes_regions: ClassVar[bool] = False
     takes_context_drop: ClassVar[bool] = False
-    block_modulations: ClassVar[int] = 4  # scale and gate of attention and FFN
-    final_modulations: ClassVar[int] = 1  # scale
 
     def __post_init__(self):
         # config.json gives lists; a config is hashable (a static argument of compiled functions)
@@ -158,10 +156,6 @@ class UnifiedNextDiTConfig(TransformerSizes):
         """None: the family has no proportional attention."""
         return None
 
-    @property
-    def query_projections(self) -> int:
-        return 1
-
     def sampler_defaults(self) -> dict[str, Any]:
         """As diffusers' Lumina2Pipeline samples: its flow-match scheduler over sigmas linspace(1, 1/N, N)
         (`sampling.lumina2_schedule`), guidance on every channel, renormalised (cfg_normalization). The
@@ -171,6 +165,35 @@ class UnifiedNextDiTConfig(TransformerSizes):
     def sequence_length(self, rows: int, cols: int) -> int:
         """Image tokens (the caption's come on top, as many as its real tokens)."""
         return rows * cols
+
+    def forward_flops(self, image_tokens: int, caption_tokens: int) -> float:
+        """The context refiner over the caption, the noise refiner over the image, the joint layers over both;
+        each block projects its tokens' queries, keys and values (grouped) and its output, attends over its
+        sequence and runs SwiGLU, the modulated ones also their adaLN once a sample."""
+        d, cond, t, caption = self.hidden_size, self.cond_dim, image_tokens, caption_tokens
+        heads, kv = self.num_attention_heads * self.head_dim, self.kv_heads * self.head_dim
+
+        def block(tokens: int, modulated: bool) -> int:
+            return (
+                modulated * cond * 4 * d  # scale and gate of attention and FFN
+                + tokens * d * (heads + 2 * kv)  # queries, keys and values
+                + 2 * tokens * tokens * heads  # scores and mixing
+                + tokens * heads * d  # the output projection
+                + 3 * tokens * d * self.ffn_dim  # SwiGLU
+            )
+
+        layers = self.num_refiner_layers * (block(caption, False) + block(t, True)) + self.num_layers * block(
+            caption + t, True
+        )
+        patch = self.patch_size**2
+        outside = (
+            t * patch * self.in_channels * d  # the patch embedding
+            + caption * self.cap_feat_dim * d  # the caption's projection
+            + (TIMESTEP_FEATURES + cond) * cond  # the timestep embedding
+            + cond * d  # the final modulation (scale)
+            + t * d * patch * self.out_channels  # the final linear layer
+        )
+        return 2 * (layers + outside)
 
     def token_sequence(
         self, latents: list[jax.Array], length: int | None = None
