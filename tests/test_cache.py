@@ -15,12 +15,14 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from lumina_jax import sharding
 from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.models.vae import AutoencoderKLConfig
 from lumina_jax.training.batches import BatchPlan, BatchShape, load_batch, make_batches
 from lumina_jax.training.cache import build_cache, open_cache, pipeline_encoders
 from lumina_jax.training.data import crop_sizes, load_image, read_manifest
+from lumina_jax.training.loop import global_batch
 from lumina_jax.training.step import TrainBatch
 
 IMAGE_SIZE, SEED, SCALE, SHIFT = 64, 0, 0.5, 0.1
@@ -318,6 +320,26 @@ def test_token_batches_are_assembled_on_the_host_with_the_values_jax_gives(cache
     with jax.transfer_guard("disallow"):
         host = TrainBatch.from_latents(latents, caption, mask, transformer)
     assert_same_tokens(host, on_device(latents, caption, mask))
+
+
+def test_the_next_batch_is_ready_while_the_step_before_it_runs(cache):
+    """The loop's batch n + 1 (`make_batches` then `loop.global_batch`) arrives while step n still runs:
+    nothing in it waits for the device. Assembled with jnp, as before, it queued behind the step."""
+    iterator = make_batches(cache, global_batch_size=2, seed=0, tokens=NextDiTConfig())
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+
+    @jax.jit
+    def step(batch, x):  # a training step's stand-in: seconds of matmuls on the batch's device
+        x = x + jnp.mean(batch.patches)
+        return jax.lax.fori_loop(0, 400, lambda i, x: jnp.tanh(x @ x), x).sum()
+
+    x = jnp.full((512, 512), 1e-3)
+    step(global_batch(next(iterator), mesh), x).block_until_ready()  # compiled, and Grain's prefetch filled
+    running = step(global_batch(next(iterator), mesh), x)
+    following = global_batch(next(iterator), mesh)
+    assert not running.is_ready(), "batch n + 1 waited for step n"
+    following.patches.block_until_ready()
+    running.block_until_ready()
 
 
 def assert_same_batches(got, expected):
