@@ -44,18 +44,18 @@ from PIL import Image
 
 from lumina_jax import hub, regions, sampling
 from lumina_jax.models import flagdit, lumina2
-from lumina_jax.models.family import TextEncoderConfig, Transformer, TransformerConfig
+from lumina_jax.models.family import Autoencoder, AutoencoderConfig, TextEncoderConfig, Transformer, TransformerConfig
 from lumina_jax.models.gemma import GEMMA_2B
 from lumina_jax.models.gemma2 import GEMMA_2_2B
 from lumina_jax.models.llama import LLAMA_2_7B
 from lumina_jax.models.nextdit import PRESETS
-from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE, AutoencoderKL, AutoencoderKLConfig
+from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE
 from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.lora import AttachedLora, attach_lora, merge_lora
 from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
 from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
-from lumina_jax.weights.vae import find_vae, load_vae
+from lumina_jax.weights.vae import autoencoder_family, autoencoder_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ RELEASED = {
 
 def released_architecture(
     name: str | Path,
-) -> tuple[TransformerConfig, TextEncoderConfig, AutoencoderKLConfig] | None:
+) -> tuple[TransformerConfig, TextEncoderConfig, AutoencoderConfig] | None:
     """The architecture of a released pipeline named "lumina-next-sft", "Alpha-VLLM/Lumina-Next-SFT-diffusers",
     "lumina-t2i", "Alpha-VLLM/Lumina-Image-2.0" or by a download folder of such a name that is not there;
     None for any other name."""
@@ -250,7 +250,7 @@ class LuminaPipeline:
         self,
         transformer: Transformer | None,
         text_encoder: nnx.Module,  # its config a `TextEncoderConfig`
-        vae: AutoencoderKL | None,
+        vae: Autoencoder | None,
         tokenizer,
         *,
         scheduler_shift: float | None = None,
@@ -311,9 +311,10 @@ class LuminaPipeline:
         text_encoder = text_encoder_family(path / "text_encoder").load(path / "text_encoder", dtype, **placed)
         vae = None
         if "vae" in expected:
+            vae_family = autoencoder_family(path / "vae")
             if vae_dtype is None:
-                vae_dtype = "float32" if find_vae(path / "vae").config.force_upcast else dtype
-            vae = load_vae(path / "vae", vae_dtype, **placed)
+                vae_dtype = "float32" if vae_family.find(path / "vae").config.force_upcast else dtype
+            vae = vae_family.load(path / "vae", vae_dtype, **placed)
         tokenizer = text_encoder.config.load_tokenizer(path / "tokenizer")
         pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler_shift=_scheduler_shift(path))
         return pipe if mesh is None else pipe.shard(mesh)
@@ -339,7 +340,8 @@ class LuminaPipeline:
             transformer_config = read_config(path / "transformer" / "config.json", config_from_dict, "Next-DiT")
             encoder_family = text_encoder_family(path / "text_encoder")
             encoder_config = config("text_encoder", encoder_family.config, encoder_family.name)
-            vae_config = config("vae", AutoencoderKLConfig, "AutoencoderKL") if has_vae(path) else None
+            vae_family = autoencoder_family(path / "vae") if has_vae(path) else None
+            vae_config = vae_family and config("vae", vae_family.config, vae_family.name)
             shift = _scheduler_shift(path)
         compute = resolve_dtype(dtype)
         if vae_config is not None and vae_dtype is None:
@@ -351,7 +353,7 @@ class LuminaPipeline:
         pipe = cls(
             shapes(MODELS[type(transformer_config)], transformer_config, compute),
             shapes(text_encoder_model(encoder_config), encoder_config, compute),
-            None if vae_config is None else shapes(AutoencoderKL, vae_config, resolve_dtype(vae_dtype)),
+            None if vae_config is None else shapes(autoencoder_model(vae_config), vae_config, resolve_dtype(vae_dtype)),
             None,
             scheduler_shift=shift,
         )

@@ -1,17 +1,20 @@
-"""One interface per family: callers ask a transformer or text encoder what they need (`models.family`)
+"""One interface per family: callers ask a transformer, text encoder or autoencoder what they need (`models.family`)
 and never branch on its concrete class, so a new family is new modules plus one registration."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 
-from lumina_jax.models.family import TextEncoderConfig, TransformerConfig
+from lumina_jax.models.family import Autoencoder, AutoencoderConfig, TextEncoderConfig, TransformerConfig
 from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE
 from lumina_jax.weights.nextdit import ARCHITECTURES
-from lumina_jax.weights.text_encoder import TEXT_ENCODERS, text_encoder_model
+from lumina_jax.weights.text_encoder import TEXT_ENCODERS, text_encoder_family, text_encoder_model
+from lumina_jax.weights.vae import AUTOENCODERS, autoencoder_family, autoencoder_model
 
 LIBRARY = Path(__file__).resolve().parent.parent / "lumina_jax"
 FAMILY_CLASSES = {
@@ -27,9 +30,12 @@ FAMILY_CLASSES = {
     "Gemma2Config",
     "LlamaEncoder",
     "LlamaConfig",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
 }
 # Only the families' own modules (models and key maps) may ask for their classes; the registries
-# (weights.nextdit.ARCHITECTURES, weights.text_encoder.TEXT_ENCODERS) look a config's class up instead.
+# (weights.nextdit.ARCHITECTURES, weights.text_encoder.TEXT_ENCODERS, weights.vae.AUTOENCODERS) look a
+# config's class up instead.
 OWN_MODULES = {
     "models/nextdit.py",
     "models/flagdit.py",
@@ -43,6 +49,8 @@ OWN_MODULES = {
     "weights/gemma.py",
     "weights/gemma2.py",
     "weights/llama.py",
+    "models/vae.py",
+    "weights/vae.py",
 }
 
 
@@ -119,6 +127,33 @@ def test_every_registered_text_encoder_answers_the_family_interface(name):
     config = family.config()
     assert isinstance(config, TextEncoderConfig)
     assert text_encoder_model(config) is family.model
+
+
+@pytest.mark.parametrize("config", [SDXL_VAE, FLUX_VAE], ids=["sdxl", "flux"])
+def test_every_registered_autoencoder_answers_the_family_interface(config):
+    family = AUTOENCODERS[config.to_dict()["_class_name"]]
+    assert isinstance(config, AutoencoderConfig)
+    assert autoencoder_model(config) is family.model
+    assert all(callable(getattr(family.model, name, None)) for name in ("encode", "decode"))  # `Autoencoder`'s
+    assert {"config", "dtype"} <= set(Autoencoder.__annotations__)
+
+
+@pytest.mark.parametrize(
+    "find, config, message",
+    [
+        (
+            autoencoder_family,
+            {"_class_name": "AutoencoderDC"},
+            "autoencoder _class_name 'AutoencoderDC' is not supported",
+        ),
+        (text_encoder_family, {"model_type": "t5"}, "text encoder model_type 't5' is not supported"),
+        (autoencoder_family, ["a list"], "not a supported autoencoder config"),
+    ],
+)
+def test_an_unregistered_family_is_refused_naming_its_config(tmp_path, find, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: {message}"):
+        find(tmp_path)
 
 
 # Each family's model module; the parts families share live in modules named for what they are.

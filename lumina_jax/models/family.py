@@ -1,10 +1,10 @@
 """What a model family tells its callers, in one place: the pipeline, the sampler, training and the
 weights code ask these of a config or model and never branch on its class.
 
-A new transformer or text-encoder family implements these on its own config and model classes, in its
-own modules, and registers itself once: `weights.nextdit.MODELS` for a transformer, `weights.text_encoder.
-TEXT_ENCODERS` for a text encoder. tests/test_families.py checks that no other module asks for a
-concrete family by `isinstance`.
+A new transformer, text-encoder or autoencoder family implements these on its own config and model classes,
+in its own modules, and registers itself once: `weights.nextdit.ARCHITECTURES` for a transformer,
+`weights.text_encoder.TEXT_ENCODERS` for a text encoder, `weights.vae.AUTOENCODERS` for an autoencoder.
+tests/test_families.py checks that no other module asks for a concrete family by `isinstance`.
 """
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -90,3 +90,37 @@ class TextEncoderConfig(Protocol):
 
     def load_tokenizer(self, folder):
         """The tokenizer in `folder`, set up as the family's reference sets it up."""
+
+
+@runtime_checkable
+class AutoencoderConfig(Protocol):
+    """An image autoencoder's config (`AutoencoderKLConfig`: the SDXL VAE of Lumina-Next and Lumina-T2I, the
+    FLUX VAE of Lumina-Image 2.0)."""
+
+    latent_channels: int
+    force_upcast: bool  # run in float32 whatever the pipeline's dtype, as diffusers does
+    scaling_factor: float  # `scale_latents`' numbers, which a training cache records
+    shift_factor: float | None
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+
+    def scale_latents(self, latents):
+        """A posterior sample as the transformer's latents."""
+
+    def unscale_latents(self, latents):
+        """The transformer's latents as the decoder takes them (`scale_latents` undone)."""
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """An image autoencoder (`AutoencoderKL`): images [B, in_channels, H, W] in [-1, 1] to the posterior's mean
+    and log-variance [B, latent_channels, H / f, W / f], and latents back to images."""
+
+    config: AutoencoderConfig
+    dtype: Any
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+    def decode(self, latents: jax.Array) -> jax.Array: ...

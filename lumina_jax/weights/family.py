@@ -11,6 +11,7 @@ in several layouts (Next-DiT) overrides `find` and `key_map`.
 
 import dataclasses
 import functools
+import json
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -129,3 +130,27 @@ class ModelFamily:
 def _parameter_shapes(model: type[nnx.Module], config) -> Mapping[tuple[str, ...], tuple[int, ...]]:
     """Cached: tracing a model's parameter initialisers takes seconds for the VAE's hundreds."""
     return types.MappingProxyType(importer.parameter_shapes(lambda: model(config, rngs=nnx.Rngs(0))))
+
+
+def registered_family(
+    folder: Path, families: Mapping[str, ModelFamily], field: str, default: str, kind: str
+) -> ModelFamily:
+    """The family of the `kind` ("text encoder") in `folder`, by its config.json's `field` (`default` where the
+    field or the file is missing), from a registry `families` of field values."""
+    config = folder / "config.json"
+    try:
+        value = json.loads(config.read_text()).get(field, default) if config.is_file() else default
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config}: not a supported {kind} config: {e}") from None
+    if value not in families:
+        supported = ", ".join(f"{name!r} ({family.name})" for name, family in families.items())
+        raise ValueError(f"{config}: {kind} {field} {value!r} is not supported; lumina-jax runs {supported}")
+    return families[value]
+
+
+def registered_model(config, families: Mapping[str, ModelFamily], kind: str) -> type[nnx.Module]:
+    """The model class a config of one of the registered `families` builds."""
+    models = {family.config: family.model for family in families.values()}
+    if type(config) not in models:
+        raise ValueError(f"{type(config).__name__} is no {kind}'s config; lumina-jax runs {', '.join(families)}")
+    return models[type(config)]

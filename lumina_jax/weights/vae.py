@@ -1,4 +1,5 @@
-"""Finding, checking and importing AutoencoderKL weights (the SDXL VAE of Lumina-Next).
+"""Finding, checking and importing autoencoder weights: diffusers' AutoencoderKL (the SDXL VAE of Lumina-Next and
+Lumina-T2I, the FLUX VAE of Lumina-Image 2.0), the one registered autoencoder family (`AUTOENCODERS`).
 
 Layouts: a diffusers vae folder (config.json, one or sharded safetensors), a diffusers pipeline
 folder (its vae/), or a folder written by `convert_vae` (config.json and an Orbax params/).
@@ -6,9 +7,10 @@ Tensors stream one at a time into preallocated arrays, through the shared strict
 """
 
 import re
+from pathlib import Path
 
 from lumina_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from lumina_jax.weights.family import ModelFamily
+from lumina_jax.weights.family import ModelFamily, registered_family, registered_model
 from lumina_jax.weights.importer import CONV, LINEAR, Target, UnknownKeyError
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -64,3 +66,17 @@ parameter_shapes = VAE.parameter_shapes
 import_params = VAE.import_params
 load_vae = VAE.load  # (path, dtype, *, param_dtype=, mesh=, revision=)
 convert_vae = VAE.convert
+
+# The autoencoder families, by config.json's _class_name: a new family registers here.
+AUTOENCODERS: dict[str, ModelFamily] = {"AutoencoderKL": VAE}
+
+
+def autoencoder_family(folder: Path) -> ModelFamily:
+    """The family of the autoencoder in `folder` (a model folder, or a pipeline's vae/): its config.json's
+    _class_name; AutoencoderKL where there is none."""
+    return registered_family(folder, AUTOENCODERS, "_class_name", "AutoencoderKL", "autoencoder")
+
+
+def autoencoder_model(config) -> type:
+    """The model class of an autoencoder's config (an `AutoencoderKLConfig` builds an `AutoencoderKL`)."""
+    return registered_model(config, AUTOENCODERS, "autoencoder")
