@@ -53,7 +53,7 @@ from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE
 from lumina_jax.sharding import rows_sharding, shard_module
 from lumina_jax.weights.importer import has_vae, read_config, resolve_dtype
 from lumina_jax.weights.lora import AttachedLora, attach_lora, merge_lora
-from lumina_jax.weights.nextdit import MODELS, config_from_dict, load_transformer
+from lumina_jax.weights.nextdit import MODELS, TRANSFORMER, config_from_dict, load_transformer
 from lumina_jax.weights.text_encoder import text_encoder_family, text_encoder_model
 from lumina_jax.weights.vae import autoencoder_family, autoencoder_model
 
@@ -337,7 +337,7 @@ class LuminaPipeline:
                     f"({', '.join(RELEASED)})"
                 )
             config = lambda folder, kind, name: read_config(path / folder / "config.json", kind.from_dict, name)  # noqa: E731
-            transformer_config = read_config(path / "transformer" / "config.json", config_from_dict, "Next-DiT")
+            transformer_config = read_config(path / "transformer" / "config.json", config_from_dict, TRANSFORMER.name)
             encoder_family = text_encoder_family(path / "text_encoder")
             encoder_config = config("text_encoder", encoder_family.config, encoder_family.name)
             vae_family = autoencoder_family(path / "vae") if has_vae(path) else None

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lumina_jax.models.flagdit import FlagDiT
-from lumina_jax.models.nextdit import NextDiT
+from lumina_jax.models.family import Transformer
 
 Solver = Literal["euler", "midpoint"]
 SOLVERS = ("euler", "midpoint")
@@ -182,7 +181,7 @@ class SamplerOptions:
         return self.guidance_scale > 1.0
 
 
-def resolution_scale(model: NextDiT | FlagDiT, height: int, width: int) -> float:
+def resolution_scale(model: Transformer, height: int, width: int) -> float:
     """The RoPE factor for latents of height x width: > 1 means extrapolation (the family's rule,
     `resolution_scale` of its config)."""
     return model.config.resolution_scale(height, width)
@@ -292,7 +291,7 @@ def _integrate(
 
 
 def sample(
-    model: NextDiT | FlagDiT,
+    model: Transformer,
     latents: jax.Array,
     caption: jax.Array,
     caption_mask: jax.Array,
@@ -314,7 +313,7 @@ def sample(
 
 
 def lower_sample(
-    model: NextDiT,
+    model: Transformer,
     latents,
     caption,
     caption_mask,

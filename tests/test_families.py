@@ -12,7 +12,7 @@ from lumina_jax.models.flagdit import FlagDiTConfig
 from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.models.vae import FLUX_VAE, SDXL_VAE
-from lumina_jax.weights.nextdit import ARCHITECTURES
+from lumina_jax.weights.nextdit import ARCHITECTURES, config_from_dict
 from lumina_jax.weights.text_encoder import TEXT_ENCODERS, text_encoder_family, text_encoder_model
 from lumina_jax.weights.vae import AUTOENCODERS, autoencoder_family, autoencoder_model
 
@@ -119,6 +119,7 @@ def test_every_registered_transformer_answers_the_family_interface(config_class)
     model_class = ARCHITECTURES[config_class].model
     methods = ("__call__", "forward_sequence", "image_rope", "caption_keys_values")  # `Transformer`'s
     assert all(callable(getattr(model_class, name, None)) for name in methods)
+    assert config_from_dict(config.to_dict()) == config  # its config.json names it: registered once, found by name
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))

@@ -20,7 +20,8 @@ TokenSequence = tuple[Any, Any | None, Any, Any | None]
 
 @runtime_checkable
 class TransformerConfig(Protocol):
-    """A diffusion transformer's config (`NextDiTConfig`, `FlagDiTConfig`)."""
+    """A diffusion transformer's config (`NextDiTConfig`, `FlagDiTConfig`, `UnifiedNextDiTConfig`); its defaults build
+    a model, and its `to_dict` writes config.json with the class name that `weights.nextdit.config_from_dict` reads."""
 
     family_name: ClassVar[str]  # in messages: "Next-DiT"
     release: ClassVar[str]  # the released model it comes from: "Lumina-Next"
@@ -58,8 +59,8 @@ class TransformerConfig(Protocol):
 
 @runtime_checkable
 class Transformer(Protocol):
-    """A diffusion transformer (`NextDiT`, `FlagDiT`): `__call__` on latents [B, C, H, W], and on tokens
-    `forward_sequence`, whose first four arguments are `TransformerConfig.token_sequence`'s results."""
+    """A diffusion transformer (`NextDiT`, `FlagDiT`, `UnifiedNextDiT`): `__call__` on latents [B, C, H, W], and
+    on tokens `forward_sequence`, whose first four arguments are `TransformerConfig.token_sequence`'s results."""
 
     config: TransformerConfig
 
@@ -77,7 +78,7 @@ class Transformer(Protocol):
 
 @runtime_checkable
 class TextEncoderConfig(Protocol):
-    """A caption encoder's config (`GemmaConfig`, `LlamaConfig`)."""
+    """A caption encoder's config (`GemmaConfig`, `Gemma2Config`, `LlamaConfig`)."""
 
     negatives_cut_to_prompts: ClassVar[bool]  # each negative prompt cut to its prompt's length, as the reference
 

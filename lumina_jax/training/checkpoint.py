@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from lumina_jax.buckets import absolute
-from lumina_jax.models.nextdit import NextDiT
+from lumina_jax.models.family import Transformer
 from lumina_jax.sharding import parameter_shardings
 from lumina_jax.training.step import TrainState, init_train_state
 
@@ -78,7 +78,7 @@ def from_nested_dict(nested: dict, like):
 
 
 def abstract_train_state(
-    model: NextDiT, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
+    model: Transformer, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
 ) -> TrainState:
     """Shapes, dtypes and shardings of `init_train_state(model, optimizer, ...)`, allocating nothing:
     the target to restore a checkpoint onto this mesh (None: the first device).

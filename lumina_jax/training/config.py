@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lumina_jax.models.dit_blocks import Remat
-from lumina_jax.models.flagdit import FlagDiTConfig
-from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
+from lumina_jax.models.family import TransformerConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
 from lumina_jax.training.step import (
@@ -45,9 +44,9 @@ class TrainConfig:
     data: str
     cache: str
     init: Literal["pretrained", "scratch"] = "pretrained"
-    # For init == "scratch": the transformer to build, a Next-DiT (Lumina-Next), a Flag-DiT (Lumina-T2I) or a
-    # Unified Next-DiT (Lumina-Image 2.0).
-    transformer: NextDiTConfig | FlagDiTConfig | UnifiedNextDiTConfig = dataclasses.field(default_factory=NextDiTConfig)
+    # For init == "scratch": the transformer to build, the config of any registered family (`weights.nextdit.
+    # ARCHITECTURES`): a Next-DiT (Lumina-Next), a Flag-DiT (Lumina-T2I) or a Unified Next-DiT (Lumina-Image 2.0).
+    transformer: TransformerConfig = dataclasses.field(default_factory=NextDiTConfig)
     # A function "module:name" run first on every process, taking this config (e.g. writes a dataset).
     prepare: str | None = None
 

@@ -40,6 +40,23 @@ class Target:
     permute: tuple[int, ...] | None = None  # axes of the torch tensor, in our order
 
 
+# A module of a family's diffusers layout, with the rows of a fused tensor it takes (None: all): where a LoRA
+# file's module name lands.
+LoraModule = tuple[str, slice | None]
+
+
+def diffusers_module_name(
+    name: str, to_target: Callable[[str], Target], original_to_diffusers: Callable[[str], str]
+) -> str:
+    """A module's diffusers name: itself where diffusers has it, else the original code's name translated;
+    UnknownKeyError for neither."""
+    try:
+        to_target(name + ".weight")
+        return name
+    except UnknownKeyError:
+        return original_to_diffusers(name + ".weight").removesuffix(".weight")
+
+
 class LazyTensor(Protocol):
     shape: tuple[int, ...]
     dtype: np.dtype

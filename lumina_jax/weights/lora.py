@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +32,8 @@ import numpy as np
 from flax import nnx
 
 from lumina_jax.models.lora import LowRank, adaptable_layers, attach, kernel_axes
-from lumina_jax.models.lumina2 import UnifiedNextDiTConfig
-from lumina_jax.models.nextdit import NextDiTConfig
-from lumina_jax.weights import lumina2_keys, nextdit_keys
-from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
+from lumina_jax.weights.importer import LINEAR, LoraModule, Target, UnknownKeyError
+from lumina_jax.weights.nextdit import ARCHITECTURES, DiffusersLayout
 from lumina_jax.weights.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 
 _PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
@@ -142,68 +140,15 @@ class _PeftMetadata:
         return float(self.alpha) if self.alpha is not None else float(rank)
 
 
-# A module name of a family's diffusers layout, with the rows of a fused tensor it takes (None: all).
-Module = tuple[str, slice | None]
-
-
-def _diffusers_name(name: str, keys) -> str:
-    """A module's diffusers name: itself if diffusers has it, else the original code's name translated."""
-    try:
-        keys.diffusers_key_to_target(name + ".weight")
-        return name
-    except UnknownKeyError:
-        return keys.original_key_to_diffusers(name + ".weight").removesuffix(".weight")
-
-
-def _nextdit_modules(config: NextDiTConfig) -> Callable[[str], list[Module]]:
-    return lambda name: [(_diffusers_name(name, nextdit_keys), None)]
-
-
-def _lumina2_modules(config: UnifiedNextDiTConfig) -> Callable[[str], list[Module]]:
-    head_dim = config.hidden_size // config.num_attention_heads
-    query, kv = config.num_attention_heads * head_dim, config.num_kv_heads * head_dim
-    rows = {"to_q": slice(0, query), "to_k": slice(query, query + kv), "to_v": slice(query + kv, query + 2 * kv)}
-
-    def modules(name: str) -> list[Module]:
-        if name.endswith(".attention.qkv"):
-            block = name.removesuffix(".attention.qkv")
-            lumina2_keys.diffusers_key_to_target(f"{block}.attn.to_q.weight")  # a block the model has
-            return [(f"{block}.attn.{part}", part_rows) for part, part_rows in rows.items()]
-        return [(_diffusers_name(name, lumina2_keys), None)]
-
-    return modules
-
-
-class _Family(NamedTuple):
-    modules: Callable[[Any], Callable[[str], list[Module]]]  # how a file's module name reads as diffusers modules
-    key_map: Callable[[Any], Callable[[str], Target]]  # where a diffusers key's weight is in our model
-    keys: Callable[[Any], list[str]]  # every key of the family's diffusers layout
-
-
-# By transformer config.
-_FAMILIES = {
-    NextDiTConfig: _Family(
-        _nextdit_modules,
-        lambda config: (
-            lambda key: nextdit_keys.diffusers_key_to_target(key, separate_caption_query=config.separate_caption_query)
-        ),
-        lambda config: nextdit_keys.diffusers_keys(config.num_layers),
-    ),
-    UnifiedNextDiTConfig: _Family(
-        _lumina2_modules,
-        lambda config: lumina2_keys.diffusers_key_to_target,
-        lambda config: lumina2_keys.diffusers_keys(config.num_layers, config.num_refiner_layers),
-    ),
-}
-
-
-def _family(config, source) -> _Family:
-    if type(config) not in _FAMILIES:
+def _layout(config, source) -> DiffusersLayout:
+    """The transformer family's diffusers layout, the names LoRA files use."""
+    layout = ARCHITECTURES[type(config)].diffusers
+    if layout is None:
         raise ValueError(f"{source}: LoRA is not supported for the {config.family_name} transformer")
-    return _FAMILIES[type(config)]
+    return layout
 
 
-def _resolve(name: str, modules: Callable[[str], list[Module]]) -> list[Module]:
+def _resolve(name: str, modules: Callable[[str], list[LoraModule]]) -> list[LoraModule]:
     """The diffusers modules of a file's module name; kohya's underscores are tried as dots in every split."""
     candidates = [name]
     if name.startswith(_KOHYA_PREFIX):
@@ -229,8 +174,8 @@ def adapted_weights(
 ) -> dict[Target, AdaptedWeight]:
     """Each adapted weight of the transformer, by its parameter target, with its adapter in our layout."""
     config = model.config
-    family = _family(config, source)
-    to_modules, to_target = family.modules(config), family.key_map(config)
+    layout = _layout(config, source)
+    to_modules, to_target = layout.lora_modules(config), layout.key_to_target(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     adapted: dict[Target, AdaptedWeight] = {}
     sources: dict[Target, str] = {}
@@ -349,15 +294,15 @@ def lora_state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str,
     module names (`transformer.NAME.lora_A.weight` [rank, in], `lora_B.weight` [out, rank], float32), and their
     PEFT config. Next-DiT's shared query is written under both of diffusers' names for it, as its weight is."""
     config = model.config
-    family = _family(config, "exporting LoRA")
-    to_target = family.key_map(config)
+    layout = _layout(config, "exporting LoRA")
+    to_target = layout.key_to_target(config)
     adapters = {path: layer.adapter for path, layer in adaptable_layers(model).items() if layer.adapter is not None}
     if not adapters:
         raise ValueError("the transformer has no LoRA adapters to export")
     # on the host once: a stacked adapter serves every layer's key
     host = jax.device_get({path: (a.down[...], a.up[...], a.scale[...]) for path, a in adapters.items()})
     tensors, modules = {}, []
-    for key in family.keys(config):
+    for key in layout.keys(config):
         target = to_target(key)
         path = target.path[:-1]
         if target.path[-1] != "kernel" or path not in host:

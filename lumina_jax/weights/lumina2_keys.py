@@ -7,11 +7,18 @@ Unknown keys raise `UnknownKeyError`; the importer collects them and fails with 
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from lumina_jax.weights.importer import LINEAR, LazyTensor, Target, UnknownKeyError
+from lumina_jax.weights.importer import (
+    LINEAR,
+    LazyTensor,
+    LoraModule,
+    Target,
+    UnknownKeyError,
+    diffusers_module_name,
+)
 
 _Leaves = dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]
 
@@ -172,3 +179,19 @@ def original_tensors(tensors: Mapping[str, LazyTensor], query_width: int, kv_wid
         except UnknownKeyError:
             renamed[key] = tensor
     return renamed
+
+
+def lora_modules(config) -> Callable[[str], list[LoraModule]]:
+    """A LoRA file's module name, diffusers' or the original code's, as the diffusers modules it adapts: the
+    original's fused qkv shares its down projection and splits its up projection's rows into q, k and v."""
+    query, kv = config.num_attention_heads * config.head_dim, config.kv_heads * config.head_dim
+    rows = {"to_q": slice(0, query), "to_k": slice(query, query + kv), "to_v": slice(query + kv, query + 2 * kv)}
+
+    def modules(name: str) -> list[LoraModule]:
+        if name.endswith(".attention.qkv"):
+            block = name.removesuffix(".attention.qkv")
+            diffusers_key_to_target(f"{block}.attn.to_q.weight")  # a block the model has
+            return [(f"{block}.attn.{part}", part_rows) for part, part_rows in rows.items()]
+        return [(diffusers_module_name(name, diffusers_key_to_target, original_key_to_diffusers), None)]
+
+    return modules

@@ -21,42 +21,34 @@ import numpy as np
 from flax import nnx
 
 from lumina_jax import hub
-from lumina_jax.models import flagdit
+from lumina_jax.models import flagdit, lumina2
+from lumina_jax.models.family import TransformerConfig
 from lumina_jax.models.flagdit import FlagDiT, FlagDiTConfig
 from lumina_jax.models.layers import ffn_fields
 from lumina_jax.models.lumina2 import ORIGINAL_QK_NORM_EPS, UnifiedNextDiT, UnifiedNextDiTConfig
 from lumina_jax.models.nextdit import PRESETS, NextDiT, NextDiTConfig
-from lumina_jax.weights import importer, orbax_io
+from lumina_jax.weights import importer, lumina2_keys, nextdit_keys, orbax_io
 from lumina_jax.weights.family import ModelFamily
 from lumina_jax.weights.flagdit_keys import original_key_to_target as flagdit_key_to_target
-from lumina_jax.weights.importer import LazyTensor, Target
+from lumina_jax.weights.importer import LazyTensor, LoraModule, Target
 from lumina_jax.weights.lumina2_keys import ORIGINAL_PREFIX, original_tensors
-from lumina_jax.weights.lumina2_keys import diffusers_key_to_target as lumina2_key_to_target
-from lumina_jax.weights.lumina2_keys import diffusers_keys as lumina2_keys
-from lumina_jax.weights.nextdit_keys import (
-    diffusers_key_to_target,
-    diffusers_keys,
-    original_key_to_diffusers,
-)
 from lumina_jax.weights.safetensors_io import read_safetensors, write_safetensors
 from lumina_jax.weights.torch_pickle import load_pth
-
-ORIGINAL_PRESETS = {**PRESETS, **flagdit.PRESETS}  # model_args.pth's model names, for both families
 
 
 @dataclasses.dataclass
 class TransformerCheckpoint:
     """Transformer weights found on disk, not yet read, in one of several layouts (an `importer.Checkpoint`
-    whose config may be decided on first use); its config's class (NextDiTConfig or FlagDiTConfig) says the family."""
+    whose config may be decided on first use); its config's class (a key of `ARCHITECTURES`) says the family."""
 
     path: Path  # what to name in messages
-    found_config: NextDiTConfig | FlagDiTConfig  # as its files say (read without tensor data), or as given
+    found_config: TransformerConfig  # as its files say (read without tensor data), or as given
     tensors: Mapping[str, LazyTensor] | None  # None for a folder we converted (Orbax)
     layout: str = "diffusers"  # "diffusers", "original" or "converted"
     caption_query_undecided: bool = False  # diffusers' files: config.json does not say whether attn2 has its own
 
     @functools.cached_property
-    def config(self) -> NextDiTConfig | FlagDiTConfig:
+    def config(self) -> TransformerConfig:
         """The model's config. Where undecided, the caption branch has a query of its own if, in any layer,
         attn2's query projection or norm differs from attn1's (diffusers keeps both; the released weights'
         agree): deciding reads those tensors, once per checkpoint, on first use."""
@@ -73,13 +65,11 @@ class TransformerCheckpoint:
         return self.found_config
 
 
-# config.json's _class_name -> config class; any other name is diffusers' Next-DiT (LuminaNextDiT2DModel).
-CONFIG_CLASSES = {"FlagDiT": FlagDiTConfig, "Lumina2Transformer2DModel": UnifiedNextDiTConfig}
-
-
-def config_from_dict(values: dict) -> NextDiTConfig | FlagDiTConfig | UnifiedNextDiTConfig:
-    """A transformer's config.json, by its _class_name (`CONFIG_CLASSES`)."""
-    return CONFIG_CLASSES.get(values.get("_class_name"), NextDiTConfig).from_dict(values)
+def config_from_dict(values: dict) -> TransformerConfig:
+    """A transformer's config.json, by its _class_name (each registered config's own, as its `to_dict` writes it);
+    one without is diffusers' Next-DiT (LuminaNextDiT2DModel)."""
+    classes = {config_class().to_dict()["_class_name"]: config_class for config_class in ARCHITECTURES}
+    return classes.get(values.get("_class_name"), NextDiTConfig).from_dict(values)
 
 
 def _read_tensor_file(path: Path) -> Mapping[str, LazyTensor]:
@@ -154,8 +144,8 @@ def _original_config(
     args_path = folder / "model_args.pth"
     if args_path.exists():
         args = load_pth(args_path)
-        preset = ORIGINAL_PRESETS.get(getattr(args, "model", None))
-        if preset is not None and type(preset) is type(config):
+        preset = ARCHITECTURES[type(config)].original_presets.get(getattr(args, "model", None))
+        if preset is not None:
             config = preset
         if getattr(args, "image_size", None):
             config = dataclasses.replace(config, sample_size=int(args.image_size) // 8)
@@ -218,7 +208,7 @@ def _from_file(path: Path) -> TransformerCheckpoint:
     return TransformerCheckpoint(path, _read_config(path.parent / "config.json"), tensors, "diffusers", True)
 
 
-def _read_config(path: Path) -> NextDiTConfig | FlagDiTConfig:
+def _read_config(path: Path) -> TransformerConfig:
     return importer.read_config(path, config_from_dict, TRANSFORMER.name)
 
 
@@ -260,7 +250,7 @@ class TransformerFamily(ModelFamily):
             return TransformerCheckpoint(found.path, found.config, None, "converted")
         return TransformerCheckpoint(found.path, found.config, found.tensors, "diffusers", True)
 
-    def model_for(self, config: NextDiTConfig | FlagDiTConfig) -> type:
+    def model_for(self, config: TransformerConfig) -> type:
         return MODELS[type(config)]
 
     def key_map(self, checkpoint: TransformerCheckpoint):
@@ -268,21 +258,23 @@ class TransformerFamily(ModelFamily):
 
     def load(
         self, path: str | Path, dtype: str = "float32", *, ema: bool = False, revision: str | None = None, **options
-    ) -> NextDiT | FlagDiT:
+    ) -> nnx.Module:
         """A transformer of any registered family with weights from any supported layout, or a hub id's (at `revision`);
         `ema` picks the EMA weights of an original checkpoint. `options`: param_dtype, mesh, progress (as `build`), and
         the model's scan_layers, remat and attention_backend."""
         return self.build(self.find(path, ema=ema, revision=revision), dtype, **options)
 
 
-def diffusers_state_dict(model: NextDiT) -> dict[str, np.ndarray]:
-    """Our parameters under diffusers' names and layouts; a shared query is written twice, as diffusers stores it."""
-    to_target = functools.partial(diffusers_key_to_target, separate_caption_query=model.config.separate_caption_query)
-    return TRANSFORMER.export_state_dict(model, diffusers_keys(model.config.num_layers), to_target)
+def diffusers_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters under diffusers' names and layouts (Next-DiT's shared query written twice, as diffusers
+    stores it), for a family with a diffusers layout."""
+    config, layout = model.config, ARCHITECTURES[type(model.config)].diffusers
+    return TRANSFORMER.export_state_dict(model, layout.keys(config), layout.key_to_target(config))
 
 
-def save_diffusers(model: NextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a diffusers transformer folder that `LuminaNextDiT2DModel.from_pretrained` loads."""
+def save_diffusers(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a diffusers transformer folder, which diffusers' model class (`LuminaNextDiT2DModel`,
+    `Lumina2Transformer2DModel`) loads with `from_pretrained`."""
     with orbax_io.atomic_folder(folder, overwrite=overwrite) as partial:
         orbax_io.write_config(partial, model.config.to_dict())
         write_safetensors(partial / "diffusion_pytorch_model.safetensors", diffusers_state_dict(model))
@@ -298,38 +290,53 @@ def save_converted(model: nnx.Module, folder: str | Path, *, overwrite: bool = F
 def _nextdit_key_map(checkpoint: TransformerCheckpoint) -> Callable[[str], Target]:
     """diffusers' keys (attn2's query to its own parameter where the checkpoint has one); the original keys
     through their diffusers names."""
-    to_target = functools.partial(
-        diffusers_key_to_target, separate_caption_query=checkpoint.config.separate_caption_query
-    )
+    to_target = NEXT_DIT_DIFFUSERS.key_to_target(checkpoint.config)
     if checkpoint.layout == "original":
-        return lambda key: to_target(original_key_to_diffusers(key))
+        return lambda key: to_target(nextdit_keys.original_key_to_diffusers(key))
     return to_target
 
 
-def save_lumina2_diffusers(model: UnifiedNextDiT, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a diffusers transformer folder that `Lumina2Transformer2DModel.from_pretrained` loads."""
-    keys = lumina2_keys(model.config.num_layers, model.config.num_refiner_layers)
-    with orbax_io.atomic_folder(folder, overwrite=overwrite) as partial:
-        orbax_io.write_config(partial, model.config.to_dict())
-        tensors = TRANSFORMER.export_state_dict(model, keys, lumina2_key_to_target)
-        write_safetensors(partial / "diffusion_pytorch_model.safetensors", tensors)
-    return Path(folder)
+class DiffusersLayout(NamedTuple):
+    """A family's checkpoints in diffusers' names, each function of its config: every key, where each lands in
+    our model, and the diffusers modules a LoRA file's module name adapts."""
+
+    keys: Callable[[TransformerConfig], list[str]]
+    key_to_target: Callable[[TransformerConfig], Callable[[str], Target]]
+    lora_modules: Callable[[TransformerConfig], Callable[[str], list[LoraModule]]]
+
+
+NEXT_DIT_DIFFUSERS = DiffusersLayout(
+    lambda config: nextdit_keys.diffusers_keys(config.num_layers),
+    lambda config: functools.partial(
+        nextdit_keys.diffusers_key_to_target, separate_caption_query=config.separate_caption_query
+    ),
+    nextdit_keys.lora_modules,
+)
+UNIFIED_NEXT_DIT_DIFFUSERS = DiffusersLayout(
+    lambda config: lumina2_keys.diffusers_keys(config.num_layers, config.num_refiner_layers),
+    lambda config: lumina2_keys.diffusers_key_to_target,
+    lumina2_keys.lora_modules,
+)
 
 
 class Architecture(NamedTuple):
-    """What the weights code knows of a transformer family besides its config and model classes."""
+    """What the weights code knows of a transformer family besides its config class."""
 
     model: type[nnx.Module]
     key_map: Callable[[TransformerCheckpoint], Callable[[str], Target]]  # where a found checkpoint's keys go
-    save: Callable[..., Path]  # (model, folder, *, overwrite): its exchange layout, diffusers' where it has one
+    diffusers: DiffusersLayout | None  # its exchange layout, and LoRA files'; None: it has none (saved as ours)
+    original_presets: Mapping[str, TransformerConfig]  # the original code's model names (model_args.pth's)
 
 
-# The transformer families, by config class: a new family registers here.
+# The transformer families, by config class: a new family registers here, once.
 ARCHITECTURES = {
-    NextDiTConfig: Architecture(NextDiT, _nextdit_key_map, save_diffusers),
-    FlagDiTConfig: Architecture(FlagDiT, lambda checkpoint: flagdit_key_to_target, save_converted),
+    NextDiTConfig: Architecture(NextDiT, _nextdit_key_map, NEXT_DIT_DIFFUSERS, PRESETS),
+    FlagDiTConfig: Architecture(FlagDiT, lambda checkpoint: flagdit_key_to_target, None, flagdit.PRESETS),
     UnifiedNextDiTConfig: Architecture(
-        UnifiedNextDiT, lambda checkpoint: lumina2_key_to_target, save_lumina2_diffusers
+        UnifiedNextDiT,
+        lambda checkpoint: lumina2_keys.diffusers_key_to_target,
+        UNIFIED_NEXT_DIT_DIFFUSERS,
+        lumina2.PRESETS,
     ),
 }
 MODELS = {config: architecture.model for config, architecture in ARCHITECTURES.items()}  # a config's model
@@ -339,7 +346,7 @@ TRANSFORMER = TransformerFamily(
     name=" or ".join(", ".join(config.family_name for config in ARCHITECTURES).rsplit(", ", 1)),
     model=NextDiT,  # model_for and find pick each config's own
     config=NextDiTConfig,
-    key_to_target=diffusers_key_to_target,
+    key_to_target=nextdit_keys.diffusers_key_to_target,
     subfolder="transformer",
     stem="diffusion_pytorch_model",
     hub_kind="transformer",
@@ -354,6 +361,6 @@ convert_transformer = TRANSFORMER.convert
 
 
 def save_transformer(model: nnx.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the transformer in its family's exchange layout: a Next-DiT in diffusers', a Flag-DiT (which
-    has none) in ours."""
-    return ARCHITECTURES[type(model.config)].save(model, folder, overwrite=overwrite)
+    """Write the transformer in its family's exchange layout: diffusers' where it has one, else (Flag-DiT) ours."""
+    save = save_diffusers if ARCHITECTURES[type(model.config)].diffusers else save_converted
+    return save(model, folder, overwrite=overwrite)

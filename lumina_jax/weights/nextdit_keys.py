@@ -5,8 +5,9 @@ target. Unknown keys raise `UnknownKeyError`; the importer collects them and fai
 """
 
 import re
+from collections.abc import Callable
 
-from lumina_jax.weights.importer import LINEAR, Target, UnknownKeyError
+from lumina_jax.weights.importer import LINEAR, LoraModule, Target, UnknownKeyError, diffusers_module_name
 
 
 def _linear(name: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]:
@@ -136,3 +137,8 @@ def diffusers_keys(num_layers: int) -> list[str]:
     top = [f"{module}.{leaf}" for module, leaves in _TOP.items() for leaf in leaves]
     per_layer = ["gate"] + [f"{module}.{leaf}" for module, leaves in _LAYER.items() for leaf in leaves]
     return ["pad_token"] + top + [f"layers.{i}.{key}" for i in range(num_layers) for key in per_layer]
+
+
+def lora_modules(config) -> Callable[[str], list[LoraModule]]:
+    """A LoRA file's module name, diffusers' or the original code's, as the diffusers module it adapts."""
+    return lambda name: [(diffusers_module_name(name, diffusers_key_to_target, original_key_to_diffusers), None)]
