@@ -133,8 +133,20 @@ def original_state_dict(config: UnifiedNextDiTConfig, seed: int) -> dict[str, to
     return state
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # the original code's; ComfyUI's single file
-def test_original_checkpoint_matches_diffusers_converting_it(tmp_path, prefix):
+# The original code's; ComfyUI's single file; its all-in-one file, the VAE and Gemma-2 beside the transformer
+# (under their own prefixes: what they hold is not read).
+AROUND_THE_TRANSFORMER = {
+    "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+    "text_encoders.gemma2_2b.transformer.model.embed_tokens.weight": (7, 24),
+}
+
+
+@pytest.mark.parametrize(
+    "prefix, beside",
+    [("", {}), ("model.diffusion_model.", {}), ("model.diffusion_model.", AROUND_THE_TRANSFORMER)],
+    ids=["original", "comfyui", "comfyui-all-in-one"],
+)
+def test_original_checkpoint_matches_diffusers_converting_it(tmp_path, prefix, beside):
     """diffusers' own single-file converter (which splits qkv at the released widths, so the test has them)
     turns the original weights into its model; ours reads the file itself and computes the same."""
     from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
@@ -147,7 +159,8 @@ def test_original_checkpoint_matches_diffusers_converting_it(tmp_path, prefix):
     reference = Lumina2Transformer2DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
     reference.load_state_dict(convert_lumina2_to_diffusers(dict(state)), strict=True)
     path = tmp_path / "consolidated.00-of-01.safetensors"
-    save_file({prefix + key: tensor.contiguous() for key, tensor in state.items()}, path)
+    beside = {key: torch.ones(shape) for key, shape in beside.items()}
+    save_file({prefix + key: tensor.contiguous() for key, tensor in state.items()} | beside, path)
     model = load_transformer(path, progress=False)
     ffn = dict(multiple_of=config.multiple_of, ffn_dim_multiplier=config.ffn_dim_multiplier)  # read as equivalents
     assert model.config.ffn_dim == config.ffn_dim and dataclasses.replace(model.config, **ffn) == dataclasses.replace(

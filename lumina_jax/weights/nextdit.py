@@ -194,8 +194,12 @@ def unified_config_from_original(tensors: Mapping[str, LazyTensor], path: Path) 
 
 def _from_file(path: Path) -> TransformerCheckpoint:
     """One checkpoint file: original (config from shapes and model_args.pth) or diffusers (config.json beside it);
-    an original Lumina-Image 2.0 one (or ComfyUI's single file) is read under diffusers' names."""
+    an original Lumina-Image 2.0 one (or ComfyUI's single file) is read under diffusers' names. Of ComfyUI's
+    all-in-one file only the transformer is read: its keys under ORIGINAL_PREFIX, not the VAE's and text
+    encoder's beside them (load those from their own files)."""
     tensors = _read_tensor_file(path)
+    if any(key.startswith(ORIGINAL_PREFIX) for key in tensors):
+        tensors = {key: tensor for key, tensor in tensors.items() if key.startswith(ORIGINAL_PREFIX)}
     unprefixed = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in tensors.items()}
     if "context_refiner.0.attention.qkv.weight" in unprefixed:
         config = unified_config_from_original(unprefixed, path)
