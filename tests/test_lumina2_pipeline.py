@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from fake_hub import cache_repo
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
 from reference import random_lumina2_pipeline, randomize_lora_, relative_error
@@ -151,6 +152,19 @@ def test_sample_command_draws_lumina_image_2(lumina2, tmp_path, capsys):
     record = json.loads((tmp_path / "index.jsonl").read_text())
     assert record["schedule"] == "lumina2" and record["cfg_all_channels"] is True
     assert record["cfg_trunc_ratio"] == 0.5 and record["cfg_normalization"] is False
+
+
+def test_the_hub_id_samples_as_its_folder(lumina2, hub_cache, tmp_path, capsys):
+    """The released repo's id (its files laid out in an offline hub cache) is what `python -m sample --model`
+    and from_pretrained take, as the folder."""
+    folder, _, ours = lumina2
+    cache_repo(hub_cache, "Alpha-VLLM/Lumina-Image-2.0", folder)
+    args = ["--model", "Alpha-VLLM/Lumina-Image-2.0", "--prompt", PROMPTS[0], "--height", "64", "--width", "64"]
+    assert sample_main([*args, "--steps", "2", "--seed", "1", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    expected = ours(prompt=PROMPTS[0], height=64, width=64, num_inference_steps=2, seed=1, output_type="np").images
+    image = np.asarray(Image.open(tmp_path / "00000_1.png"), np.float32) / 255
+    assert np.abs(image - expected[0]).max() <= 1 / 255
 
 
 def test_sample_command_samples_as_the_original_repository(lumina2, tmp_path, capsys):
