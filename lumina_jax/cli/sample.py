@@ -103,9 +103,12 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument(
         "--width", type=positive_int, default=None, help="pixels, a multiple of 16 (default: the model's)"
     )
-    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--steps", type=positive_int, default=sampling.SamplerOptions.num_inference_steps)
     parser.add_argument(
-        "--guidance", type=guidance, default=4.0, help="classifier-free guidance scale; <= 1 turns it off"
+        "--guidance",
+        type=guidance,
+        default=sampling.SamplerOptions.guidance_scale,
+        help="classifier-free guidance scale; <= 1 turns it off",
     )
     parser.add_argument("--seed", type=seed, default=0, help="image i of a prompt uses seed + i")
     parser.add_argument(
@@ -122,7 +125,7 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
         action="store_true",
         help="resume: draw only the images not in --out yet with their settings (as their PNGs record them)",
     )
-    parser.add_argument("--solver", choices=sampling.SOLVERS, default="euler")
+    parser.add_argument("--solver", choices=sampling.SOLVERS, default=sampling.SamplerOptions.solver)
     parser.add_argument(
         "--schedule",
         choices=sampling.SCHEDULES,
@@ -209,7 +212,7 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument(
         "--context-drop",
         type=positive_int,
-        default=1,
+        default=sampling.SamplerOptions.context_drop,
         help="Context Drop window: 2 merges 2x2 image keys/values (faster at 2048 px, approximate); it must "
         "divide both sides of the image's token grid",
     )

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lumina_jax.models.dit_blocks import Remat
 from lumina_jax.models.family import TransformerConfig
 from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.sampling import SamplerOptions
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
 from lumina_jax.training.step import (
     ADAM_B1,
@@ -100,8 +101,8 @@ class TrainConfig:
     # are a JSON list: 'sample_prompts=["a cat", "a dog"]'.
     sample_every: int = 0
     sample_prompts: list[str] = dataclasses.field(default_factory=list)
-    sample_steps: int = 30
-    sample_guidance: float = 4.0
+    sample_steps: int = SamplerOptions.num_inference_steps
+    sample_guidance: float = SamplerOptions.guidance_scale
     save_every: int = 1000
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
