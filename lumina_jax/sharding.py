@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-# How much more than an even split of the parameters a device may hold before `report_replication`
-# warns, as a fraction of that split: MaxText's default `sharding_tolerance`.
+# How much more of the parameters than their sharding rules ask for a device may hold before `report_replication`
+# warns, as a fraction of that: MaxText's default `sharding_tolerance`.
 REPLICATION_TOLERANCE = 0.02
 
 # Logical axis -> mesh axis, in flax's rule format: rules apply in order, and a mesh axis already
@@ -150,32 +150,36 @@ def parameter_shardings(module_or_tree, mesh: Mesh):
     )
 
 
-def report_replication(tree, shardings, tolerance: float = REPLICATION_TOLERANCE) -> float:
-    """How much more of `tree` (arrays or shapes) each device holds under `shardings` (NamedShardings)
-    than an even split over the mesh's non-"data" axes (data replicas are meant), as a fraction of
-    that split, like MaxText's `assert_params_sufficiently_sharded`. Above `tolerance` it warns, with
-    the share and the largest arrays left whole on some axis: on a pod, a multiple of memory."""
-    placed = jax.tree.leaves(shardings)
-    if not placed:
-        return 0.0
-    mesh = placed[0].mesh
-    split = math.prod(size for axis, size in mesh.shape.items() if axis != "data")
-    # name -> (bytes each device holds, bytes of an even split)
-    held = {
-        jax.tree_util.keystr(path): (
-            math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize,
-            math.prod(x.shape) * x.dtype.itemsize / split,
+def report_replication(tree, mesh: Mesh, tolerance: float = REPLICATION_TOLERANCE) -> float:
+    """How much more of `tree` (a module's state, or a pytree holding its variables) each device holds, laid
+    out by `parameter_shardings`, than its logical axis names ask for (each named dimension split over its
+    rule's mesh axis), as a fraction of that: the replication that sharding could not avoid, where a mesh
+    axis does not divide a dimension (`mesh_partition_spec`). Like MaxText's `assert_params_sufficiently_
+    sharded`, above `tolerance` it warns, with the share and the largest arrays left whole: on a pod, a
+    multiple of memory. What is meant whole (the VAE's convolutions, counters: no rule maps their names onto
+    the mesh) and data replicas are as asked."""
+    rules = dict(LOGICAL_RULES)
+    with nnx.logical_axis_rules(()):
+        logical = nnx.get_partition_spec(tree)
+    specs = jax.tree.leaves_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    held = {}  # name -> (bytes each device holds, bytes it would hold as the names ask)
+    for (path, spec), array in zip(specs, jax.tree.leaves(tree)):
+        names = {name for i, name in enumerate(spec) if name not in spec[:i]}  # a name splits once
+        ways = math.prod(mesh.shape[axis] for axis in {rules.get(name) for name in names} & set(mesh.shape))
+        laid_out = NamedSharding(mesh, mesh_partition_spec(spec, array.shape, mesh))
+        nbytes = math.prod(array.shape) * array.dtype.itemsize
+        held[jax.tree_util.keystr(path)] = (
+            math.prod(laid_out.shard_shape(array.shape)) * array.dtype.itemsize,
+            nbytes / ways,
         )
-        for (path, x), sharding in zip(jax.tree.leaves_with_path(tree), placed)
-    }
-    share = sum(h for h, _ in held.values()) / max(sum(e for _, e in held.values()), 1) - 1
+    share = sum(h for h, _ in held.values()) / max(sum(asked for _, asked in held.values()), 1) - 1
     if share > tolerance:
-        extra = {name: h - e for name, (h, e) in held.items()}
+        extra = {name: h - asked for name, (h, asked) in held.items()}
         largest = sorted(extra, key=extra.get, reverse=True)[:3]
         logger.warning(
-            f"each device holds {share:.0%} more parameters than an even split over {split} devices "
-            f"(tolerance {tolerance:.0%}); largest replicated: "
-            + ", ".join(f"{name} ({extra[name] / 2**20:.2f} MiB extra)" for name in largest)
+            f"each device holds {share:.0%} more parameters than their sharding rules ask for on this mesh "
+            f"({dict(mesh.shape)}; tolerance {tolerance:.0%}): dimensions the mesh does not divide are replicated; "
+            "largest: " + ", ".join(f"{name} ({extra[name] / 2**20:.2f} MiB extra)" for name in largest)
         )
     return share
 
@@ -192,7 +196,7 @@ def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Mod
     jitted initialisation with out_shardings, so no device ever holds more than its share."""
     graphdef, abstract = nnx.split(abstract_module(make_module))
     shardings = parameter_shardings(abstract, mesh)
-    report_replication(abstract, shardings)
+    report_replication(abstract, mesh)
     state = jax.jit(lambda: nnx.state(make_module()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
@@ -208,7 +212,7 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
         return jax.device_put(value, sharding)
 
     shardings = parameter_shardings(state, mesh)
-    report_replication(state, shardings)
+    report_replication(state, mesh)
     nnx.update(module, jax.tree.map(place, state, shardings))
     return module
 

@@ -13,14 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractMesh, NamedSharding
+from flax import nnx
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from lumina_jax.models.layers import linear
 from lumina_jax.sharding import (
     MESH_AXES,
+    abstract_module,
     attention_partition,
     batch_sharding,
     mesh_partition_spec,
@@ -178,23 +180,29 @@ def test_a_coordinator_address_alone_says_what_else_to_set(variables, message):
 
 
 def test_replicated_parameters_beyond_the_tolerance_are_reported(caplog):
-    """8 devices, as in MaxText's check: an array left whole is held 8 times; data replicas are meant."""
+    """8 devices, as in MaxText's check: a dimension the mesh does not divide is held whole, 8 times what its
+    rule asks; what no rule splits (a VAE's convolution) is meant whole, and data replicas are meant."""
+
+    class Layers(nnx.Module):
+        def __init__(self, with_whole: bool, rngs: nnx.Rngs):
+            dense = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+            self.split = linear(64, 1024, ("embed", None), **dense)  # 64 / 8
+            self.vae = linear(6, 1024, ("vae_in", None), **dense)  # no rule: whole by design
+            if with_whole:
+                self.whole = linear(6, 1024, ("embed", None), **dense)  # 6 cannot be split 8 ways
+
+    state = nnx.state(abstract_module(lambda: Layers(True, nnx.Rngs(0))))
     fsdp8 = AbstractMesh((1, 8, 1), MESH_AXES)
-    tree = {
-        "split": jax.ShapeDtypeStruct((64, 1024), jnp.float32),
-        "whole": jax.ShapeDtypeStruct((6, 1024), jnp.float32),
-    }
-    shardings = {"split": NamedSharding(fsdp8, P("fsdp")), "whole": NamedSharding(fsdp8, P())}
     with caplog.at_level("WARNING", logger="lumina_jax.sharding"):
-        share = report_replication(tree, shardings)
-    assert share == pytest.approx((64 / 8 + 6) / (70 / 8) - 1)  # 60% more than an even split
+        share = report_replication(state, fsdp8)
+    assert share == pytest.approx((64 / 8 + 6 + 6) / (64 / 8 + 6 / 8 + 6) - 1)  # 36% more than asked
     assert len(caplog.records) == 1 and caplog.records[0].levelname == "WARNING"
-    assert "60% more parameters than an even split over 8 devices" in caplog.text and "['whole']" in caplog.text
+    assert "36% more parameters than their sharding rules ask for" in caplog.text and "['whole']" in caplog.text
     caplog.clear()
-    assert report_replication(tree, shardings, tolerance=0.7) == share and not caplog.records
-    data2_fsdp4 = AbstractMesh((2, 4, 1), MESH_AXES)
-    split = {name: NamedSharding(data2_fsdp4, P("fsdp")) for name in tree}
-    assert report_replication({"split": tree["split"]}, {"split": split["split"]}) == 0 and not caplog.records
+    assert report_replication(state, fsdp8, tolerance=0.4) == share and not caplog.records
+    meant = nnx.state(abstract_module(lambda: Layers(False, nnx.Rngs(0))))
+    assert report_replication(meant, fsdp8) == 0 and not caplog.records
+    assert report_replication(meant, AbstractMesh((2, 4, 1), MESH_AXES)) == 0 and not caplog.records
 
 
 def test_attention_that_cannot_split_its_batch_or_heads_warns(caplog):
