@@ -11,8 +11,9 @@ Sized for a v5e-8 (8 images per chip: 13.75 of 15.75 GiB per chip, from the TPU 
 the 8 chips, every layer rematerialised with its input kept in the host's pinned memory, 6.75 GiB a
 chip, remat="offload"; "full" keeps it on the chip and fits 4). Every 500 steps it draws its sample
 prompts with the EMA weights on the training mesh: the text encoder and VAE it keeps for them take 0.89
-GiB a chip beside the training state (counted above), and drawing peaks at 6.21 GiB a chip. See `python -m train --config lumina_next_sft --compile-only --topology v5e-8` for
-what it needs, and override batch_size, mesh_* and remat for other slices.
+GiB a chip beside the training state (counted above), and drawing peaks at 6.21 GiB a chip. See
+`python -m train --config lumina_next_sft --compile-only --topology v5e-8` for what it needs, and
+override batch_size, mesh_*, remat and sample_every for other slices.
 """
 
 from lumina_jax.training.config import TrainConfig
