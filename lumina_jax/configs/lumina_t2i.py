@@ -13,6 +13,8 @@ hub and set HF_TOKEN):
 Sized for a v5e-16 from the TPU compiler (`python -m train --config lumina_t2i --compile-only --topology
 v5e-16`): the training state alone is 80 GB (float32 weights, EMA and two Adam moments of 5B parameters),
 so FSDP over all 16 chips, every layer rematerialised. Captions are cut at 256 tokens (the original at 128).
+It draws lumina_next_sft's sample prompts every 500 steps: with the text encoder and VAE kept for them the
+step needs 14.19 of 15.75 GiB a chip (64 images a step, remat="offload"), and drawing peaks at 8.07 GiB.
 """
 
 import dataclasses
