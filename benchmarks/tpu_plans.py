@@ -43,7 +43,7 @@ TRAINING = [
     ("lumina_next_sft_lora", "v6e-1", [], True),
     ("lumina_next_sft_lora", "v5e-4", ["batch_size=64"], True),
     ("lumina_image_2", "v5e-8", [], True),
-    ("lumina_image_2", "v5e-8", ["batch_size=24", "remat=full"], True),
+    ("lumina_image_2", "v5e-8", ["batch_size=16", "remat=full"], True),
 ]
 
 

@@ -23,6 +23,7 @@ from lumina_jax.training.batches import BatchPlan, BatchShape, load_batch, make_
 from lumina_jax.training.cache import build_cache, open_cache, pipeline_encoders
 from lumina_jax.training.data import crop_sizes, load_image, read_manifest
 from lumina_jax.training.loop import global_batch
+from lumina_jax.training.objective import pooled_latent_size
 from lumina_jax.training.step import TrainBatch
 
 IMAGE_SIZE, SEED, SCALE, SHIFT = 64, 0, 0.5, 0.1
@@ -278,6 +279,42 @@ def test_latents_are_scaled_posterior_samples(cache):
     np.testing.assert_array_equal(again, load_batch(cache, plan, 0, slice(None))["latents"])
 
 
+def test_latents_are_the_scaled_posterior_means_when_asked(cache):
+    """posterior="mean": Lumina-Image 2.0's trainer takes `latent_dist.mode()`, the mean, unscaled and unshifted."""
+    plan = BatchPlan(cache.latent_shapes, 2, seed=0)
+    iterator = make_batches(cache, global_batch_size=2, seed=0, posterior="mean")
+    for step in range(4):
+        latents = next(iterator)["latents"]
+        for row, index in enumerate(plan(step)):
+            expected = (cache[int(index)]["mean"] - cache.shift_factor) * cache.scaling_factor
+            np.testing.assert_array_equal(latents[row], expected.astype(np.float32))
+
+
+def test_token_batches_carry_their_latents_pooled_in_the_run_s_one_shape(cache):
+    """pooled_by: every batch's latents average-pooled (for the pooled loss) in one token shape of their own;
+    the full-size tokens are those of the run without it."""
+    transformer = NextDiTConfig()
+    shape = BatchShape.of(cache, transformer, pooled_by=2)
+    pooled_sizes = [pooled_latent_size(h, w, 2, 2) for _, h, w in cache.latent_shapes]
+    tokens = [(h // 2) * (w // 2) for h, w in pooled_sizes]
+    assert shape.pooled_image_tokens == max(tokens) and len(set(tokens)) > 1
+    assert shape.pooled_image_padding == pytest.approx(1 - np.mean(tokens) / max(tokens))
+    assert dataclasses.replace(shape, pooled_image_tokens=0, pooled_image_padding=0.0) == BatchShape.of(
+        cache, transformer
+    )
+    plan = BatchPlan(cache.latent_shapes, 2, seed=0)
+    pooled = make_batches(cache, global_batch_size=2, seed=0, tokens=transformer, pooled_by=2)
+    plain = make_batches(cache, global_batch_size=2, seed=0, tokens=transformer)
+    for step in range(8):
+        batch, expected = next(pooled), next(plain)
+        np.testing.assert_array_equal(batch.patches, expected.patches)
+        assert batch.pooled.patches.shape[1] == shape.pooled_image_tokens and batch.pooled.caption is None
+        real = [tokens[int(index)] for index in plan(step)]
+        assert batch.pooled.token_mask.sum(axis=1).tolist() == real
+    with pytest.raises(ValueError, match=r"pooled_loss_factor=4: latents of shape \(4, 12\), \(6, 8\)"):
+        BatchShape.of(cache, transformer, pooled_by=4)  # 4 or 6 rows pool to 1: no 2x2 patch
+
+
 def test_pixel_space_latents_are_the_scaled_images(dataset, tmp_path):
     encode_images, _, scale, shift = pipeline_encoders(SimpleNamespace(vae=None, encode_prompt=None))
     assert (scale, shift) == (1.0, 0.0)
@@ -396,6 +433,10 @@ def test_batch_errors(cache):
         make_batches(cache, global_batch_size=3, seed=0, process_count=2)
     with pytest.raises(ValueError, match="process_index"):
         make_batches(cache, global_batch_size=4, seed=0, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="unknown posterior 'mode'"):
+        make_batches(cache, global_batch_size=2, seed=0, posterior="mode")
+    with pytest.raises(ValueError, match="give the transformer's config as tokens"):
+        make_batches(cache, global_batch_size=2, seed=0, pooled_by=4)
 
 
 class TinyVae(nnx.Module):

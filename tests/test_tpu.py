@@ -34,8 +34,10 @@ from lumina_jax.sharding import make_mesh  # noqa: E402
 from lumina_jax.training.checkpoint import abstract_train_state  # noqa: E402
 from lumina_jax.training.compile_only import (  # noqa: E402
     lower_train_step,
+    model_flops,
     plan_samples,
     plan_train_step,
+    planned_pooled_latent,
     planned_step,
     run_mesh,
 )
@@ -374,6 +376,20 @@ def test_train_step_flops_count_every_layer(config_folder):
         return plan_train_step(config, tpu.tpu_slice("v5e-1")).programs[0].flops
 
     assert flops(4) > 1.8 * flops(2)
+
+
+def test_a_pooled_loss_is_planned_and_counted(config_folder):
+    """pooled_loss_factor: the planned step also takes the pooled latents (square crops: the latent's sides halved),
+    and both the model FLOPs and the compiled program's grow by that second pass."""
+    plain = tiny_train_config(config_folder, remat="full", max_aspect=1.0)
+    pooled = dataclasses.replace(plain, pooled_loss_factor=2)
+    cfg, (height, width), caption = planned_step(pooled)
+    assert planned_pooled_latent(plain) is None and planned_pooled_latent(pooled) == (height // 2, width // 2)
+    second_pass = 3 * pooled.batch_size * cfg.forward_flops(height * width // 16, caption)  # 2x2 patches
+    assert model_flops(pooled) == pytest.approx(model_flops(plain) + second_pass, rel=1e-12)
+    target = tpu.tpu_slice("v5e-8")
+    compiled = [plan_train_step(config, target).programs[0].flops for config in (plain, pooled)]
+    assert compiled[1] / compiled[0] == pytest.approx(model_flops(pooled) / model_flops(plain), rel=1e-3)
 
 
 def test_without_libtpu_the_error_says_how_to_get_it(monkeypatch):

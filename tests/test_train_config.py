@@ -51,6 +51,7 @@ def test_overrides_take_the_fields_types():
         ("steps", "expected field=value"),
         ("steps=many", "not a valid"),
         ("snr_type=gaussian", "not a valid"),
+        ("posterior=mode", "not a valid"),
         ("remat=perhaps", "not a valid"),
         ("transformer.depth=3", "NextDiTConfig has no field 'depth'"),
         ("transformer.num_layers.x=3", "NextDiTConfig.num_layers has no fields"),
@@ -81,6 +82,7 @@ def test_bad_overrides_name_the_problem(override, message):
         ("mesh_tensor=0", "mesh_tensor=0: expected 1 or more"),
         ("max_aspect=0.5", "max_aspect=0.5: expected 1.0 or more"),
         ("peak_flops=-1", "peak_flops=-1.0: expected a number above 0"),
+        ("pooled_loss_factor=1", r"pooled_loss_factor=1: expected 0 \(no pooled loss\), or 2 or more"),
     ],
 )
 def test_values_out_of_range_are_refused_with_the_range(override, message):
@@ -90,6 +92,7 @@ def test_values_out_of_range_are_refused_with_the_range(override, message):
 
 def test_values_at_the_ends_of_their_ranges_are_taken():
     edges = ["steps=1", "ema_decay=0", "ema_decay=1", "caption_dropout=1", "mesh_fsdp=-1", "peak_flops=none"]
+    edges += ["pooled_loss_factor=0", "pooled_loss_factor=2", "posterior=mean"]
     assert apply_overrides(BASE, edges).mesh_fsdp == -1
 
 

@@ -1,5 +1,6 @@
 """The training step on one device: learning, skipped non-finite steps, EMA, float32 master weights."""
 
+import dataclasses
 import re
 
 import jax
@@ -10,12 +11,14 @@ import pytest
 import torch
 from flax import nnx
 from reference import compilations
-from sharding_checks import empty_caption, padded_batch, tiny_model
+from sharding_checks import TINY, empty_caption, padded_batch, tiny_model
 
 from lumina_jax.training.checkpoint import to_nested_dict
+from lumina_jax.training.objective import sample_timesteps
 from lumina_jax.training.step import (
     EMA_DECAY,
     GRAD_CLIP,
+    POOLED_LOSS_STREAM,
     WEIGHT_DECAY,
     ClippedAdamW,
     LearningRate,
@@ -23,6 +26,7 @@ from lumina_jax.training.step import (
     _clipped_adamw,
     flow_loss,
     init_train_state,
+    noise_like,
     train_step,
 )
 
@@ -223,3 +227,46 @@ def test_the_optimizer_state_keeps_the_layout_of_runs_saved_with_optax_s_own_cou
         return jax.tree.map(lambda x: (x.shape, x.dtype), to_nested_dict(state))
 
     assert layout(today) == layout(before)
+
+
+def test_a_pooled_loss_adds_the_pooled_latents_loss_at_their_own_times_and_noise():
+    """`TrainBatch.pooled` (Lumina-Image 2.0's low-resolution loss): the step's loss is the full batch's loss plus
+    the pooled latents', each at its own times and noise (the pooled ones from the step key's POOLED_LOSS_STREAM)
+    and the same captions, and its gradient is that sum's. The full batch's share is the step without them."""
+    model = tiny_model(jnp.float32)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(3)
+    latents = [jnp.asarray(rng.standard_normal((4, h, w), np.float32)) for h, w in [(8, 8), (8, 16)]]
+    caption = rng.standard_normal((2, 6, TINY.cross_attention_dim), np.float32)
+    mask = np.arange(6)[None] < np.array([[6], [3]])
+    batch = TrainBatch.from_latents(latents, caption, mask, TINY, pooled_by=2)
+    assert batch.pooled.patches.shape[:2] == (2, 8) and batch.pooled.caption is None  # 4x4 and 4x8 latents
+    np.testing.assert_allclose(  # the first pooled token: the mean of each channel's top-left 2x2 block
+        batch.pooled.patches[0, 0].reshape(4, 4)[:, 0], latents[0][:, :2, :2].mean(axis=(1, 2)), rtol=1e-6
+    )
+
+    def run(batch):
+        _, state = init_train_state(model, OPTIMIZER, jax.random.PRNGKey(0))
+        return train_step(graphdef, state, batch, EMPTY, EMPTY_MASK, optimizer=OPTIMIZER, caption_dropout=0.0)[1]
+
+    with_pooled, without = run(batch), run(dataclasses.replace(batch, pooled=None))
+    assert "pooled_loss" not in without
+
+    step_key = jax.random.fold_in(jnp.asarray(jax.random.PRNGKey(0), jnp.uint32), 0)
+    t_key, noise_key, _ = jax.random.split(step_key, 3)
+    pooled_t_key, pooled_noise_key = jax.random.split(jax.random.fold_in(step_key, POOLED_LOSS_STREAM))
+    draws = [
+        (batch, sample_timesteps(t_key, 2), noise_like(noise_key, batch.patches)),
+        (batch.pooled, sample_timesteps(pooled_t_key, 2), noise_like(pooled_noise_key, batch.pooled.patches)),
+    ]
+
+    def total(params):
+        full, pooled = (flow_loss(graphdef, params, b, t, noise, caption, mask) for b, t, noise in draws)
+        return full + pooled, (full, pooled)
+
+    (_, (full, pooled)), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+    assert float(with_pooled["pooled_loss"]) == pytest.approx(float(pooled), rel=1e-6)
+    assert float(with_pooled["loss"]) == pytest.approx(float(full + pooled), rel=1e-6)
+    assert float(without["loss"]) == pytest.approx(float(full), rel=1e-6)
+    assert float(with_pooled["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
+    assert float(with_pooled["grad_norm"]) != pytest.approx(float(without["grad_norm"]), rel=1e-3)

@@ -9,13 +9,15 @@ processes, process p gets rows [p * b, (p + 1) * b) of each global batch, b = gl
 process_count.
 
 Every batch of a run has one shape (`BatchShape`): captions padded to the bucket of the cache's longest,
-and, as tokens, images padded to the most tokens any latent shape of the cache gives. So a run of any
-number of crop sizes compiles one train step; padding is masked out of attention and the loss.
+and, as tokens, images padded to the most tokens any latent shape of the cache gives (their pooled copies,
+for a run with a pooled loss, likewise). So a run of any number of crop sizes compiles one train step;
+padding is masked out of attention and the loss.
 """
 
 import dataclasses
 import functools
 import sys
+from typing import Literal
 
 import grain
 import numpy as np
@@ -23,9 +25,14 @@ import numpy as np
 from lumina_jax.models.family import TransformerConfig
 from lumina_jax.pipeline import caption_bucket
 from lumina_jax.training.cache import LatentCache
+from lumina_jax.training.objective import pooled_latent_size
 from lumina_jax.training.step import TrainBatch
 
 _SHUFFLE, _POSTERIOR = 0, 1  # keep the two random streams apart
+# How a batch takes latents from the cached VAE posteriors: a sample (the Lumina-T2X trainers'
+# `latent_dist.sample()`) or the mean (Lumina-Image 2.0's `latent_dist.mode()`).
+Posterior = Literal["sample", "mean"]
+POSTERIORS = ("sample", "mean")
 
 
 class BatchPlan:
@@ -70,17 +77,36 @@ class BatchShape:
     caption_tokens: int  # the bucket of the cache's longest caption
     image_padding: float
     caption_padding: float
+    pooled_image_tokens: int = 0  # the same for the latents pooled by `pooled_by` (0: no pooled loss)
+    pooled_image_padding: float = 0.0
 
     @classmethod
-    def of(cls, cache: LatentCache, transformer: TransformerConfig) -> "BatchShape":
+    def of(cls, cache: LatentCache, transformer: TransformerConfig, pooled_by: int = 0) -> "BatchShape":
         p = transformer.patch_size
-        tokens = np.array([transformer.sequence_length(h // p, w // p) for _, h, w in cache.latent_shapes])
+        shapes = [(h, w) for _, h, w in cache.latent_shapes]
+        tokens = np.array([transformer.sequence_length(h // p, w // p) for h, w in shapes])
         captions = caption_tokens(cache)
-        return cls(
+        shape = cls(
             image_tokens=int(tokens.max()),
             caption_tokens=captions,
             image_padding=1 - float(tokens.mean() / tokens.max()),
             caption_padding=1 - float(cache.caption_lengths.mean() / captions),
+        )
+        if not pooled_by:
+            return shape
+        pooled = [pooled_latent_size(h, w, pooled_by, p) for h, w in shapes]
+        empty = sorted({shape for shape, (h, w) in zip(shapes, pooled) if h == 0 or w == 0})
+        if empty:
+            raise ValueError(
+                f"pooled_loss_factor={pooled_by}: latents of shape {', '.join(map(str, empty))} in the cache "
+                f"{cache.folder} pool to less than one {p}x{p} patch; lower the factor, set it to 0, or train "
+                "larger images"
+            )
+        pooled_tokens = np.array([transformer.sequence_length(h // p, w // p) for h, w in pooled])
+        return dataclasses.replace(
+            shape,
+            pooled_image_tokens=int(pooled_tokens.max()),
+            pooled_image_padding=1 - float(pooled_tokens.mean() / pooled_tokens.max()),
         )
 
 
@@ -90,16 +116,22 @@ def caption_tokens(cache: LatentCache) -> int:
 
 
 def load_batch(
-    cache: LatentCache, plan: BatchPlan, step: int, rows: slice, caption_length: int | None = None
+    cache: LatentCache,
+    plan: BatchPlan,
+    step: int,
+    rows: slice,
+    caption_length: int | None = None,
+    posterior: Posterior = "sample",
 ) -> dict[str, np.ndarray]:
-    """This process's `rows` of global batch `step`: scaled latent samples and captions padded to the run's
-    `caption_tokens` (`caption_length`, when the caller has it: a scan of every caption a batch otherwise)."""
+    """This process's `rows` of global batch `step`: scaled latents, a sample of each VAE posterior or its
+    mean (`posterior`), and captions padded to the run's `caption_tokens` (`caption_length`, when the caller
+    has it: a scan of every caption a batch otherwise)."""
     length = caption_length or caption_tokens(cache)
     latents, captions, masks = [], [], []
     for index in plan(step)[rows]:
         item = cache[int(index)]
         latent = item["mean"]
-        if "logvar" in item:
+        if "logvar" in item and posterior == "sample":
             noise = np.random.default_rng([plan.seed, _POSTERIOR, step, index]).standard_normal(
                 latent.shape, np.float32
             )
@@ -115,10 +147,20 @@ def load_batch(
     }
 
 
-def host_tokens(batch: dict[str, np.ndarray], transformer: TransformerConfig, length: int) -> TrainBatch:
-    """A batch of `load_batch` as the transformer's tokens padded to `length`, numpy arrays made on the host."""
-    latents = list(batch["latents"])
-    return TrainBatch.from_latents(latents, batch["caption"], batch["caption_mask"], transformer, length)
+def host_tokens(
+    batch: dict[str, np.ndarray], transformer: TransformerConfig, shape: BatchShape, pooled_by: int = 0
+) -> TrainBatch:
+    """A batch of `load_batch` as the transformer's tokens padded to the run's `shape` (with pooled_by, its
+    pooled copy too), numpy arrays made on the host."""
+    return TrainBatch.from_latents(
+        list(batch["latents"]),
+        batch["caption"],
+        batch["caption_mask"],
+        transformer,
+        shape.image_tokens,
+        pooled_by=pooled_by,
+        pooled_length=shape.pooled_image_tokens,
+    )
 
 
 def make_batches(
@@ -131,12 +173,15 @@ def make_batches(
     num_threads: int = 4,
     prefetch: int = 8,
     tokens: TransformerConfig | None = None,
+    posterior: Posterior = "sample",
+    pooled_by: int = 0,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's share of each global batch: {"latents" [b, C, H, W]
     float32, "caption" [b, L, D] float32, "caption_mask" [b, L] bool}, b = global_batch_size //
     process_count, L the cache's longest caption rounded up to 32, 64, 128 or 256; or, given the
     transformer's config as `tokens`, that share as a `TrainBatch` of numpy arrays, of
-    `BatchShape.of(cache, tokens).image_tokens` tokens.
+    `BatchShape.of(cache, tokens, pooled_by).image_tokens` tokens (with pooled_by, the latents average-pooled
+    by it as `TrainBatch.pooled`). posterior: a sample of each latent's VAE posterior, or its mean.
 
     Batches are read and assembled by `num_threads` threads, `prefetch` ahead of the training step (which
     they never wait for: they are numpy). The iterator's `get_state()` is a small JSON-serialisable dict;
@@ -148,12 +193,19 @@ def make_batches(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    if posterior not in POSTERIORS:
+        raise ValueError(f"unknown posterior {posterior!r}; choose one of {POSTERIORS}")
+    if pooled_by and tokens is None:
+        raise ValueError("pooled_by pools the latents of token batches: give the transformer's config as tokens")
     plan = BatchPlan(cache.latent_shapes, global_batch_size, seed)
     per_process = global_batch_size // process_count
     rows = slice(process_index * per_process, (process_index + 1) * per_process)
     steps = grain.MapDataset.range(sys.maxsize)  # endless: step i is read as batch i
-    batches = steps.map(functools.partial(load_batch, cache, plan, rows=rows, caption_length=caption_tokens(cache)))
+    length = caption_tokens(cache)
+    batches = steps.map(
+        functools.partial(load_batch, cache, plan, rows=rows, caption_length=length, posterior=posterior)
+    )
     if tokens is not None:
-        length = BatchShape.of(cache, tokens).image_tokens
-        batches = batches.map(functools.partial(host_tokens, transformer=tokens, length=length))
+        shape = BatchShape.of(cache, tokens, pooled_by)
+        batches = batches.map(functools.partial(host_tokens, transformer=tokens, shape=shape, pooled_by=pooled_by))
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

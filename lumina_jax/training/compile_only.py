@@ -3,9 +3,9 @@ its bytes and FLOPs per chip (`lumina_jax.tpu`), and the largest per-chip batch 
 
 The step is the one `python -m train` runs, for the config's model, remat policy, mesh and
 optimizer, on its one batch shape: the most tokens any crop size of `image_size` and `max_aspect`
-gives (`batches.BatchShape`), and captions of the longest bucket. A run that draws samples while
-training (`sample_every`) has the sampler's programs planned beside it, on the training mesh
-(`plan_samples`).
+gives (`batches.BatchShape`), and captions of the longest bucket; with a pooled loss, the pooled latents
+that give the most tokens too. A run that draws samples while training (`sample_every`) has the
+sampler's programs planned beside it, on the training mesh (`plan_samples`).
 """
 
 import dataclasses
@@ -24,6 +24,7 @@ from lumina_jax.training.config import TrainConfig
 from lumina_jax.training.data import crop_sizes
 from lumina_jax.training.flops import train_step_flops
 from lumina_jax.training.loop import abstract_transformer, make_run_optimizer
+from lumina_jax.training.objective import pooled_latent_size
 from lumina_jax.training.samples import images_per_call
 from lumina_jax.training.step import TrainBatch, frozen_weights, train_step, trainable_split
 from lumina_jax.weights.importer import resolve_dtype
@@ -36,28 +37,47 @@ def run_mesh(config: TrainConfig, devices) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh_data, fsdp, config.mesh_tensor, devices=devices)
 
 
-def planned_step(config: TrainConfig) -> tuple[TransformerConfig, tuple[int, int], int]:
-    """The transformer the run trains, and the latent (height, width) and caption tokens of the step planned:
-    the crop size whose latents give the most tokens (every batch of the run is padded to those), captions
-    of the longest bucket. From config files alone: the pipeline's (a folder of them, or a released name), whose
-    transformer/config.json a fine-tuning run starts from and whose VAE sets the latent size. A
-    from-scratch run whose pipeline is not written yet (by `prepare`, as the digits config's) is
-    planned in pixel space when its model has 1 (grey) or 3 (RGB) channels, as
-    `cache.pipeline_encoders` feeds one without a VAE."""
+def planned_model(config: TrainConfig) -> tuple[TransformerConfig, int]:
+    """The transformer the run trains, and the pixels a latent's side takes. From config files alone: the
+    pipeline's (a folder of them, or a released name), whose transformer/config.json a fine-tuning run
+    starts from and whose VAE sets the latent size. A from-scratch run whose pipeline is not written yet
+    (by `prepare`, as the digits config's) is planned in pixel space when its model has 1 (grey) or 3 (RGB)
+    channels, as `cache.pipeline_encoders` feeds one without a VAE."""
     try:
         pipe = LuminaPipeline.abstract(config.pipeline, config.compute_dtype)
-        cfg = config.transformer if config.init == "scratch" else pipe.transformer.config
-        latent_scale = pipe.latent_scale
+        return (config.transformer if config.init == "scratch" else pipe.transformer.config), pipe.latent_scale
     except FileNotFoundError:
         if config.init == "pretrained" or config.transformer.in_channels not in (1, 3):
             raise
-        cfg, latent_scale = config.transformer, 1
-    p = latent_scale * cfg.patch_size  # pixels a token
-    height, width = max(
-        crop_sizes(config.image_size, max_aspect=config.max_aspect),
-        key=lambda c: cfg.sequence_length(c[0] // p, c[1] // p),
-    )
-    return cfg, (height // latent_scale, width // latent_scale), CAPTION_BUCKETS[-1]
+        return config.transformer, 1
+
+
+def planned_latents(config: TrainConfig) -> list[tuple[int, int]]:
+    """The latent (height, width) of every crop size the run's images may take."""
+    _, latent_scale = planned_model(config)
+    crops = crop_sizes(config.image_size, max_aspect=config.max_aspect)
+    return [(height // latent_scale, width // latent_scale) for height, width in crops]
+
+
+def planned_step(config: TrainConfig) -> tuple[TransformerConfig, tuple[int, int], int]:
+    """The transformer the run trains, and the latent (height, width) and caption tokens of the step planned:
+    the crop size whose latents give the most tokens (every batch of the run is padded to those), captions
+    of the longest bucket."""
+    cfg, _ = planned_model(config)
+    p = cfg.patch_size
+    largest = max(planned_latents(config), key=lambda size: cfg.sequence_length(size[0] // p, size[1] // p))
+    return cfg, largest, CAPTION_BUCKETS[-1]
+
+
+def planned_pooled_latent(config: TrainConfig) -> tuple[int, int] | None:
+    """The (height, width) of the pooled latents the planned step's pooled loss takes (`TrainConfig.
+    pooled_loss_factor`): the crop size's whose pool gives the most tokens. None without that loss."""
+    if not config.pooled_loss_factor:
+        return None
+    cfg, _ = planned_model(config)
+    p = cfg.patch_size
+    pooled = [pooled_latent_size(h, w, config.pooled_loss_factor, p) for h, w in planned_latents(config)]
+    return max(pooled, key=lambda size: cfg.sequence_length(size[0] // p, size[1] // p))
 
 
 def lower_train_step(
@@ -82,12 +102,18 @@ def lower_train_step(
     def struct(shape, dtype, where=rows):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-    # The largest crop's token sequence, as the family lays it out, then its shapes for the whole batch.
-    image = jax.ShapeDtypeStruct((cfg.in_channels, height, width), jnp.float32)
-    sequence = jax.eval_shape(lambda image: cfg.token_sequence([image]), image)
-    patches, positions, token_mask, end_of_line = (
-        None if s is None else struct((batch_size, *s.shape[1:]), s.dtype) for s in sequence
-    )
+    def tokens(latent_height, latent_width):
+        """The token sequence of a latent, as the family lays it out, shaped for the whole batch."""
+        image = jax.ShapeDtypeStruct((cfg.in_channels, latent_height, latent_width), jnp.float32)
+        sequence = jax.eval_shape(lambda image: cfg.token_sequence([image]), image)
+        return [None if s is None else struct((batch_size, *s.shape[1:]), s.dtype) for s in sequence]
+
+    patches, positions, token_mask, end_of_line = tokens(height, width)  # the largest crop's
+    pooled_size = planned_pooled_latent(config)
+    pooled = None
+    if pooled_size is not None:
+        pooled_patches, pooled_positions, pooled_mask, pooled_end_of_line = tokens(*pooled_size)
+        pooled = TrainBatch(pooled_patches, pooled_positions, pooled_mask, None, None, pooled_end_of_line)
     batch = TrainBatch(
         patches=patches,
         positions=positions,
@@ -95,6 +121,7 @@ def lower_train_step(
         caption=struct((batch_size, caption, cfg.cross_attention_dim), jnp.float32),
         caption_mask=struct((batch_size, caption), jnp.bool_),
         end_of_line=end_of_line,
+        pooled=pooled,
     )
     empty = (
         struct((EMPTY_CAPTION_TOKENS, cfg.cross_attention_dim), jnp.float32, everywhere),
@@ -180,8 +207,11 @@ def plan_train_step(
 def model_flops(config: TrainConfig) -> float:
     """The model FLOPs of the config's planned step (`training.flops`), which MFU counts."""
     cfg, (height, width), caption = planned_step(config)
-    tokens = cfg.sequence_length(height // cfg.patch_size, width // cfg.patch_size)
-    return train_step_flops(cfg, config.batch_size, tokens, caption)
+    p = cfg.patch_size
+    tokens = cfg.sequence_length(height // p, width // p)
+    pooled_size = planned_pooled_latent(config)
+    pooled_tokens = 0 if pooled_size is None else cfg.sequence_length(pooled_size[0] // p, pooled_size[1] // p)
+    return train_step_flops(cfg, config.batch_size, tokens, caption, pooled_tokens)
 
 
 def largest_per_chip_batch(

@@ -19,6 +19,7 @@ from lumina_jax.models.dit_blocks import Remat
 from lumina_jax.models.family import TransformerConfig
 from lumina_jax.models.nextdit import NextDiTConfig
 from lumina_jax.sampling import SamplerOptions
+from lumina_jax.training.batches import Posterior
 from lumina_jax.training.objective import CAPTION_DROPOUT, SnrType
 from lumina_jax.training.step import (
     ADAM_B1,
@@ -73,6 +74,11 @@ class TrainConfig:
     # Sampled times moved towards the noise by this shift (1: not moved; Lumina-Image 2.0's trainer moves them
     # by `objective.resolution_time_shift(image_size)`).
     time_shift: float = 1.0
+    # Latents from the cached VAE posteriors: "sample" (the Lumina-T2X trainers) or their "mean" (Lumina-Image 2.0's).
+    posterior: Posterior = "sample"
+    # 0, or k: the loss also takes every batch's latents average-pooled k x k, with their own noise and times, as
+    # Lumina-Image 2.0's trainer adds its 256-px loss (k = 4 at 1024 px) to the full-size one.
+    pooled_loss_factor: int = 0
     adam_b1: float = ADAM_B1
     adam_b2: float = ADAM_B2
     adam_eps: float = ADAM_EPS
@@ -150,6 +156,7 @@ LIMITS = {
     "ema_decay": _between(0.0, 1.0),
     "caption_dropout": _between(0.0, 1.0),
     "time_shift": _POSITIVE,
+    "pooled_loss_factor": ((lambda value: value == 0 or value >= 2), "0 (no pooled loss), or 2 or more"),
     "adam_b1": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
     "adam_b2": ((lambda value: 0 <= value < 1), "a number in [0, 1)"),
     "adam_eps": _POSITIVE,

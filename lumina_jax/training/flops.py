@@ -11,6 +11,12 @@ RoPE, the optimizer): MFU compares useful matmul work with the chip's peak matri
 from lumina_jax.models.family import TransformerConfig
 
 
-def train_step_flops(cfg: TransformerConfig, batch: int, image_tokens: int, caption_tokens: int) -> float:
-    """A training step's model FLOPs for a batch of `batch` sequences of these lengths: forward and backward."""
-    return 3 * batch * cfg.forward_flops(image_tokens, caption_tokens)
+def train_step_flops(
+    cfg: TransformerConfig, batch: int, image_tokens: int, caption_tokens: int, pooled_image_tokens: int = 0
+) -> float:
+    """A training step's model FLOPs for a batch of `batch` sequences of these lengths, and of the pooled
+    latents' sequences (`pooled_image_tokens`, 0: no pooled loss): forward and backward."""
+    forward = cfg.forward_flops(image_tokens, caption_tokens)
+    if pooled_image_tokens:
+        forward += cfg.forward_flops(pooled_image_tokens, caption_tokens)
+    return 3 * batch * forward

@@ -338,6 +338,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             tokens=transformer,
+            posterior=config.posterior,
+            pooled_by=config.pooled_loss_factor,
         )
         frozen = None
         if resumed_at is None:
@@ -361,7 +363,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             ema_decay=jnp.float32(config.ema_decay),
         )
         peak = peak_flops(config)
-        shape = BatchShape.of(cache, transformer)
+        shape = BatchShape.of(cache, transformer, config.pooled_loss_factor)
         logger.info(
             "every batch is padded to %d image and %d caption tokens a row, one compiled step; padding is %.1f%% "
             "of the image tokens and %.1f%% of the caption tokens",
@@ -370,7 +372,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> RunSummary:
             100 * shape.image_padding,
             100 * shape.caption_padding,
         )
-        step_flops = train_step_flops(transformer, config.batch_size, shape.image_tokens, shape.caption_tokens)
+        if config.pooled_loss_factor:
+            logger.info(
+                "the pooled loss's latents are padded to %d tokens a row (%.1f%% padding)",
+                shape.pooled_image_tokens,
+                100 * shape.pooled_image_padding,
+            )
+        step_flops = train_step_flops(
+            transformer, config.batch_size, shape.image_tokens, shape.caption_tokens, shape.pooled_image_tokens
+        )
 
         start_step = int(state.step)
         log = resources.enter_context(contextlib.closing(RunLog(workdir)))
@@ -438,6 +448,8 @@ def _log_window(log, bar, pending, step, seconds, config, step_flops, peak) -> i
         "steps_per_s": steps_per_s,
         "images_per_s": steps_per_s * config.batch_size,
     }
+    if "pooled_loss" in values[-1]:  # the pooled latents' share of the loss
+        record["pooled_loss"] = float(np.mean([v["pooled_loss"] for v in finite])) if finite else float("nan")
     if peak:  # model FLOPs (`training.flops`), not what the program computes: remat and kernels do not count
         record["mfu"] = len(pending) * step_flops / seconds / (peak * jax.device_count())
     log.metrics(record)

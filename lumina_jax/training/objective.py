@@ -5,8 +5,9 @@ prediction, train_eps 0): x_t = t * x1 + (1 - t) * x0 with x0 noise and x1 data,
 in [0, 1) or logit-normal ("snr_type" "uniform" / "lognorm"), shifted towards the noise for Lumina-Image
 2.0. The loss is the mean squared error over each image's own elements, averaged over the batch; of a
 learn_sigma model's outputs only the velocity half enters it (the original drops the other half before the
-loss, so it gets no gradient). Captions are dropped to the empty caption with probability 0.1 for
-classifier-free guidance. Everything here is a pure function of explicit PRNG keys.
+loss, so it gets no gradient). Lumina-Image 2.0's trainer adds the same loss on the batch's latents
+average-pooled 4 x 4 (`average_pool`), with its own noise and times. Captions are dropped to the empty
+caption with probability 0.1 for classifier-free guidance. Everything here is a pure function of explicit PRNG keys.
 """
 
 import math
@@ -49,6 +50,25 @@ def interpolate(noise: jax.Array, data: jax.Array, t: jax.Array) -> tuple[jax.Ar
     """
     t = t.reshape(t.shape + (1,) * (data.ndim - 1))
     return t * data + (1 - t) * noise, data - noise
+
+
+def pooled_latent_size(height: int, width: int, factor: int, patch_size: int) -> tuple[int, int]:
+    """A latent's (height, width) after `average_pool`: each side divided by factor, the remainder dropped
+    (as torch's avg_pool2d drops it), then cut to a whole number of patches."""
+    return (height // factor) // patch_size * patch_size, (width // factor) // patch_size * patch_size
+
+
+def average_pool(latent: jax.Array, factor: int, patch_size: int) -> jax.Array:
+    """latent [C, H, W] (numpy or JAX) averaged over factor x factor blocks, as Lumina-Image 2.0's trainer
+    pools its latents for its low-resolution loss (`F.avg_pool2d(latent, factor, factor)`). A pooled side
+    that is not a whole number of patches loses its last rows or columns: the original model cannot take
+    such a latent (its patchify views the latent as whole patches and fails)."""
+    xp = latent.__array_namespace__()
+    channels, height, width = latent.shape
+    pooled_height, pooled_width = pooled_latent_size(height, width, factor, patch_size)
+    blocks = latent[:, : pooled_height * factor, : pooled_width * factor]
+    blocks = xp.reshape(blocks, (channels, pooled_height, factor, pooled_width, factor))
+    return xp.mean(blocks, axis=(2, 4))
 
 
 def velocity_loss(prediction: jax.Array, target: jax.Array, token_mask: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from lumina_jax.sharding import batch_sharding, parameter_shardings
 from lumina_jax.training.objective import (
     CAPTION_DROPOUT,
     SnrType,
+    average_pool,
     drop_captions,
     interpolate,
     sample_timesteps,
@@ -42,8 +43,10 @@ WEIGHT_DECAY = 0.0
 GRAD_CLIP = 2.0
 EMA_DECAY = 0.9999
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
-# The adapters' dropout masks are drawn from the step's key folded with this, beside its three split keys.
+# The adapters' dropout masks, and the pooled loss's times and noise, are drawn from the step's key folded with
+# these, beside its three split keys.
 ADAPTER_DROPOUT_STREAM = 3
+POOLED_LOSS_STREAM = 4
 
 
 @struct.dataclass
@@ -58,18 +61,38 @@ class TrainBatch:
     caption: jax.Array  # [B, L, D] text-encoder features
     caption_mask: jax.Array  # [B, L]
     end_of_line: jax.Array | None = None  # Flag-DiT: [B, T] bool, its end-of-line slots (not in the loss)
+    # The same latents average-pooled, for a second loss (`train_step`); its tokens only (caption None): the
+    # captions are this batch's.
+    pooled: "TrainBatch | None" = None
 
     @classmethod
     def from_latents(
-        cls, latents: list[jax.Array], caption, caption_mask, config: TransformerConfig, length: int | None = None
+        cls,
+        latents: list[jax.Array],
+        caption,
+        caption_mask,
+        config: TransformerConfig,
+        length: int | None = None,
+        *,
+        pooled_by: int = 0,
+        pooled_length: int | None = None,
     ) -> "TrainBatch":
         """Latents [C, H_i, W_i] (sizes may differ) and their captions [B, L, D], masks [B, L], as tokens of
-        the transformer `config` describes, padded to the longest image's or to `length` tokens. Numpy
+        the transformer `config` describes, padded to the longest image's or to `length` tokens; with
+        pooled_by, also the latents `objective.average_pool`ed by it, padded to `pooled_length`. Numpy
         latents give a batch of numpy arrays, assembled on the host without waiting for the device; JAX
         arrays a batch of JAX arrays."""
         xp = latents[0].__array_namespace__()
         patches, positions, token_mask, end_of_line = config.token_sequence(latents, length)
-        return cls(patches, positions, token_mask, xp.asarray(caption), xp.asarray(caption_mask), end_of_line)
+        pooled = None
+        if pooled_by:
+            pooled_latents = [average_pool(latent, pooled_by, config.patch_size) for latent in latents]
+            pooled_patches, pooled_positions, pooled_mask, pooled_end_of_line = config.token_sequence(
+                pooled_latents, pooled_length
+            )
+            pooled = cls(pooled_patches, pooled_positions, pooled_mask, None, None, pooled_end_of_line)
+        caption, caption_mask = xp.asarray(caption), xp.asarray(caption_mask)
+        return cls(patches, positions, token_mask, caption, caption_mask, end_of_line, pooled)
 
     @property
     def loss_mask(self) -> jax.Array:
@@ -264,7 +287,9 @@ def train_step(
     ema_decay: float | jax.Array = EMA_DECAY,
     frozen: nnx.State | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped).
+    """One optimizer step; returns the new state and metrics (loss, grad_norm before clipping, lr, skipped; with
+    `batch.pooled`, pooled_loss: the pooled latents' share of the loss, which adds it as Lumina-Image 2.0's
+    trainer adds its 256-px loss).
 
     empty_caption [L_e, D] and empty_caption_mask [L_e] are the text encoder's output for "", which
     replaces a caption with probability caption_dropout. optimizer is a `ClippedAdamW`.
@@ -285,11 +310,21 @@ def train_step(
     caption, caption_mask = drop_captions(
         caption_key, batch.caption, batch.caption_mask, empty_caption, empty_caption_mask, caption_dropout
     )
+
+    def loss_of(params):
+        """The loss, and apart the pooled latents' share of it: their own times and noise, the same captions."""
+        loss = flow_loss(graphdef, params, batch, t, noise, caption, caption_mask, frozen)
+        if batch.pooled is None:
+            return loss, {}
+        pooled_t_key, pooled_noise_key = jax.random.split(jax.random.fold_in(step_key, POOLED_LOSS_STREAM))
+        pooled_t = sample_timesteps(pooled_t_key, batch.pooled.patches.shape[0], snr_type, time_shift)
+        pooled_noise = noise_like(pooled_noise_key, batch.pooled.patches)
+        pooled_loss = flow_loss(graphdef, params, batch.pooled, pooled_t, pooled_noise, caption, caption_mask, frozen)
+        return loss + pooled_loss, {"pooled_loss": pooled_loss}
+
     # Under the mesh, fused attention kernels split their work by it (`models.attention`).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
-        loss, grads = jax.value_and_grad(flow_loss, argnums=1)(
-            graphdef, state.params, batch, t, noise, caption, caption_mask, frozen
-        )
+        (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
     params = optax.apply_updates(state.params, updates)
@@ -315,5 +350,6 @@ def train_step(
         "grad_norm": grad_norm,
         "lr": opt_state.hyperparams["learning_rate"],  # this step's (ClippedAdamW keeps it there)
         "skipped": ~finite,
+        **parts,
     }
     return new_state, metrics
