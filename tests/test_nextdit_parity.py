@@ -101,7 +101,7 @@ def test_unrolled_and_rematerialised_layers_match_scan(saved_transformer):
 def test_remat_policies_give_the_loss_and_gradients_of_no_remat(saved_transformer):
     """Rematerialisation only changes what the backward pass recomputes, and "offload" where it keeps the
     layer inputs: in host memory, in JAX's program. On the CPU the host's memory is the device's, so the
-    copies lower to nothing; tests/test_tpu.py checks that the TPU compiler places them on the host."""
+    copies lower to nothing; tests/test_tpu_training.py checks that the TPU compiler places them on the host."""
     name, _, folder = saved_transformer
     x, t, caption, mask = inputs(4, 2, 8, 12, 5, CONFIGS[name]["cross_attention_dim"], [5, 2])
     args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(caption), jnp.asarray(mask))

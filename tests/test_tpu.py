@@ -1,11 +1,10 @@
 """Compiled for TPU topologies by the real TPU compiler (libtpu), on this machine without a TPU.
 
 Small configurations, a few seconds each: they fail when lowering for TPUs breaks (Mosaic for the
-splash attention kernel, the sampler loop, the streamed VAE decoder, a sharded train step) and
-check the memory plans that `python -m sample/train --compile-only` print.
+splash attention kernel, the sampler loop, the streamed VAE decoder) and check the memory plans that
+`python -m sample --compile-only` prints. The training plans are in test_tpu_training.py.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -22,79 +21,23 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 pytest.importorskip("libtpu", reason='libtpu (the TPU compiler) is not installed: pip install -e ".[tpu]"')
 
+from tpu_configs import TINY_VAE, one_chip, write_config_folder  # noqa: E402
+
 from lumina_jax import tpu  # noqa: E402
 from lumina_jax.cli.sample import main as sample_main  # noqa: E402
-from lumina_jax.cli.train import main as train_main  # noqa: E402
 from lumina_jax.models import vae as vae_module  # noqa: E402
 from lumina_jax.models.attention import dual_attention  # noqa: E402
-from lumina_jax.models.nextdit import NextDiTConfig  # noqa: E402
 from lumina_jax.peak_flops import PEAK_BF16_FLOPS  # noqa: E402
 from lumina_jax.pipeline import LuminaPipeline  # noqa: E402
 from lumina_jax.sharding import make_mesh  # noqa: E402
-from lumina_jax.training.checkpoint import abstract_train_state  # noqa: E402
-from lumina_jax.training.compile_only import (  # noqa: E402
-    lower_train_step,
-    model_flops,
-    plan_samples,
-    plan_train_step,
-    planned_pooled_latent,
-    planned_step,
-    run_mesh,
-)
-from lumina_jax.training.config import TrainConfig, load_config  # noqa: E402
-from lumina_jax.training.loop import make_run_optimizer, transformer_factory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY_TRANSFORMER = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=144,
-    num_layers=2,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    multiple_of=32,
-    cross_attention_dim=64,
-)
-TINY_GEMMA = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-)
-TINY_VAE = dict(
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=32,
-)
-
-
-def one_chip(name: str = "v5e-4") -> jax.sharding.Mesh:
-    return make_mesh(fsdp=1, devices=tpu.compile_devices(tpu.tpu_slice(name)))
 
 
 @pytest.fixture(scope="module")
 def config_folder(tmp_path_factory):
     """A pipeline folder of config files only, as `--compile-only` takes it."""
-    folder = tmp_path_factory.mktemp("configs")
-    index = {
-        "_class_name": "LuminaPipeline",
-        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
-        "text_encoder": ["transformers", "GemmaModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index))
-    for name, config in (("transformer", TINY_TRANSFORMER), ("text_encoder", TINY_GEMMA), ("vae", TINY_VAE)):
-        (folder / name).mkdir()
-        (folder / name / "config.json").write_text(json.dumps(config))
-    return folder
+    return write_config_folder(tmp_path_factory.mktemp("configs"))
 
 
 @pytest.mark.parametrize(
@@ -209,94 +152,6 @@ def test_streamed_vae_decode_compiles():
     assert not tpu.compile_program("decoder", lowered).refused
 
 
-def tiny_train_config(config_folder, **fields) -> TrainConfig:
-    """The tiny Next-DiT trained from scratch at 64 px, 8 images a step, on the config-only folder's VAE."""
-    return TrainConfig(
-        workdir="unused",
-        pipeline=str(config_folder),
-        data="unused",
-        cache="unused",
-        init="scratch",
-        transformer=NextDiTConfig(**TINY_TRANSFORMER),
-        image_size=64,
-        batch_size=8,
-        **fields,
-    )
-
-
-def test_sharded_train_step_compiles_on_data_fsdp_tensor_mesh(config_folder):
-    config = tiny_train_config(config_folder, remat="full", mesh_data=2, mesh_fsdp=2, mesh_tensor=2)
-    target = tpu.tpu_slice("v5e-8")
-    plan = plan_train_step(config, target)
-    (step,) = plan.programs
-    assert plan.fits and step.flops > 0 and step.aliased > 0  # the state is donated
-    assert plan.resident["train_state"] > 0
-    # splash attention per device under shard_map, through Mosaic: the target's platform decides, not this host's
-    lowered, _ = lower_train_step(config, run_mesh(config, tpu.compile_devices(target)), 8)
-    assert "tpu_custom_call" in lowered.as_text()
-
-
-def test_offload_remat_keeps_the_saved_layer_inputs_in_host_memory(config_folder):
-    """remat="offload": the TPU compiler places the layers' saved inputs in the host's pinned memory, one
-    float32 residual stream a layer for each image of the chip, and the plan says so; "full" keeps them on the chip."""
-    config = tiny_train_config(config_folder, remat="offload")
-    target = tpu.tpu_slice("v5e-8")
-    plan = plan_train_step(config, target, count_flops=False)
-    (step,) = plan.programs
-    assert "offloaded to the host's pinned memory" in plan.summary()
-    assert plan.to_json()["programs"][0]["host_transfers"] == step.host_transfers
-    height, width = planned_step(config)[1]
-    tokens = (height // TINY_TRANSFORMER["patch_size"]) * (width // TINY_TRANSFORMER["patch_size"])
-    layer_inputs = TINY_TRANSFORMER["num_layers"] * tokens * TINY_TRANSFORMER["hidden_size"] * 4  # one image a chip
-    assert step.host_temporaries >= layer_inputs and step.host_transfers == 2 * step.host_temporaries
-    plan = plan_train_step(dataclasses.replace(config, remat="full"), target, count_flops=False)
-    assert plan.programs[0].host_temporaries == 0
-
-
-def test_train_plan_includes_the_samples_drawn_on_the_training_mesh(config_folder, tmp_path):
-    """With sample_every, the sampler's programs compile on the training mesh beside the resident training
-    state: the text encoder and VAE stay, the EMA's bfloat16 copy (in the state's sharding) visits the sampler."""
-    overrides = [
-        f"pipeline={config_folder}",
-        "init=scratch",
-        *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items()),
-        "batch_size=8",
-        "image_size=64",
-        "mesh_data=2",
-        "mesh_fsdp=2",
-        "mesh_tensor=2",
-        "compute_dtype=bfloat16",
-        "sample_steps=2",
-        'sample_prompts=["a cat", "a dog"]',
-    ]
-    config = load_config("digits", [*overrides, "sample_every=10"])
-    target = tpu.tpu_slice("v5e-8")
-    samples = plan_samples(config, target)
-    plan = plan_train_step(config, target, count_flops=False, samples=samples)
-    assert [p.name for p in plan.programs] == ["train_step", "text_encoder", "noise", "sampler", "decoder"]
-    assert set(plan.resident) == {"train_state", "text_encoder", "vae"} and all(plan.resident.values())
-    mesh = run_mesh(config, tpu.compile_devices(target))
-    model = nnx.eval_shape(transformer_factory(config))
-    state = abstract_train_state(model, make_run_optimizer(config), mesh)
-    sampler = next(p for p in plan.programs if p.name == "sampler")
-    # The EMA in bfloat16, as the training state shards it: a quarter (fsdp x tensor) of it on each chip.
-    assert sampler.weights == tpu.per_chip_bytes(state.ema_params) // 2 < tpu.per_chip_bytes(model) // 2
-    assert plan.needs(sampler) == sum(plan.resident.values()) + sampler.weights + sampler.transient
-    assert plan.peak_bytes == max(map(plan.needs, plan.programs)) and plan.fits
-
-    def figures(*extra: str) -> dict:
-        report = tmp_path / "plan.json"
-        arguments = ["--compile-only", "--topology", "v5e-8", "--no-batch-search", "--json", str(report)]
-        assert train_main(["--config", "digits", *overrides, *extra, *arguments]) == 0
-        return json.loads(report.read_text())
-
-    with_samples, without = figures("sample_every=10"), figures("sample_every=0")
-    assert with_samples["samples_fit"] and without["samples_fit"] is None
-    assert [p["name"] for p in without["programs"]] == ["train_step"]
-    assert with_samples["resident_bytes"]["train_state"] == without["resident_bytes"]["train_state"]
-    assert with_samples["peak_bytes"] > without["peak_bytes"]
-
-
 def test_offloaded_text_encoder_is_resident_only_while_it_encodes(config_folder):
     pipe = LuminaPipeline.abstract(config_folder, "bfloat16").shard(one_chip()).offload_text_encoder()
     models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
@@ -338,62 +193,6 @@ def test_sample_compile_only_cli(config_folder, tmp_path, capsys):
     assert "fits" in capsys.readouterr().out
 
 
-def test_train_compile_only_cli_says_when_the_batch_does_not_fit(config_folder, tmp_path, capsys):
-    """A tiny model at 2048 px in pixel-space patches of 2 with 4096 images per chip cannot fit 16 GB."""
-    report = tmp_path / "plan.json"
-    overrides = [
-        f"pipeline={config_folder}",
-        "init=scratch",
-        "batch_size=4096",
-        "image_size=512",
-        *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items()),
-    ]
-    code = train_main(
-        [
-            "--config",
-            "digits",
-            *overrides,
-            "--compile-only",
-            "--topology",
-            "v5e-1",
-            "--no-batch-search",
-            "--json",
-            str(report),
-        ]
-    )
-    figures = json.loads(report.read_text())
-    assert code == 1 and not figures["fits"] and figures["peak_bytes"] > figures["hbm_bytes"]
-    assert "does not fit" in capsys.readouterr().out or any(p["refused"] for p in figures["programs"])
-
-
-def test_train_step_flops_count_every_layer(config_folder):
-    """XLA's cost analysis counts a scanned loop's body once; the plan's FLOPs count every layer."""
-
-    def flops(layers: int) -> float:
-        transformer = {**TINY_TRANSFORMER, "num_layers": layers}
-        overrides = [f"pipeline={config_folder}", "init=scratch", "batch_size=8", "image_size=64"]
-        config = load_config("digits", [*overrides, *(f"transformer.{k}={v}" for k, v in transformer.items())])
-        return plan_train_step(config, tpu.tpu_slice("v5e-1")).programs[0].flops
-
-    assert flops(4) > 1.8 * flops(2)
-
-
-def test_a_pooled_loss_is_planned_and_counted(config_folder):
-    """pooled_loss_factor: the planned step also takes the pooled latents (square crops: the latent's sides halved),
-    and both the model FLOPs and XLA's count of the program's grow by that second pass."""
-    plain = tiny_train_config(config_folder, remat="full", max_aspect=1.0)
-    pooled = dataclasses.replace(plain, pooled_loss_factor=2)
-    cfg, (height, width), caption = planned_step(pooled)
-    assert planned_pooled_latent(plain) is None and planned_pooled_latent(pooled) == (height // 2, width // 2)
-    second_pass = 3 * pooled.batch_size * cfg.forward_flops(height * width // 16, caption)  # 2x2 patches
-    assert model_flops(pooled) == pytest.approx(model_flops(plain) + second_pass, rel=1e-12)
-    # XLA's count, as `plan_train_step` takes it: the layers unrolled, on one CPU device
-    cpu = make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
-    lowered = [lower_train_step(config, cpu, 8, unroll_layers=True)[0] for config in (plain, pooled)]
-    compiled = [step.cost_analysis()["flops"] for step in lowered]
-    assert compiled[1] / compiled[0] == pytest.approx(model_flops(pooled) / model_flops(plain), rel=1e-3)
-
-
 def test_without_libtpu_the_error_says_how_to_get_it(monkeypatch):
     import importlib.util
 
@@ -424,26 +223,6 @@ def test_sample_compile_only_plans_batch_size_images_a_call_on_every_device(conf
     assert (one["mesh"]["data"], one["images_per_call"], two["images_per_call"]) == (4, 4, 8)
     noise = [next(p for p in figures["programs"] if p["name"] == "noise") for figures in (one, two)]
     assert noise[1]["outputs"] == 2 * noise[0]["outputs"] > 0  # the latents of twice the images
-
-
-def test_train_compile_only_plans_a_scratch_config_before_its_pipeline_exists(tmp_path, monkeypatch):
-    """The digits config trains in pixel space from a pipeline that its `prepare` writes: no files are needed."""
-    monkeypatch.chdir(tmp_path)
-    report = tmp_path / "plan.json"
-    arguments = ["--compile-only", "--topology", "v5e-1", "--no-batch-search", "--json", str(report)]
-    assert train_main(["--config", "digits", *arguments]) == 0
-    figures = json.loads(report.read_text())
-    assert figures["fits"] and figures["batch_size"] == 64 and not (tmp_path / "out").exists()
-
-
-def test_train_compile_only_fine_tunes_the_transformer_of_a_config_only_folder(config_folder, tmp_path):
-    report = tmp_path / "plan.json"
-    overrides = [f"pipeline={config_folder}", "init=pretrained", "batch_size=2", "image_size=64"]
-    arguments = ["--compile-only", "--topology", "v5e-1", "--no-batch-search", "--json", str(report)]
-    assert train_main(["--config", "digits", *overrides, *arguments]) == 0
-    config = load_config("digits", [*overrides, *(f"transformer.{k}={v}" for k, v in TINY_TRANSFORMER.items())])
-    _, expected = lower_train_step(config, one_chip("v5e-1"), 2)  # the folder's transformer, not the config's
-    assert json.loads(report.read_text())["resident_bytes"]["train_state"] == expected
 
 
 @pytest.mark.parametrize("plan", [False, True], ids=["draw", "compile-only"])
